@@ -1,0 +1,1 @@
+"""hpcflow.kernels: CUDA sources, host harness and loaders for plaquette and staple."""
