@@ -1,0 +1,112 @@
+"""``hpcflow`` command line: a thin argparse front; every sub-command calls one library function.
+
+Exit status: 0 success; 2 bad input (config, arguments, files), with one line on stderr;
+3 stopped by a signal with a checkpoint written (resumable: rerun the same command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_RESUMABLE"]
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_RESUMABLE = 3
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="YAML configuration file")
+    else:
+        p.add_argument("config", nargs="?", default=None, help="YAML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set action.beta=3.0 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hpcflow",
+        description="Lattice gauge ensembles with gauge-equivariant flows, HMC and heat bath.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the configured chain (train first for flow/mixed) and summarise")
+    _add_config_args(r)
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoints in output.dir")
+
+    t = sub.add_parser("train", help="train the configured flow")
+    _add_config_args(t)
+    t.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+
+    c = sub.add_parser("config", help="print the resolved configuration, or the commented defaults")
+    _add_config_args(c, required=False)
+    c.add_argument("--defaults", action="store_true", help="print a complete commented default config")
+
+    i = sub.add_parser("info", help="versions of hpcflow and its stack, MPI and GPU capabilities")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+
+    e = sub.add_parser("exact", help="exact 2D U(1) finite-volume values for (L, beta)")
+    e.add_argument("--L", type=int, required=True, help="lattice extent (L x L)")
+    e.add_argument("--beta", type=float, required=True, help="inverse coupling")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"hpcflow: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from hpcflow.config import ConfigError, default_yaml, load_config, to_yaml
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        if args.command == "info":
+            from hpcflow.info import collect_info, format_info
+
+            info = collect_info()
+            print(json.dumps(info, indent=2) if args.json else format_info(info))
+            return EXIT_OK
+        if args.command == "config":
+            if args.defaults:
+                print(default_yaml(), end="")
+                return EXIT_OK
+            cfg = load_config(args.config, args.overrides)
+            print(to_yaml(cfg), end="")
+            return EXIT_OK
+        if args.command == "exact":
+            from hpcflow.analysis import exact_u1_2d
+
+            if args.L < 1 or args.beta < 0:
+                return _fail(f"exact: --L must be >= 1 and --beta >= 0, got L={args.L}, beta={args.beta}")
+            print(json.dumps(exact_u1_2d(args.L, args.beta), indent=2))
+            return EXIT_OK
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "run":
+            from hpcflow.driver import run
+
+            return run(cfg, resume=args.resume).exit_code
+        if args.command == "train":
+            from hpcflow.driver import train
+
+            return train(cfg, resume=args.resume).exit_code
+    except ConfigError as e:
+        return _fail(f"config error: {e}")
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        return _fail(f"{e.filename}: {e.strerror}")
+    except KeyboardInterrupt:
+        print("hpcflow: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""YAML configuration -> validated, frozen dataclasses.
+
+The configuration is parsed once (by the CLI) and passed explicitly to everything else.
+Every problem is reported as one line naming the file, the dotted key, the bad value and
+what is allowed, e.g.::
+
+    hpcflow: config error: run.yaml: key 'action.beta': got -1.0; allowed: a number > 0
+
+Stable dotted keys that scripts and campaigns may rely on: ``lattice.shape``, ``group``,
+``action.beta``, ``algorithm``, ``seed``, ``precision``, ``grid``, ``output.dir``.
+Any key can be overridden on the command line with ``--set key=value`` (value in YAML
+syntax, e.g. ``--set lattice.shape=[6,6]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "LatticeConfig",
+    "ActionConfig",
+    "HMCConfig",
+    "HeatbathConfig",
+    "FlowConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "MixedConfig",
+    "RunConfig",
+    "MeasureConfig",
+    "OutputConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "default_yaml",
+    "config_to_dict",
+]
+
+GROUPS = ("u1", "su2", "su3")
+ALGORITHMS = ("hmc", "heatbath", "flow", "mixed")
+PRECISIONS = ("float64", "float32")
+BACKENDS = ("auto", "torch", "host", "cuda")
+INTEGRATORS = ("omelyan", "leapfrog")
+KERNELS = ("ncp", "spline")
+SCHEDULES = ("constant", "cosine", "step")
+STARTS = ("hot", "cold")
+MIXED_STEPS = ("flow", "heatbath", "hmc")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str()`` is the one-line message for the user."""
+
+
+def _opt(help: str, **kw: Any) -> dict:
+    """Field metadata: help text for the commented defaults plus validation rules."""
+    return {"help": help, **kw}
+
+
+# ---- sections -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatticeConfig:
+    shape: tuple[int, ...] = field(
+        default=(8, 8),
+        metadata=_opt("global extents [L0, L1] (2D) or [L0, L1, L2, L3] (4D); the last axis is time",
+                      kind="extents"),
+    )
+
+    @property
+    def nd(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    name: str = field(default="wilson", metadata=_opt("gauge action", choices=("wilson",)))
+    beta: float = field(default=2.0, metadata=_opt("inverse coupling beta", kind="float", gt=0.0))
+
+
+@dataclass(frozen=True)
+class HMCConfig:
+    n_steps: int = field(default=10, metadata=_opt("integration steps per trajectory", kind="int", ge=1))
+    tau: float = field(default=1.0, metadata=_opt("trajectory length", kind="float", gt=0.0))
+    integrator: str = field(default="omelyan", metadata=_opt("molecular-dynamics integrator",
+                                                             choices=INTEGRATORS))
+    lam: float = field(default=0.1932, metadata=_opt("Omelyan 2MN parameter lambda", kind="float",
+                                                     gt=0.0, lt=0.5))
+
+
+@dataclass(frozen=True)
+class HeatbathConfig:
+    n_overrelax: int = field(default=1, metadata=_opt("overrelaxation sweeps after each heat-bath sweep",
+                                                      kind="int", ge=0))
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    n_layers: int = field(default=16, metadata=_opt("gauge-equivariant coupling layers", kind="int", ge=1))
+    kernel: str = field(default="ncp", metadata=_opt("plaquette kernel: NCP mixture or circular spline",
+                                                     choices=KERNELS))
+    n_components: int = field(default=2, metadata=_opt("NCP mixture components", kind="int", ge=1))
+    n_knots: int = field(default=8, metadata=_opt("circular spline knots", kind="int", ge=2))
+    hidden: tuple[int, ...] = field(default=(8, 8), metadata=_opt("CNN hidden channels",
+                                                                  kind="intlist", ge=1, minlen=0))
+    kernel_size: int = field(default=3, metadata=_opt("CNN kernel size (odd)", kind="int", ge=1, odd=True))
+    checkpoint_activations: bool = field(default=False,
+                                         metadata=_opt("recompute activations in backward to save memory",
+                                                       kind="bool"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = field(default=1000, metadata=_opt("optimizer steps", kind="int", ge=0))
+    batch: int = field(default=64, metadata=_opt("global batch size (split over data-parallel ranks)",
+                                                 kind="int", ge=1))
+    lr: float = field(default=1e-3, metadata=_opt("Adam learning rate", kind="float", gt=0.0))
+    schedule: str = field(default="cosine", metadata=_opt("learning-rate schedule", choices=SCHEDULES))
+    grad_clip: float = field(default=10.0, metadata=_opt("max gradient norm, 0 = off", kind="float", ge=0.0))
+    checkpoint_every: int = field(default=100, metadata=_opt("steps between checkpoints", kind="int", ge=1))
+    log_every: int = field(default=10, metadata=_opt("steps between progress reports", kind="int", ge=1))
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    n_steps: int = field(default=2000, metadata=_opt("Markov-chain length (flow proposals)", kind="int", ge=1))
+    batch: int = field(default=256, metadata=_opt("proposals generated per forward pass", kind="int", ge=1))
+    n_therm: int = field(default=0, metadata=_opt("chain steps discarded before measuring", kind="int", ge=0))
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    pattern: tuple[str, ...] = field(default=("flow", "heatbath"),
+                                     metadata=_opt("one cycle of the mixed chain",
+                                                   kind="strlist", choices=MIXED_STEPS))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    n_therm: int = field(default=100, metadata=_opt("thermalization steps (not measured)", kind="int", ge=0))
+    n_steps: int = field(default=1000, metadata=_opt("measured steps (trajectories / sweeps)", kind="int", ge=1))
+    measure_every: int = field(default=1, metadata=_opt("steps between measurements", kind="int", ge=1))
+    start: str = field(default="hot", metadata=_opt("initial configuration", choices=STARTS))
+    progress: bool = field(default=True, metadata=_opt("progress bar on rank 0", kind="bool"))
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    wilson_loops: tuple[tuple[int, int], ...] = field(
+        default=((1, 1), (2, 2)), metadata=_opt("rectangular Wilson loops [R, T] to measure", kind="looplist"))
+    flow_time: float = field(default=1.0, metadata=_opt("Wilson-flow time for the 4D clover charge",
+                                                        kind="float", ge=0.0))
+    flow_eps: float = field(default=0.02, metadata=_opt("Wilson-flow step size", kind="float", gt=0.0))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = field(default="runs/default", metadata=_opt("output directory", kind="path"))
+
+
+@dataclass(frozen=True)
+class Config:
+    lattice: LatticeConfig = field(default_factory=LatticeConfig, metadata=_opt("lattice geometry"))
+    group: str = field(default="u1", metadata=_opt("gauge group", choices=GROUPS))
+    action: ActionConfig = field(default_factory=ActionConfig, metadata=_opt("gauge action"))
+    algorithm: str = field(default="hmc", metadata=_opt("Markov-chain algorithm", choices=ALGORITHMS))
+    seed: int = field(default=1234, metadata=_opt("master seed; every stream is derived from it",
+                                                  kind="int", ge=0, lt=2**63))
+    precision: str = field(default="float64", metadata=_opt("float64 (complex128 links) or float32",
+                                                            choices=PRECISIONS))
+    device: str = field(default="cpu", metadata=_opt("torch device: cpu, cuda or cuda:N", kind="device"))
+    backend: str = field(default="auto", metadata=_opt(
+        "plaquette/staple kernels: auto (CUDA kernels on GPUs with cupy, else torch), torch, host (C++), cuda",
+        choices=BACKENDS))
+    grid: tuple[int, ...] | None = field(default=None, metadata=_opt(
+        "MPI process grid, one entry per dimension; null = factorise the number of ranks", kind="grid"))
+    hmc: HMCConfig = field(default_factory=HMCConfig, metadata=_opt("hybrid Monte Carlo"))
+    heatbath: HeatbathConfig = field(default_factory=HeatbathConfig, metadata=_opt("heat bath + overrelaxation"))
+    flow: FlowConfig = field(default_factory=FlowConfig, metadata=_opt("normalizing-flow architecture"))
+    train: TrainConfig = field(default_factory=TrainConfig, metadata=_opt("flow training"))
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata=_opt("flow sampling"))
+    mixed: MixedConfig = field(default_factory=MixedConfig, metadata=_opt("mixed chains"))
+    run: RunConfig = field(default_factory=RunConfig, metadata=_opt("chain length and measurements"))
+    measure: MeasureConfig = field(default_factory=MeasureConfig, metadata=_opt("observables"))
+    output: OutputConfig = field(default_factory=OutputConfig, metadata=_opt("where results go"))
+    source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
+
+    @property
+    def nd(self) -> int:
+        return self.lattice.nd
+
+    @property
+    def n_colors(self) -> int:
+        return {"u1": 1, "su2": 2, "su3": 3}[self.group]
+
+
+# ---- parsing ------------------------------------------------------------------------------
+def _fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in _fields(cls):
+        k = prefix + f.name
+        keys.append(k)
+        sub = _section_type(cls, f)
+        if sub is not None:
+            keys += _all_keys(sub, k + ".")
+    return keys
+
+
+def _section_type(cls: type, f: dataclasses.Field) -> Any:
+    """The dataclass type of a section field (annotations are strings here)."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        t = f.default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _typename(v: Any) -> str:
+    return type(v).__name__ if v is not None else "null"
+
+
+class _Ctx:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, value: Any, allowed: str) -> ConfigError:
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        if shown.endswith("\n..."):
+            shown = shown[:-4]
+        shown = shown.removesuffix("...").strip()
+        return ConfigError(f"{self.source}: key '{key}': got {shown} ({_typename(value)}); allowed: {allowed}")
+
+
+def _bound_text(meta: Mapping[str, Any], what: str) -> str:
+    parts = []
+    if "ge" in meta:
+        parts.append(f">= {meta['ge']}")
+    if "gt" in meta:
+        parts.append(f"> {meta['gt']}")
+    if "lt" in meta:
+        parts.append(f"< {meta['lt']}")
+    txt = what + (" " + " and ".join(parts) if parts else "")
+    if meta.get("odd"):
+        txt += ", odd"
+    return txt
+
+
+def _check_bounds(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any], what: str) -> None:
+    ok = True
+    if "ge" in meta and not v >= meta["ge"]:
+        ok = False
+    if "gt" in meta and not v > meta["gt"]:
+        ok = False
+    if "lt" in meta and not v < meta["lt"]:
+        ok = False
+    if meta.get("odd") and v % 2 == 0:
+        ok = False
+    if not ok:
+        raise ctx.fail(key, v, _bound_text(meta, what))
+
+
+def _as_int(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any], what: str = "an integer") -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer() and not isinstance(v, bool):
+            v = int(v)
+        else:
+            raise ctx.fail(key, v, _bound_text(meta, what))
+    _check_bounds(ctx, key, v, meta, what)
+    return int(v)
+
+
+def _as_float(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> float:
+    if isinstance(v, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            v = float(v)
+        except ValueError:
+            raise ctx.fail(key, v, _bound_text(meta, "a number")) from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ctx.fail(key, v, _bound_text(meta, "a finite number"))
+    _check_bounds(ctx, key, float(v), meta, "a number")
+    return float(v)
+
+
+def _convert(ctx: _Ctx, key: str, v: Any, f: dataclasses.Field) -> Any:
+    meta = f.metadata
+    kind = meta.get("kind")
+    choices = meta.get("choices")
+    if kind == "int":
+        return _as_int(ctx, key, v, meta)
+    if kind == "float":
+        return _as_float(ctx, key, v, meta)
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ctx.fail(key, v, "true or false")
+        return v
+    if kind == "path":
+        if not isinstance(v, str) or not v.strip():
+            raise ctx.fail(key, v, "a non-empty path string")
+        return v
+    if kind == "device":
+        ok = isinstance(v, str) and (
+            v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()))
+        if not ok:
+            raise ctx.fail(key, v, "cpu, cuda or cuda:N")
+        return v
+    if kind == "extents":
+        if not isinstance(v, (list, tuple)) or len(v) not in (2, 4):
+            raise ctx.fail(key, v, "a list of 2 (2D) or 4 (4D) integer extents, e.g. [8, 8]")
+        return tuple(_as_int(ctx, f"{key}[{i}]", x, {"ge": 2}, "an integer extent")
+                     for i, x in enumerate(v))
+    if kind == "grid":
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)) or len(v) == 0:
+            raise ctx.fail(key, v, "null or a list with one positive integer per lattice dimension")
+        return tuple(_as_int(ctx, f"{key}[{i}]", x, {"ge": 1}) for i, x in enumerate(v))
+    if kind == "intlist":
+        if not isinstance(v, (list, tuple)):
+            raise ctx.fail(key, v, "a list of positive integers, e.g. [8, 8]")
+        return tuple(_as_int(ctx, f"{key}[{i}]", x, meta) for i, x in enumerate(v))
+    if kind == "strlist":
+        if isinstance(v, str):
+            v = v.replace(",", " ").split()
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ctx.fail(key, v, f"a non-empty list of {', '.join(choices)}")
+        for i, x in enumerate(v):
+            if x not in choices:
+                raise ctx.fail(f"{key}[{i}]", x, ", ".join(choices))
+        return tuple(v)
+    if kind == "looplist":
+        if not isinstance(v, (list, tuple)):
+            raise ctx.fail(key, v, "a list of [R, T] pairs, e.g. [[1, 1], [2, 2]]")
+        out = []
+        for i, x in enumerate(v):
+            if not isinstance(x, (list, tuple)) or len(x) != 2:
+                raise ctx.fail(f"{key}[{i}]", x, "a pair [R, T] of positive integers")
+            out.append(tuple(_as_int(ctx, f"{key}[{i}]", y, {"ge": 1}) for y in x))
+        return tuple(out)
+    if choices is not None:
+        if not isinstance(v, str) or v.lower() not in choices:
+            raise ctx.fail(key, v, ", ".join(choices))
+        return v.lower()
+    raise AssertionError(f"unhandled config field {key}")  # pragma: no cover
+
+
+def _unknown(ctx: _Ctx, key: str, value: Any, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{ctx.source}: unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
+
+
+def _build(ctx: _Ctx, cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ctx.fail(prefix.rstrip(".") or "<top level>", raw, "a mapping of keys to values")
+    fields = {f.name: f for f in _fields(cls)}
+    for k in raw:
+        if not isinstance(k, str) or k not in fields:
+            raise _unknown(ctx, f"{prefix}{k}", raw[k], list(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        sub = _section_type(cls, f)
+        if sub is not None:
+            kwargs[name] = _build(ctx, sub, raw[name], key + ".")
+        else:
+            kwargs[name] = _convert(ctx, key, raw[name], f)
+    return cls(**kwargs)
+
+
+def _cross_checks(ctx: _Ctx, cfg: Config) -> None:
+    shape = cfg.lattice.shape
+    if cfg.grid is not None:
+        if len(cfg.grid) != len(shape):
+            raise ctx.fail("grid", list(cfg.grid),
+                           f"null or a list of {len(shape)} integers (one per dimension of lattice.shape)")
+        for d, (n, p) in enumerate(zip(shape, cfg.grid)):
+            if n % p != 0:
+                raise ctx.fail(f"grid[{d}]", p, f"a divisor of lattice.shape[{d}] = {n}")
+    needs_even = cfg.algorithm == "heatbath" or (
+        cfg.algorithm == "mixed" and "heatbath" in cfg.mixed.pattern)
+    if needs_even:
+        for d, n in enumerate(shape):
+            if n % 2:
+                raise ctx.fail(f"lattice.shape[{d}]", n,
+                               f"an even extent (the {cfg.algorithm} checkerboard needs even extents)")
+    if cfg.algorithm in ("flow", "mixed") and cfg.group == "u1" and len(shape) != 2:
+        raise ctx.fail("lattice.shape", list(shape), "2 extents: U(1) flows are implemented in 2D")
+
+
+def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
+    """Validate a raw mapping (as loaded from YAML) into a :class:`Config`."""
+    ctx = _Ctx(source)
+    cfg = _build(ctx, Config, raw, "")
+    cfg = dataclasses.replace(cfg, source=source)
+    _cross_checks(ctx, cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. --set action.beta=3.0")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set '{item}': empty key; expected KEY=VALUE")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key, value
+
+
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> dict:
+    """Apply ``KEY=VALUE`` overrides (dotted keys, YAML values) to a raw config mapping."""
+    out: dict = dict(raw or {})
+    for item in overrides:
+        key, value = _parse_override(item)
+        parts = key.split(".")
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node[p] = dict(child)
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    if path is None:
+        raw: Any = {}
+        source = "<defaults>"
+    else:
+        source = os.fspath(path)
+        if not os.path.exists(source):
+            raise ConfigError(f"{source}: no such config file")
+        if os.path.isdir(source):
+            raise ConfigError(f"{source}: is a directory, expected a YAML config file")
+        try:
+            with open(source, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not a text (UTF-8) YAML file") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(
+                f"{source}: top level must be a mapping of keys to values, got {_typename(raw)}")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        if path is not None:
+            source = f"{source} (with --set)"
+        else:
+            source = "--set"
+    return config_from_dict(raw, source)
+
+
+# ---- output -----------------------------------------------------------------------------
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-YAML-able dict of a config (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in _fields(type(v))}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def default_yaml() -> str:
+    """A complete default configuration, every key with a comment."""
+    lines = ["# hpcflow configuration: every key with its default. Override any key with",
+             "#   hpcflow run CONFIG --set key=value   (e.g. --set action.beta=3.0)", ""]
+
+    def emit(obj: Any, indent: str) -> None:
+        for f in _fields(type(obj)):
+            v = getattr(obj, f.name)
+            helptext = f.metadata.get("help", "")
+            choices = f.metadata.get("choices")
+            if choices and f.metadata.get("kind") != "strlist":
+                helptext += f" ({' | '.join(choices)})"
+            if dataclasses.is_dataclass(v):
+                lines.append(f"{indent}{f.name}:  # {helptext}")
+                emit(v, indent + "  ")
+            else:
+                text = yaml.safe_dump(config_to_dict(v) if dataclasses.is_dataclass(v) else
+                                      ([list(x) if isinstance(x, tuple) else x for x in v]
+                                       if isinstance(v, tuple) else v),
+                                      default_flow_style=True).strip()
+                text = text.removesuffix("...").strip()
+                lines.append(f"{indent}{f.name}: {text}  # {helptext}")
+    emit(Config(), "")
+    return "\n".join(lines) + "\n"
