@@ -225,6 +225,16 @@ def _section_type(cls: type, f: dataclasses.Field) -> Any:
     return None
 
 
+def _section_keys(cls: type = Config, prefix: str = "") -> set[str]:
+    out = set()
+    for f in _fields(cls):
+        sub = _section_type(cls, f)
+        if sub is not None:
+            out.add(prefix + f.name)
+            out |= _section_keys(sub, prefix + f.name + ".")
+    return out
+
+
 def _typename(v: Any) -> str:
     return type(v).__name__ if v is not None else "null"
 
@@ -354,10 +364,12 @@ def _convert(ctx: _Ctx, key: str, v: Any, f: dataclasses.Field) -> Any:
 
 
 def _unknown(ctx: _Ctx, key: str, value: Any, valid: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
-    if not close:
-        leaf = key.rsplit(".", 1)[-1]
-        close = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    keys = _all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # a misplaced or misspelt leaf: 'beta' or 'bet' -> 'action.beta'
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.6)
+        close = [by_leaf[leaf[0]]] if leaf else []
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{ctx.source}: unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
 
@@ -434,7 +446,10 @@ def apply_overrides(raw: Any, overrides: Sequence[str]) -> dict:
         key, value = _parse_override(item)
         parts = key.split(".")
         node = out
+        leaves = set(_all_keys()) - _section_keys()
         for i, p in enumerate(parts[:-1]):
+            if ".".join(parts[: i + 1]) in leaves:
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
             child = node.get(p)
             if child is None:
                 child = {}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The README demo on a fresh machine: installs what is missing, then runs the main job on a
+# small default lattice (examples/demo.yaml) and prints observables beside exact values.
+# Extra arguments go to 'hpcflow run', e.g. scripts/demo.sh --set action.beta=3.0
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+bash scripts/bootstrap.sh
+"${HPCFLOW_VENV:-$here/.venv}/bin/hpcflow" run examples/demo.yaml "$@"
