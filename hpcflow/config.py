@@ -132,6 +132,10 @@ class SampleConfig:
     n_steps: int = field(default=2000, metadata=_opt("Markov-chain length (flow proposals)", kind="int", ge=1))
     batch: int = field(default=256, metadata=_opt("proposals generated per forward pass", kind="int", ge=1))
     n_therm: int = field(default=0, metadata=_opt("chain steps discarded before measuring", kind="int", ge=0))
+    n_workers: int = field(default=1, metadata=_opt(
+        "worker groups (independent Markov chains); the ranks are split evenly among them", kind="int", ge=1))
+    checkpoint_every: int = field(default=100, metadata=_opt("configurations between chain checkpoints",
+                                                             kind="int", ge=1))
 
 
 @dataclass(frozen=True)
