@@ -1,0 +1,187 @@
+"""Host (CPU) backend: the CUDA sources of this folder compiled with g++ and OpenMP.
+
+The very same ``plaquette.cu``/``staple.cu`` are compiled as C++ through
+``host_harness.h`` (CUDA qualifiers mapped to host ones, the grid looped over with one
+OpenMP-parallel iteration per CUDA block). One shared library per (N, real type, Nd) is
+built at first use into ``$HPCFLOW_CACHE/kernels/<hash>/`` (default
+``~/.cache/hpcflow/kernels``); the hash covers the sources, the flags, the compiler
+version and the CPU (``-march=native`` code must not run on another CPU model). Concurrent
+builders (MPI ranks) are serialised by a file lock and publish by atomic rename, so a
+reader never sees a half-written library. Threads: ``OMP_NUM_THREADS``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hpcflow.lattice.geometry import Lattice
+
+from ._common import (
+    KERNEL_DIR,
+    FieldInfo,
+    as_kernel_input,
+    check_weights,
+    field_info,
+    real_dtype,
+)
+
+__all__ = [
+    "HOST_FLAGS",
+    "build_host_library",
+    "cache_dir",
+    "load_host_library",
+    "plaquette_re_tr",
+    "staple_sum",
+]
+
+#: Optimisation flags: templates on N unroll the SU(3) products at -O3.
+HOST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+_SOURCES = ("su_n.cuh", "host_harness.h", "plaquette.cu", "staple.cu", "host_lib.cpp")
+
+
+def cache_dir() -> Path:
+    """``$HPCFLOW_CACHE/kernels`` or ``~/.cache/hpcflow/kernels``."""
+    root = os.environ.get("HPCFLOW_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "hpcflow"
+    return base / "kernels"
+
+
+def _cxx() -> str:
+    cxx = os.environ.get("HPCFLOW_CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise RuntimeError(
+            f"backend 'host' needs a C++ compiler: {cxx!r} not found on PATH "
+            "(install g++ or set HPCFLOW_CXX)"
+        )
+    return path
+
+
+def _cpu_id() -> str:
+    # -march=native code is specific to the CPU model; key the cache on it.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return os.uname().machine
+
+
+def _build_key(cxx: str, defines: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update(name.encode())
+        h.update((KERNEL_DIR / name).read_bytes())
+    ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+    for part in (cxx, ver.stdout, " ".join(HOST_FLAGS), " ".join(defines), _cpu_id()):
+        h.update(part.encode())
+    return h.hexdigest()[:20]
+
+
+def build_host_library(n: int, real: str, nd: int, root: Path | None = None) -> Path:
+    """Compile (or find in the cache) the host library for ``(n, real, nd)``; its path."""
+    if n not in (1, 2, 3):
+        raise ValueError(f"n must be 1, 2 or 3, got {n}")
+    if real not in ("double", "float"):
+        raise ValueError(f"real must be 'double' or 'float', got {real!r}")
+    if nd not in (2, 4):
+        raise ValueError(f"nd must be 2 or 4, got {nd}")
+    cxx = _cxx()
+    defines = (f"-DHPCFLOW_N={n}", f"-DHPCFLOW_REAL={real}", f"-DHPCFLOW_ND={nd}")
+    key = _build_key(cxx, defines)
+    folder = (root if root is not None else cache_dir()) / key
+    lib = folder / f"libhpcflow_kernels_n{n}_{real}_{nd}d.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; others wait, then reuse
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        cmd = [cxx, *HOST_FLAGS, *defines, "-I", str(KERNEL_DIR),
+               str(KERNEL_DIR / "host_lib.cpp"), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"host kernel build failed: {' '.join(cmd)}\n{res.stderr}")
+        os.replace(tmp, lib)  # atomic publish
+    return lib
+
+
+@functools.cache
+def load_host_library(n: int, real: str, nd: int) -> ctypes.CDLL:
+    """Build if needed and load the library for ``(n, real, nd)`` (once per process)."""
+    lib = ctypes.CDLL(str(build_host_library(n, real, nd)))
+    cfg = [ctypes.c_int(), ctypes.c_int(), ctypes.c_int()]
+    lib.hpcflow_config(*(ctypes.byref(c) for c in cfg))
+    got = (cfg[0].value, cfg[1].value, cfg[2].value)
+    want = (n, nd, 8 if real == "double" else 4)
+    if got != want:
+        raise RuntimeError(f"host kernel library reports (N, Nd, bytes) = {got}, wanted {want}")
+    vp, i64, ip, ci = ctypes.c_void_p, ctypes.c_longlong, ctypes.POINTER(ctypes.c_int), ctypes.c_int
+    lib.hpcflow_plaquette_re_tr.argtypes = [vp, vp, i64, ip, ip]
+    lib.hpcflow_plaquette_re_tr.restype = None
+    lib.hpcflow_staple_sum.argtypes = [vp, vp, vp, i64, ci, ci, ip, ip]
+    lib.hpcflow_staple_sum.restype = None
+    return lib
+
+
+def _geom(info: FieldInfo) -> tuple[ctypes.Array, ctypes.Array]:
+    arr = ctypes.c_int * info.nd
+    return arr(*info.ext), arr(*info.halo)
+
+
+def _host_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
+    info = field_info(U, lat)
+    if U.device.type != "cpu":
+        raise ValueError(f"backend 'host' needs a CPU tensor, got U on {U.device}")
+    return info
+
+
+def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites."""
+    info = _host_info(U, lat)
+    u = as_kernel_input(U)
+    out = torch.empty((*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype))
+    lib = load_host_library(info.n, info.real, info.nd)
+    ext, halo = _geom(info)
+    lib.hpcflow_plaquette_re_tr(u.data_ptr(), out.data_ptr(), info.nbatch, ext, halo)
+    return out
+
+
+def staple_sum(
+    U: torch.Tensor,
+    lat: Lattice,
+    weights: torch.Tensor | None = None,
+    all_sites: bool = False,
+    dagger: bool = False,
+) -> torch.Tensor:
+    """Staple sum ``A_mu(x)`` (shape of U), see ``staple.cu``.
+
+    ``weights[*B, plane, *shape]`` weights each plaquette's staple (the backward of the
+    plaquette field); ``all_sites`` computes halo sites too (else they are 0); ``dagger``
+    returns ``A^dag`` (torch's gradient convention).
+    """
+    info = _host_info(U, lat)
+    u = as_kernel_input(U)
+    w = check_weights(weights, U, info) if weights is not None else None
+    out = torch.empty_like(u)
+    lib = load_host_library(info.n, info.real, info.nd)
+    ext, halo = _geom(info)
+    lib.hpcflow_staple_sum(
+        u.data_ptr(), None if w is None else w.data_ptr(), out.data_ptr(), info.nbatch,
+        int(all_sites), int(dagger), ext, halo,
+    )
+    return out
