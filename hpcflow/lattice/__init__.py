@@ -21,6 +21,17 @@ from hpcflow.lattice.groups import (
     group_for_field,
     random_field,
 )
+from hpcflow.lattice.observables import (
+    clover_field_strength,
+    energy_density_clover,
+    polyakov_loop,
+    topological_charge_clover,
+    topological_charge_u1_2d,
+    wilson_flow,
+    wilson_flow_force,
+    wilson_line,
+    wilson_loop,
+)
 
 __all__ = [
     "GROUP_NAMES",
@@ -28,8 +39,10 @@ __all__ = [
     "Lattice",
     "SerialComm",
     "average_plaquette",
+    "clover_field_strength",
     "cold_field",
     "dagger",
+    "energy_density_clover",
     "gauge_transform",
     "gauge_transform_site",
     "get_group",
@@ -38,9 +51,16 @@ __all__ = [
     "plaquette",
     "plaquette_re_tr",
     "plaquette_re_tr_torch",
+    "polyakov_loop",
     "random_field",
     "random_gauge",
     "staple_sum",
     "staple_sum_torch",
+    "topological_charge_clover",
+    "topological_charge_u1_2d",
     "wilson_action",
+    "wilson_flow",
+    "wilson_flow_force",
+    "wilson_line",
+    "wilson_loop",
 ]

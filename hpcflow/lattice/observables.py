@@ -1,0 +1,230 @@
+"""Gauge-invariant observables: Wilson and Polyakov loops, topological charge, Wilson flow.
+
+Conventions as in :mod:`hpcflow.lattice.action`. Functions that return global averages
+sum over interior sites and reduce with ``comm.sum`` (identity on one rank); all neighbour
+access goes through ``lat.shift``, so on a halo-padded array the interior is exact when the
+halo covers the reach of the quantity (stated per function).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hpcflow.lattice.action import check_link_field, link, plaquette, staple_sum
+from hpcflow.lattice.geometry import Lattice, as_comm
+from hpcflow.lattice.groups import dagger, group_for_field
+
+__all__ = [
+    "clover_field_strength",
+    "energy_density_clover",
+    "polyakov_loop",
+    "topological_charge_clover",
+    "topological_charge_u1_2d",
+    "wilson_flow",
+    "wilson_flow_force",
+    "wilson_line",
+    "wilson_loop",
+]
+
+
+def _trace(m: torch.Tensor) -> torch.Tensor:
+    return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+
+
+def _check_positive_int(name: str, v: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def wilson_line(u: torch.Tensor, lat: Lattice, mu: int, length: int) -> torch.Tensor:
+    """``L(x) = U_mu(x) U_mu(x+mu) ... U_mu(x+(length-1) mu)``, site matrix field (reach length-1)."""
+    umu = link(u, lat, mu)
+    line = umu
+    for k in range(1, length):
+        line = line @ lat.shift(umu, mu, k)
+    return line
+
+
+def wilson_loop(u: torch.Tensor, lat: Lattice, r: int, t: int, comm=None) -> torch.Tensor:
+    """Rectangular ``R x T`` Wilson loop ``(1/N) Re tr W``, shape ``(*B)``.
+
+    ``W(x) = L_mu^R(x) L_nu^T(x+R mu) L_mu^R(x+T nu)^dag L_nu^T(x)^dag``, averaged over
+    interior sites, all planes and both orientations (R along mu and T along nu, and
+    vice versa). Reach ``R + T - 1``: a halo-padded array needs ``halo >= R + T - 1``.
+    """
+    check_link_field(u, lat)
+    _check_positive_int("R", r)
+    _check_positive_int("T", t)
+    n = u.shape[-1]
+    acc = None
+    for mu, nu in lat.planes():
+        for a, b in ((mu, nu), (nu, mu)):
+            la_r = wilson_line(u, lat, a, r)
+            lb_t = wilson_line(u, lat, b, t)
+            # Re tr(X Y^dag) = Re sum X * conj(Y): X = L_a(x) L_b(x+R a), Y = L_b(x) L_a(x+T b)
+            x = la_r @ lat.shift(lb_t, a, r)
+            y = lb_t @ lat.shift(la_r, b, t)
+            re = (x * y.conj()).real.sum((-1, -2))
+            s = lat.interior_sum(re, inner=0)
+            acc = s if acc is None else acc + s
+    total = as_comm(comm).sum(acc)
+    return total / (n * 2 * lat.n_planes * lat.volume)
+
+
+def polyakov_loop(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+    """Polyakov loop ``(1/N) tr prod_t U_{nd-1}(xs, t)``, averaged over spatial sites, complex ``(*B)``.
+
+    The ordered product runs along the last direction. Here it is formed on the local array,
+    so the last direction must be entirely local (``local_shape[-1] == global_shape[-1]``);
+    spatial directions may be decomposed (interior sums + ``comm.sum``). A decomposition of
+    the time direction needs a product reduction across ranks, which belongs in
+    :mod:`hpcflow.comm`.
+    """
+    check_link_field(u, lat)
+    nd = lat.nd
+    lt = lat.global_shape[-1]
+    if lat.local_shape[-1] != lt:
+        raise NotImplementedError(
+            "polyakov_loop needs the last direction local to one rank "
+            f"(local extent {lat.local_shape[-1]}, global {lt}); "
+            "a split time direction needs a product reduction in hpcflow.comm"
+        )
+    ut = link(u, lat, nd - 1)[lat.interior_slices(inner=2)]
+    # ordered product over the time slices of the interior: U(xs, 0) U(xs, 1) ...
+    prod = ut.select(-3, 0)
+    for k in range(1, lt):
+        prod = prod @ ut.select(-3, k)
+    tr = _trace(prod)  # (*B, *spatial interior)
+    n = u.shape[-1]
+    spatial_dims = tuple(range(-(nd - 1), 0))
+    local = tr.sum(dim=spatial_dims) if nd > 1 else tr
+    return as_comm(comm).sum(local) / (n * (lat.volume // lt))
+
+
+def topological_charge_u1_2d(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+    """Geometric charge of 2D U(1): ``Q = (1/2pi) sum_x arg P_01(x)``, ``arg`` in ``(-pi, pi]``.
+
+    An exact integer on the torus: the link angles cancel in the sum of raw plaquette angles,
+    so only the ``2 pi`` wrappings into ``(-pi, pi]`` survive. Shape ``(*B)``, real.
+    """
+    check_link_field(u, lat)
+    if lat.nd != 2 or u.shape[-1] != 1:
+        raise ValueError(
+            f"topological_charge_u1_2d needs a 2D U(1) field, got nd={lat.nd}, N={u.shape[-1]}"
+        )
+    theta = torch.angle(plaquette(u, lat, 0, 1)[..., 0, 0])
+    # torch.angle gives [-pi, pi]; move -pi to +pi so arg lies in (-pi, pi]
+    theta = torch.where(theta <= -math.pi, theta + 2 * math.pi, theta)
+    return as_comm(comm).sum(lat.interior_sum(theta, inner=0)) / (2 * math.pi)
+
+
+# ---- gradient (Wilson) flow ---------------------------------------------------------------
+
+
+def wilson_flow_force(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """Flow generator ``Z_mu(x) = -TA(U_mu(x) A_mu(x))`` (shape of ``U``, Lie algebra).
+
+    With ``S = -(beta/N) Re tr(U A) + ...``, the derivative along ``U -> exp(s X) U`` is
+    ``-(beta/N) tr(X TA(U A))``; for anti-Hermitian ``X``, ``tr(X X) <= 0``, so ``X = -TA(UA)``
+    is the direction of steepest descent. This is Luscher's ``Z = -g0^2 d S_W`` (arXiv
+    1006.4518, eq. (1.3)-(1.4)) in lattice units, independent of ``beta``.
+    """
+    g = group_for_field(u)
+    return -g.traceless_antihermitian(u @ staple_sum(u, lat))
+
+
+def wilson_flow(
+    u: torch.Tensor, lat: Lattice, eps: float, n_steps: int, comm=None
+) -> torch.Tensor:
+    """Integrate ``dV/dt = Z(V) V`` for ``n_steps`` steps of size ``eps`` (Luscher RK3).
+
+    Luscher, arXiv 1006.4518, eq. (C.1)-(C.3) with ``Z_i = eps Z(W_i)``:
+    ``W1 = exp(Z0/4) W0``, ``W2 = exp(8/9 Z1 - 17/36 Z0) W1``,
+    ``W3 = exp(3/4 Z2 - 8/9 Z1 + 17/36 Z0) W2``. Each stage exchanges halos first (reach of
+    the force is 1). Returns the flowed field ``V(t = n_steps * eps)``.
+    """
+    check_link_field(u, lat)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+        raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    g = group_for_field(u)
+    cm = as_comm(comm)
+    w = u
+    for _ in range(n_steps):
+        w = cm.exchange(w, lat)
+        z0 = eps * wilson_flow_force(w, lat)
+        w = g.exp(0.25 * z0) @ w
+        w = cm.exchange(w, lat)
+        z1 = eps * wilson_flow_force(w, lat)
+        w = g.exp((8.0 / 9.0) * z1 - (17.0 / 36.0) * z0) @ w
+        w = cm.exchange(w, lat)
+        z2 = eps * wilson_flow_force(w, lat)
+        w = g.exp(0.75 * z2 - (8.0 / 9.0) * z1 + (17.0 / 36.0) * z0) @ w
+    return w
+
+
+# ---- clover field strength and the 4D topological charge ------------------------------------
+
+
+def clover_field_strength(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """Clover ``F_{mu nu}(x) = TA(Q_{mu nu}(x) / 4)`` per plane, ``(*B, n_planes, *shape, N, N)``.
+
+    ``Q_{mu nu}(x)`` is the sum of the four plaquettes in the (mu, nu) plane based at ``x``,
+    all with the same orientation; each is ``P_{mu nu}`` of a neighbouring site transported
+    to ``x``. TA = traceless anti-Hermitian part (for U(1): ``i Im``). Reach 1.
+    """
+    check_link_field(u, lat)
+    g = group_for_field(u)
+    out = []
+    for mu, nu in lat.planes():
+        umu, unu = link(u, lat, mu), link(u, lat, nu)
+        p = plaquette(u, lat, mu, nu)  # leaf at x
+        # leaf at x from P(x - mu): U_mu(y)^dag P(y) U_mu(y), y = x - mu
+        q = p + lat.shift(dagger(umu) @ p @ umu, mu, -1)
+        # leaf from P(x - nu): U_nu(y)^dag P(y) U_nu(y), y = x - nu
+        q = q + lat.shift(dagger(unu) @ p @ unu, nu, -1)
+        # leaf from P(x - mu - nu): G^dag P(y) G, G = U_mu(y) U_nu(y + mu)
+        gg = umu @ lat.shift(unu, mu)
+        q = q + lat.shift(lat.shift(dagger(gg) @ p @ gg, mu, -1), nu, -1)
+        out.append(g.traceless_antihermitian(0.25 * q))
+    return torch.stack(out, dim=-(lat.nd + 3))
+
+
+def topological_charge_clover(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+    """Clover charge ``Q = -(1/32 pi^2) sum_x eps_{mu nu rho sigma} tr(F_{mu nu} F_{rho sigma})``.
+
+    ``F`` anti-Hermitian (Luscher, arXiv 1006.4518, eq. (5.1)); equivalently ``+1/(32 pi^2)``
+    with the Hermitian ``-i F``. The 24 epsilon terms reduce to
+    ``Q = -(1/4 pi^2) sum_x tr(F01 F23 - F02 F13 + F03 F12)``. 4D only, real ``(*B)``;
+    near-integer after enough Wilson flow. Reach 1.
+    """
+    check_link_field(u, lat)
+    if lat.nd != 4:
+        raise ValueError(f"topological_charge_clover needs nd=4, got nd={lat.nd}")
+    f = clover_field_strength(u, lat)
+    # planes order: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    fp = [f.select(-(lat.nd + 3), k) for k in range(6)]
+
+    def trp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # tr(A B) = sum_ij A_ij B_ji; real for anti-Hermitian A, B
+        return (a * b.transpose(-1, -2)).sum((-1, -2)).real
+
+    dens = trp(fp[0], fp[5]) - trp(fp[1], fp[4]) + trp(fp[2], fp[3])
+    local = lat.interior_sum(dens, inner=0)
+    return -as_comm(comm).sum(local) / (4 * math.pi**2)
+
+
+def energy_density_clover(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+    """Clover action density ``<E> = -(1/V) sum_x sum_{mu<nu} tr(F_{mu nu} F_{mu nu})``.
+
+    Equals ``(1/4) G^a_{mu nu} G^a_{mu nu}`` summed over all ``mu, nu`` for ``F = G^a T^a``
+    (Luscher, arXiv 1006.4518, eq. (3.1)-(3.2)); ``t^2 <E>`` sets the scale ``t_0``. ``(*B)``.
+    """
+    check_link_field(u, lat)
+    f = clover_field_strength(u, lat)
+    dens = -(f * f.transpose(-1, -2)).sum((-1, -2)).real.sum(-(lat.nd + 1))
+    return as_comm(comm).sum(lat.interior_sum(dens, inner=0)) / lat.volume
