@@ -21,8 +21,11 @@ Sub-steps run over ``(mu, parity)``: the staple of ``U_mu(x)`` holds only links 
 directions and ``U_mu(x +- nu)``, which have the other parity, so links updated together
 share no plaquette. This needs even global extents. Random numbers for a link depend only
 on ``(seed, stream, global link index, step, draw block)``: rejection round ``r`` of
-subgroup ``s`` reads index ``link + (r * n_sub + s) * nd * V`` (beyond every link index),
-so the chain is identical on any process grid.
+subgroup ``s`` of configuration ``b`` in a batch reads the counter index
+``(b * R + r * n_sub + s) * nd * V + link`` with ``R = 3 * max_rounds`` blocks per
+configuration, so the chain is identical on any process grid, and entry 0 of a batch is
+the unbatched chain. Fields may carry leading batch axes ``(*B, nd, *shape, N, N)``
+(independent chains updated together, which pays on small lattices).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 _MAX_ROUNDS = 10_000  # rejection rounds; acceptance >= ~0.3 makes 100 rounds already 1e-15
+_BLOCKS_PER_CONFIG = 3 * _MAX_ROUNDS  # counter blocks (round, subgroup) per configuration
 _KP_ALPHA_MIN = 2.0  # below this Creutz's method accepts better than Kennedy-Pendleton
 
 
@@ -89,12 +93,13 @@ def staple_mu(U: torch.Tensor, lat: Lattice, mu: int) -> torch.Tensor:
     ``sum_{nu != mu} U_nu(x+mu) U_mu(x+nu)^dag U_nu(x)^dag
     + U_nu(x+mu-nu)^dag U_mu(x-nu)^dag U_nu(x-nu)``. Reach one site: halo >= 1 suffices.
     """
-    Umu = U[mu]
+    ax = -(lat.nd + 3)
+    Umu = U.select(ax, mu)
     A = torch.zeros_like(Umu)
     for nu in range(lat.nd):
         if nu == mu:
             continue
-        Unu = U[nu]
+        Unu = U.select(ax, nu)
         Unu_xmu = lat.shift(Unu, mu)
         A = A + _mm(_mm(Unu_xmu, lat.shift(Umu, nu).mH), Unu.mH)
         A = A + lat.shift(_mm(_mm(Unu_xmu.mH, Umu.mH), Unu), nu, -1)
@@ -283,24 +288,32 @@ def _check_beta(beta: float) -> float:
 
 
 def _substep_(U, lat, group, beta, rng, step, mu, mask, comm, overrelax):  # type: ignore[no-untyped-def]
-    """Update ``U[mu]`` in place on ``mask`` sites; returns the (exchanged) field."""
+    """Update ``U[:, mu]`` (``U``: ``(B, nd, ...)``) in place on ``mask`` sites; returns ``U``."""
     U = comm.exchange(U, lat)
-    A = staple_mu(U, lat, mu)[mask]
-    Ul = U[mu][mask]
+    B = U.shape[0]
+    A = staple_mu(U, lat, mu)[:, mask]  # (B, n_sel, N, N)
+    Umu = U[:, mu]
+    Ul = Umu[:, mask]
+    n_sel, N = Ul.shape[1], Ul.shape[-1]
+    Ul, A = Ul.reshape(B * n_sel, N, N), A.reshape(B * n_sel, N, N)
     if overrelax:
         new = _overrelax_links(Ul, A, group)
     else:
-        index = lat.global_link_index(U.device)[mu][mask]
-        new = _heatbath_links(Ul, A, group, beta, rng, index, step, lat.nd * lat.volume)
-    U[mu][mask] = new
+        nl = lat.nd * lat.volume
+        link = lat.global_link_index(U.device)[mu][mask]
+        b = torch.arange(B, device=U.device)[:, None] * (_BLOCKS_PER_CONFIG * nl)
+        index = (b + link).reshape(-1)
+        new = _heatbath_links(Ul, A, group, beta, rng, index, step, nl)
+    Umu[:, mask] = new.reshape(B, n_sel, N, N)
     return U
 
 
 def _prepare(U, lat, group, beta):  # type: ignore[no-untyped-def]
     group = as_group(group)
-    _check_links(U, lat, group)
+    batch = _check_links(U, lat, group)
     _check_even(lat)
-    return group, _check_beta(beta)
+    # one flat batch axis inside; callers get their own shape back
+    return group, _check_beta(beta), batch, U.reshape((-1,) + tuple(U.shape[len(batch):]))
 
 
 def heatbath_substep(
@@ -308,10 +321,11 @@ def heatbath_substep(
     mu: int, parity: int, comm: SerialComm | None = None,
 ) -> torch.Tensor:
     """Heat bath of the interior links ``U_mu(x)`` with global parity ``parity`` (new tensor)."""
-    group, beta = _prepare(U, lat, group, beta)
+    group, beta, _, Ub = _prepare(U, lat, group, beta)
     mask = (lat.parity(U.device) == parity) & lat.interior(U.device)
     with torch.no_grad():
-        return _substep_(U.clone(), lat, group, beta, rng, step, mu, mask, _comm(comm), False)
+        Ub = _substep_(Ub.clone(), lat, group, beta, rng, step, mu, mask, _comm(comm), False)
+    return Ub.reshape(U.shape)
 
 
 def overrelax_substep(
@@ -319,10 +333,11 @@ def overrelax_substep(
     comm: SerialComm | None = None,
 ) -> torch.Tensor:
     """Overrelaxation of the interior links ``U_mu(x)`` of parity ``parity`` (new tensor)."""
-    group, beta = _prepare(U, lat, group, beta)
+    group, beta, _, Ub = _prepare(U, lat, group, beta)
     mask = (lat.parity(U.device) == parity) & lat.interior(U.device)
     with torch.no_grad():
-        return _substep_(U.clone(), lat, group, beta, None, 0, mu, mask, _comm(comm), True)
+        Ub = _substep_(Ub.clone(), lat, group, beta, None, 0, mu, mask, _comm(comm), True)
+    return Ub.reshape(U.shape)
 
 
 def heatbath_sweep(
@@ -334,13 +349,13 @@ def heatbath_sweep(
     Every link is updated once, with draws indexed by its global link index and ``step``;
     ``comm.exchange`` runs before each sub-step and only interior links change.
     """
-    group, beta = _prepare(U, lat, group, beta)
+    group, beta, _, Ub = _prepare(U, lat, group, beta)
     comm = _comm(comm)
     with torch.no_grad():
-        U = U.clone()
+        Ub = Ub.clone()
         for mu, _, mask in checkerboard_masks(lat, U.device):
-            U = _substep_(U, lat, group, beta, rng, step, mu, mask, comm, False)
-        return reproject_if_drifted(U, lat, group, comm=comm)
+            Ub = _substep_(Ub, lat, group, beta, rng, step, mu, mask, comm, False)
+        return reproject_if_drifted(Ub, lat, group, comm=comm).reshape(U.shape)
 
 
 def overrelax_sweep(
@@ -348,13 +363,13 @@ def overrelax_sweep(
     comm: SerialComm | None = None,
 ) -> torch.Tensor:
     """One overrelaxation sweep (keeps the action exactly; ``beta`` only for validation)."""
-    group, beta = _prepare(U, lat, group, beta)
+    group, beta, _, Ub = _prepare(U, lat, group, beta)
     comm = _comm(comm)
     with torch.no_grad():
-        U = U.clone()
+        Ub = Ub.clone()
         for mu, _, mask in checkerboard_masks(lat, U.device):
-            U = _substep_(U, lat, group, beta, None, 0, mu, mask, comm, True)
-        return reproject_if_drifted(U, lat, group, comm=comm)
+            Ub = _substep_(Ub, lat, group, beta, None, 0, mu, mask, comm, True)
+        return reproject_if_drifted(Ub, lat, group, comm=comm).reshape(U.shape)
 
 
 def heatbath_or_sweep(

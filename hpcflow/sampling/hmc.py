@@ -21,7 +21,7 @@ hook is the identity, so there is one code path.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -69,17 +69,19 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.complex64 else torch.float64
 
 
-def _check_links(U: torch.Tensor, lat: Lattice, group, name: str = "U") -> None:  # type: ignore[no-untyped-def]
-    expect = (lat.nd, *lat.shape, group.N, group.N)
+def _check_links(U: torch.Tensor, lat: Lattice, group, name: str = "U") -> tuple[int, ...]:  # type: ignore[no-untyped-def]
+    """Validate ``U`` of shape ``(*B, nd, *lat.shape, N, N)``; return the batch shape ``B``."""
+    tail = (lat.nd, *lat.shape, group.N, group.N)
     if not isinstance(U, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(U).__name__}")
-    if tuple(U.shape) != expect:
+    if U.dim() < len(tail) or tuple(U.shape[U.dim() - len(tail):]) != tail:
         raise ValueError(
-            f"{name} has shape {tuple(U.shape)}, expected (nd, *lat.shape, N, N) = {expect} "
-            "(one configuration, no batch axis)"
+            f"{name} has shape {tuple(U.shape)}, expected (*B, nd, *lat.shape, N, N) with "
+            f"(nd, *lat.shape, N, N) = {tail}"
         )
     if U.dtype not in (torch.complex128, torch.complex64):
         raise TypeError(f"{name} must be complex128 or complex64, got {U.dtype}")
+    return tuple(U.shape[: U.dim() - len(tail)])
 
 
 # ---- pieces of the Hamiltonian ----------------------------------------------------------
@@ -90,15 +92,20 @@ def sample_momenta(
     step: int,
     dtype: torch.dtype = torch.complex128,
     device: torch.device | str | None = None,
+    batch: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Gaussian momenta ``P = i sum_a w_a t_a``, ``w_a ~ N(0, 1)``, ``tr t_a t_b = delta_ab``.
 
     Drawn with ``rng.normal(lat.global_link_index(), step, n_algebra)``: the momentum of a
     link depends only on (seed, stream, global link index, step), so the chain is the same
-    on any process grid (halo copies get the owner's values).
+    on any process grid (halo copies get the owner's values). Configuration ``b`` of a
+    ``batch`` uses index ``b * nd * V + link`` (``groups.batched_index``), so entry 0 of a
+    batch is the unbatched chain. Shape ``(*batch, nd, *lat.shape, N, N)``.
     """
+    from hpcflow.lattice.groups import batched_index
+
     group = as_group(group)
-    idx = lat.global_link_index(device)
+    idx = batched_index(lat.global_link_index(device), lat.nd * lat.volume, tuple(batch))
     w = rng.normal(idx, step, group.n_algebra, dtype=_real_dtype(dtype))
     # algebra_from_coords uses T_a with tr T_a T_b = 1/2 for SU(N): t_a = sqrt(2) T_a
     scale = 1.0 if group.N == 1 else math.sqrt(2.0)
@@ -106,8 +113,8 @@ def sample_momenta(
 
 
 def kinetic_energy(P: torch.Tensor, lat: Lattice, comm: SerialComm | None = None) -> torch.Tensor:
-    """``(1/2) sum_{x in interior, mu} tr(P^dag P)`` summed over all ranks (float64 scalar)."""
-    pp = (P.real.double() ** 2 + P.imag.double() ** 2).sum(dim=(-2, -1)).sum(0)
+    """``(1/2) sum_{x in interior, mu} tr(P^dag P)`` summed over all ranks, float64 ``(*B)``."""
+    pp = (P.real.double() ** 2 + P.imag.double() ** 2).sum(dim=(-2, -1)).sum(-(lat.nd + 1))
     return _comm(comm).sum(0.5 * lat.interior_sum(pp, inner=0))
 
 
@@ -118,7 +125,7 @@ def hamiltonian(
     beta: float,
     comm: SerialComm | None = None,
 ) -> torch.Tensor:
-    """``H = (1/2) sum tr(P^dag P) + S_W(U)`` (global, float64 scalar); halos refreshed first."""
+    """``H = (1/2) sum tr(P^dag P) + S_W(U)`` (global, float64 ``(*B)``); halos refreshed first."""
     from hpcflow.lattice.action import wilson_action
 
     comm = _comm(comm)
@@ -218,19 +225,17 @@ def omelyan(
 
 
 # ---- accept / reject and hygiene ------------------------------------------------------------
-def metropolis_accept(dH: float, rng, step: int) -> bool:  # type: ignore[no-untyped-def]
-    """Accept with probability ``min(1, exp(-dH))``.
+def metropolis_accept(dH: torch.Tensor, rng, step: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Accept with probability ``min(1, exp(-dH))``; ``dH`` of shape ``(*B)``, bool result.
 
-    The uniform is a chain-level draw (``rng.uniform_scalar(step)``: reserved key, not a
-    site index), so every rank of one chain takes the same decision from the same
-    globally summed ``dH``.
+    The uniforms are chain-level draws (``rng.uniform_scalar(step, n)``: a reserved key,
+    never a site index; entry ``b`` for configuration ``b``), so every rank of one chain
+    takes the same decision from the same globally summed ``dH``. NaN/inf are rejected.
     """
-    if not math.isfinite(dH):
-        return False
-    if dH <= 0.0:
-        return True
-    u = float(rng.uniform_scalar(step, 1)[0])
-    return u < math.exp(-dH)
+    dH = torch.as_tensor(dH, dtype=torch.float64)
+    u = rng.uniform_scalar(step, max(dH.numel(), 1)).reshape(dH.shape).to(dH.device)
+    # u < exp(-dH) also accepts every dH <= 0 since u < 1
+    return torch.isfinite(dH) & (u < torch.exp(-dH))
 
 
 def unitarity_violation(U: torch.Tensor, lat: Lattice, comm: SerialComm | None = None) -> float:
@@ -240,7 +245,7 @@ def unitarity_violation(U: torch.Tensor, lat: Lattice, comm: SerialComm | None =
     dev = (U.mH @ U - eye).abs().amax(dim=(-2, -1))
     if n > 1:
         dev = torch.maximum(dev, (torch.linalg.det(U) - 1).abs())
-    dev = dev.amax(0)[lat.interior_slices(inner=0)].amax().double()
+    dev = dev[lat.interior_slices(inner=0)].amax().double()
     c = _comm(comm)
     return float(c.max(dev) if hasattr(c, "max") else dev)
 
@@ -273,8 +278,8 @@ class HMC:
 
     ``trajectory(U, step)`` draws momenta for ``step``, integrates over time ``tau`` with
     ``n_steps`` steps of ``integrator`` (``"omelyan"`` or ``"leapfrog"``) and accepts with
-    ``min(1, exp(-dH))``. ``U`` is one configuration ``(nd, *lat.shape, N, N)``; it is not
-    modified in place. Use step numbers (or an ``rng`` stream) that no other update in the
+    ``min(1, exp(-dH))``. ``U`` is one configuration ``(nd, *lat.shape, N, N)`` or a batch
+    of independent chains ``(*B, nd, ...)``; it is not modified in place. Use step numbers (or an ``rng`` stream) that no other update in the
     same chain uses, so draws are never reused.
     """
 
@@ -330,19 +335,30 @@ class HMC:
             return leapfrog(U, P, *args)
         return omelyan(U, P, *args, lam=self.lam)
 
-    def trajectory(self, U: torch.Tensor, step: int) -> tuple[torch.Tensor, bool, float]:
-        """One HMC trajectory: ``(U_next, accepted, dH)``; ``U_next is U`` on rejection."""
-        _check_links(U, self.lat, self.group)
+    def trajectory(
+        self, U: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, bool | torch.Tensor, float | torch.Tensor]:
+        """One HMC trajectory: ``(U_next, accepted, dH)``.
+
+        ``U`` of shape ``(nd, *lat.shape, N, N)`` gives ``(U', bool, float)``; a batch of
+        independent chains ``(*B, nd, ...)`` gives bool and float64 tensors of shape ``B``
+        (configuration ``b`` uses momenta index ``b nd V + link`` and accept draw ``b``).
+        On rejection the old configuration is kept.
+        """
+        batch = _check_links(U, self.lat, self.group)
         with torch.no_grad():
-            P = sample_momenta(self.lat, self.group, self.rng, step, U.dtype, U.device)
+            P = sample_momenta(self.lat, self.group, self.rng, step, U.dtype, U.device, batch)
             H0 = hamiltonian(U, P, self.lat, self.beta, self.comm)
             U1, P1 = self.integrate(U, P)
             H1 = hamiltonian(U1, P1, self.lat, self.beta, self.comm)
-            dH = float(H1 - H0)
-            accepted = metropolis_accept(dH, self.rng, step)
-            self.n_trajectories += 1
-            if not accepted:
-                return U, False, dH
-            self.n_accepted += 1
-            U1 = reproject_if_drifted(U1, self.lat, self.group, self.reproject_tol, self.comm)
-            return U1, True, dH
+            dH = H1 - H0
+            acc = metropolis_accept(dH, self.rng, step)
+            self.n_trajectories += max(acc.numel(), 1)
+            self.n_accepted += int(acc.sum())
+            if bool(acc.any()):
+                U1 = reproject_if_drifted(U1, self.lat, self.group, self.reproject_tol, self.comm)
+            sel = acc.to(U.device).reshape(acc.shape + (1,) * (U.dim() - len(batch)))
+            U_next = torch.where(sel, U1, U)
+            if not batch:
+                return U_next, bool(acc), float(dH)
+            return U_next, acc, dH
