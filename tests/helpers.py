@@ -11,16 +11,18 @@ from collections.abc import Sequence
 import torch
 
 from hpcflow.lattice.gauge import random_gauge
-from hpcflow.lattice.geometry import Lattice
+from hpcflow.lattice.geometry import Lattice, SerialComm
 from hpcflow.lattice.groups import Group, dagger, get_group, random_field
 
 __all__ = [
     "GROUPS",
     "SMALL_SHAPES",
+    "PeriodicHaloComm",
     "assert_in_group",
     "group_and_lattice",
     "make_field",
     "make_gauge",
+    "pad_periodic",
     "unitarity_error",
 ]
 
@@ -71,3 +73,29 @@ def assert_in_group(u: torch.Tensor, group: Group, tol: float = 1e-12) -> None:
     if group.name != "u1":
         det_err = (torch.linalg.det(u) - 1).abs().max().item()
         assert det_err < tol, f"det - 1 = {det_err:.3e} (tol {tol})"
+
+
+def pad_periodic(f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+    """Fill a halo-padded copy of ``f`` from its interior, periodically.
+
+    ``lat`` describes one rank owning the whole lattice with ``lat.halo`` layers; ``f`` may be
+    either the unpadded field (``lat.local_shape``) or the padded one (its halos are redone).
+    """
+    g = f
+    if tuple(f.shape[f.dim() - inner - lat.nd : f.dim() - inner]) == tuple(lat.shape):
+        g = f[lat.interior_slices(inner)]
+    for d in lat.padded_dims:
+        n = lat.local_shape[d]
+        idx = torch.arange(-lat.halo, n + lat.halo, device=f.device) % n
+        g = g.index_select(lat.site_dim(d, inner) % g.dim(), idx)
+    return g
+
+
+class PeriodicHaloComm(SerialComm):
+    """Single-rank comm whose ``exchange`` refills the halos periodically (tests halo code paths).
+
+    Only valid when ``lat.local_shape == lat.global_shape`` (one rank, halo-padded array).
+    """
+
+    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+        return pad_periodic(f, lat, inner)

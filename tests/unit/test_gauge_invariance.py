@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hpcflow.lattice.action import average_plaquette, staple_sum, wilson_action
-from hpcflow.lattice.gauge import gauge_transform, gauge_transform_site
+from hpcflow.lattice.gauge import gauge_transform, gauge_transform_site, random_gauge
 from hpcflow.lattice.geometry import Lattice
 from hpcflow.lattice.groups import get_group
 from hpcflow.lattice.observables import (
@@ -23,6 +23,7 @@ from hpcflow.lattice.observables import (
     wilson_flow,
     wilson_loop,
 )
+from hpcflow.rng import CounterRNG
 from tests.helpers import GROUPS, SMALL_SHAPES, assert_in_group, make_field, make_gauge
 
 
@@ -107,3 +108,14 @@ def test_wilson_flow_equivariant(name, shape):
         assert torch.allclose(
             topological_charge_clover(vg, lat), topological_charge_clover(v, lat), atol=1e-12
         )
+
+
+@pytest.mark.parametrize("name", GROUPS)
+def test_random_gauge_counter_rng(name):
+    """random_gauge with a CounterRNG: in the group, reproducible, batch entry 0 unbatched."""
+    g, lat = get_group(name), Lattice((3, 4))
+    gt = random_gauge(lat, g, CounterRNG(3), step=1, batch=(2,))
+    assert gt.shape == (2, 3, 4, g.N, g.N)
+    assert_in_group(gt, g)
+    assert torch.equal(gt[0], random_gauge(lat, g, CounterRNG(3), step=1))
+    assert not torch.allclose(gt[0], gt[1])
