@@ -35,6 +35,14 @@ class FieldInfo:
     def n_planes(self) -> int:
         return self.nd * (self.nd - 1) // 2
 
+    @property
+    def nsites(self) -> int:
+        """Sites of the padded local array."""
+        v = 1
+        for e in self.ext:
+            v *= e
+        return v
+
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.complex128 else torch.float32

@@ -1,0 +1,137 @@
+"""CUDA backend: the kernels of this folder compiled by CuPy (NVRTC) and launched on torch
+CUDA tensors.
+
+Each ``(kernel, N, real type, Nd)`` is compiled once per process as a ``cupy.RawModule``
+with the template instance named in ``name_expressions`` (CuPy also keeps its own on-disk
+cache). Tensors are handed over through DLPack (``cupy.from_dlpack``: a view, no copy) and
+kernels run on torch's current stream of the tensor's device, so they are ordered with
+surrounding torch work. cupy is imported lazily, only here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+import torch
+
+from hpcflow.lattice.geometry import Lattice
+
+from ._common import (
+    KERNEL_DIR,
+    FieldInfo,
+    as_kernel_input,
+    check_weights,
+    field_info,
+    real_dtype,
+)
+
+__all__ = ["BLOCK", "cupy_available", "get_kernel", "plaquette_re_tr", "staple_sum"]
+
+#: Threads per block; one thread per site.
+BLOCK = 128
+
+_KERNELS = {
+    "plaquette": ("plaquette.cu", "hpcflow::plaquette_re_tr_kernel"),
+    "staple": ("staple.cu", "hpcflow::staple_sum_kernel"),
+}
+
+
+def cupy_available() -> bool:
+    """True when cupy can be imported (checked without importing it)."""
+    return importlib.util.find_spec("cupy") is not None
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "backend 'cuda' needs cupy (pip install cupy-cuda12x) and a CUDA GPU; "
+            "use backend 'torch' or 'host' on machines without them"
+        ) from exc
+    return cupy
+
+
+@functools.cache
+def get_kernel(kind: str, n: int, real: str, nd: int) -> Any:
+    """Compiled ``cupy.RawKernel`` for ``kind`` in {'plaquette', 'staple'} (cached)."""
+    if kind not in _KERNELS:
+        raise ValueError(f"kind must be one of {sorted(_KERNELS)}, got {kind!r}")
+    cp = _cupy()
+    src, name = _KERNELS[kind]
+    expr = f"{name}<{real}, {n}, {nd}>"
+    mod = cp.RawModule(
+        code=(KERNEL_DIR / src).read_text(),
+        options=("-std=c++17", f"-I{KERNEL_DIR}"),
+        name_expressions=(expr,),
+    )
+    return mod.get_function(expr)
+
+
+def _cuda_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
+    info = field_info(U, lat)
+    if U.device.type != "cuda":
+        raise ValueError(f"backend 'cuda' needs a CUDA tensor, got U on {U.device}")
+    return info
+
+
+def _geom_args(info: FieldInfo) -> list[Any]:
+    import numpy as np
+
+    ext = list(info.ext) + [1] * (4 - info.nd)
+    halo = list(info.halo) + [0] * (4 - info.nd)
+    return [np.int32(e) for e in ext] + [np.int32(h) for h in halo]
+
+
+def _launch(kernel: Any, U: torch.Tensor, total: int, args: list[Any]) -> None:
+    cp = _cupy()
+    grid = ((total + BLOCK - 1) // BLOCK,)
+    stream = torch.cuda.current_stream(U.device)
+    with cp.cuda.Device(U.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
+        kernel(grid, (BLOCK,), tuple(args))
+
+
+def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites."""
+    import numpy as np
+
+    info = _cuda_info(U, lat)
+    cp = _cupy()
+    u = as_kernel_input(U)
+    out = torch.empty(
+        (*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype), device=U.device
+    )
+    if info.nbatch == 0:
+        return out
+    k = get_kernel("plaquette", info.n, info.real, info.nd)
+    args = [cp.from_dlpack(u), cp.from_dlpack(out), np.int64(info.nbatch), *_geom_args(info)]
+    _launch(k, U, info.nbatch * info.nsites, args)
+    return out
+
+
+def staple_sum(
+    U: torch.Tensor,
+    lat: Lattice,
+    weights: torch.Tensor | None = None,
+    all_sites: bool = False,
+    dagger: bool = False,
+) -> torch.Tensor:
+    """Staple sum ``A_mu(x)`` (shape of U); arguments as in :func:`hpcflow.kernels.host.staple_sum`."""
+    import numpy as np
+
+    info = _cuda_info(U, lat)
+    cp = _cupy()
+    u = as_kernel_input(U)
+    w = check_weights(weights, U, info) if weights is not None else None
+    out = torch.empty_like(u)
+    if info.nbatch == 0:
+        return out
+    k = get_kernel("staple", info.n, info.real, info.nd)
+    # A null weight pointer selects unit weights (plain staple sum).
+    w_arg = cp.from_dlpack(w) if w is not None else np.uint64(0)
+    args = [cp.from_dlpack(u), w_arg, cp.from_dlpack(out), np.int64(info.nbatch),
+            np.int32(int(all_sites)), np.int32(int(dagger)), *_geom_args(info)]
+    _launch(k, U, info.nbatch * info.nsites, args)
+    return out
