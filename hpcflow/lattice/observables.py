@@ -53,7 +53,8 @@ def wilson_loop(u: torch.Tensor, lat: Lattice, r: int, t: int, comm=None) -> tor
 
     ``W(x) = L_mu^R(x) L_nu^T(x+R mu) L_mu^R(x+T nu)^dag L_nu^T(x)^dag``, averaged over
     interior sites, all planes and both orientations (R along mu and T along nu, and
-    vice versa). Reach ``R + T - 1``: a halo-padded array needs ``halo >= R + T - 1``.
+    vice versa). Reach ``max(R, T)`` (forward only): a halo-padded array needs
+    ``halo >= max(R, T)``.
     """
     check_link_field(u, lat)
     _check_positive_int("R", r)
