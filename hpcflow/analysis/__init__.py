@@ -1,1 +1,53 @@
-"""hpcflow.analysis"""
+"""hpcflow.analysis: exact 2D results, Gamma-method errors, resampling, reweighting."""
+
+from hpcflow.analysis.exact import (
+    U1Exact2D,
+    bessel_i_scaled,
+    su2_2d_plaquette,
+    su3_2d_plaquette,
+    sun_2d_plaquette,
+    u1_2d_chi_q,
+    u1_2d_exact,
+    u1_2d_plaquette,
+    u1_2d_q2,
+    u1_2d_wilson_loop,
+)
+from hpcflow.analysis.gamma import (
+    GammaResult,
+    gamma_method,
+    gamma_method_derived,
+    gamma_method_ratio,
+)
+from hpcflow.analysis.resampling import ResamplingResult, bootstrap, jackknife
+from hpcflow.analysis.reweighting import (
+    ess,
+    logsumexp,
+    normalized_weights,
+    reweighted_gamma,
+    reweighted_mean,
+)
+
+__all__ = [
+    "GammaResult",
+    "ResamplingResult",
+    "U1Exact2D",
+    "bessel_i_scaled",
+    "bootstrap",
+    "ess",
+    "gamma_method",
+    "gamma_method_derived",
+    "gamma_method_ratio",
+    "jackknife",
+    "logsumexp",
+    "normalized_weights",
+    "reweighted_gamma",
+    "reweighted_mean",
+    "su2_2d_plaquette",
+    "su3_2d_plaquette",
+    "sun_2d_plaquette",
+    "u1_2d_chi_q",
+    "u1_2d_exact",
+    "u1_2d_plaquette",
+    "u1_2d_q2",
+    "u1_2d_wilson_loop",
+]
