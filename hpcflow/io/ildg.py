@@ -1,0 +1,216 @@
+"""ILDG gauge configurations in LIME files: export (4D SU(3)) and import.
+
+Follows the ILDG file-format specification (ILDG Metadata Working Group, "ILDG binary
+file format", lqcd.org/ildg) and USQCD QIO conventions:
+
+* ``ildg-format``: XML ``<ildgFormat>`` with ``version`` 1.0, ``field`` su3gauge,
+  ``precision`` 32 or 64 and the extents ``lx ly lz lt``;
+* ``ildg-binary-data``: for t, z, y, x (x fastest), for mu = x, y, z, t the 3x3 link
+  ``U_mu(x)`` row by row, each entry (re, im), big-endian IEEE float;
+* ``ildg-data-lfn``: the logical file name (plain text);
+* ``scidac-checksum``: XML with ``suma``/``sumb`` (:func:`hpcflow.io.lime.scidac_checksum`
+  of the binary data, one site = its four links).
+
+hpcflow's axes map as (x, y, z, t) = (0, 1, 2, 3) and ``U[mu, x0, x1, x2, x3, i, j]`` is the
+link from x to x + mu_hat, the ILDG convention, so no conjugation or transposition is
+needed: export is a permutation of axes and a byte-order change.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcflow.io.checkpoint import atomic_write_bytes
+from hpcflow.io.lime import (
+    LimeError,
+    read_lime_payload,
+    read_lime_records,
+    scidac_checksum,
+    write_lime,
+)
+
+__all__ = ["ILDGError", "ildg_checksum", "ildg_site_array", "read_ildg", "write_ildg"]
+
+_NS = "http://www.lqcd.org/ildg"
+
+
+class ILDGError(ValueError):
+    """A file that is not a valid ILDG gauge configuration (message names file and problem)."""
+
+
+def _check_su3_4d(U: torch.Tensor) -> None:
+    if not isinstance(U, torch.Tensor) or not U.is_complex():
+        raise TypeError(f"U must be a complex torch.Tensor, got {type(U).__name__}"
+                        + (f" of dtype {U.dtype}" if isinstance(U, torch.Tensor) else ""))
+    if U.dim() != 7 or U.shape[0] != 4 or tuple(U.shape[-2:]) != (3, 3):
+        raise ValueError(f"U must be a 4D SU(3) link field of shape (4, Lx, Ly, Lz, Lt, 3, 3), "
+                         f"got {tuple(U.shape)}; ILDG export supports 4D SU(3) only")
+
+
+def ildg_site_array(U: torch.Tensor, precision: int = 64) -> np.ndarray:
+    """``U`` (4, Lx, Ly, Lz, Lt, 3, 3) as the ILDG binary array (Lt, Lz, Ly, Lx, 4, 3, 3), big-endian."""
+    _check_su3_4d(U)
+    if precision not in (32, 64):
+        raise ValueError(f"precision must be 32 or 64, got {precision!r}")
+    a = U.detach().cpu().permute(4, 3, 2, 1, 0, 5, 6).contiguous().numpy()
+    return a.astype(">c16" if precision == 64 else ">c8")
+
+
+def _checksum_of_sites(arr: np.ndarray) -> tuple[int, int]:
+    lt, lz, ly, lx = arr.shape[:4]
+    n = lt * lz * ly * lx
+    # C order over (t, z, y, x) is exactly the SciDAC rank with x fastest
+    return scidac_checksum(np.ascontiguousarray(arr).view(np.uint8).reshape(n, -1), np.arange(n))
+
+
+def ildg_checksum(U: torch.Tensor, precision: int = 64) -> tuple[int, int]:
+    """SciDAC ``(suma, sumb)`` of ``U`` as it is stored in an ILDG file of ``precision`` bits."""
+    return _checksum_of_sites(ildg_site_array(U, precision))
+
+
+def _format_xml(dims: tuple[int, int, int, int], precision: int) -> bytes:
+    lx, ly, lz, lt = dims
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<ildgFormat xmlns="{_NS}" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        f'xsi:schemaLocation="{_NS} http://www.lqcd.org/ildg/filefmt.xsd">'
+        f"<version>1.0</version><field>su3gauge</field><precision>{precision}</precision>"
+        f"<lx>{lx}</lx><ly>{ly}</ly><lz>{lz}</lz><lt>{lt}</lt></ildgFormat>"
+    ).encode()
+
+
+def write_ildg(
+    path: str | os.PathLike,
+    U: torch.Tensor,
+    lfn: str | None = None,
+    precision: int = 64,
+    info: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> tuple[int, int]:
+    """Write the global 4D SU(3) field ``U`` as an ILDG/LIME file; returns ``(suma, sumb)``.
+
+    ``lfn`` is the ILDG logical file name (default: the file's base name); ``info`` goes into
+    the ``scidac-file-xml`` record as ``<hpcflow>`` key/value elements (plaquette, beta...).
+    The file is written to a temporary name, fsynced and renamed; an existing file is never
+    replaced unless ``overwrite``.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: exists; refusing to overwrite (pass overwrite=True)")
+    arr = ildg_site_array(U, precision)
+    lt, lz, ly, lx = arr.shape[:4]
+    suma, sumb = _checksum_of_sites(arr)
+    lfn = os.path.basename(path) if lfn is None else str(lfn)
+    prec_letter = "D" if precision == 64 else "F"
+    private_file = ('<?xml version="1.0" encoding="UTF-8"?><scidacFile><version>1.1</version>'
+                    f"<spacetime>4</spacetime><dims>{lx} {ly} {lz} {lt} </dims><volfmt>0</volfmt>"
+                    "</scidacFile>").encode()
+    root = ET.Element("hpcflow")
+    for k, v in (info or {}).items():
+        ET.SubElement(root, str(k)).text = str(v)
+    file_xml = b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root)
+    date = datetime.datetime.now(datetime.UTC).strftime("%a %b %d %H:%M:%S %Y UTC")
+    private_record = ('<?xml version="1.0" encoding="UTF-8"?><scidacRecord><version>1.1</version>'
+                      f"<date>{date}</date><recordtype>0</recordtype>"
+                      f"<datatype>QDP_{prec_letter}3_ColorMatrix</datatype><precision>{prec_letter}</precision>"
+                      f"<colors>3</colors><spins>4</spins><typesize>{18 * precision // 8}</typesize>"
+                      "<datacount>4</datacount></scidacRecord>").encode()
+    checksum_xml = ('<?xml version="1.0" encoding="UTF-8"?><scidacChecksum><version>1.0</version>'
+                    f"<suma>{suma:x}</suma><sumb>{sumb:x}</sumb></scidacChecksum>").encode()
+    records = [
+        ("scidac-private-file-xml", private_file),
+        ("scidac-file-xml", file_xml),
+        ("scidac-private-record-xml", private_record),
+        ("ildg-format", _format_xml((lx, ly, lz, lt), precision)),
+        ("ildg-data-lfn", lfn.encode()),
+        ("ildg-binary-data", arr.tobytes()),
+        ("scidac-checksum", checksum_xml),
+    ]
+
+    def fill(fh: Any) -> None:
+        # message 1: file metadata; message 2: the configuration record (QIO layout)
+        write_lime(fh, records, messages=[2, 5])
+
+    atomic_write_bytes(path, fill)
+    return suma, sumb
+
+
+def _xml_fields(path: str, payload: bytes, record: str) -> dict[str, str]:
+    try:
+        root = ET.fromstring(payload.rstrip(b"\0"))
+    except ET.ParseError as e:
+        raise ILDGError(f"{path}: record {record!r} is not valid XML ({e})") from None
+    return {el.tag.split("}", 1)[-1]: (el.text or "").strip() for el in root}
+
+
+def read_ildg(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read an ILDG gauge configuration (any code that follows the spec).
+
+    Returns ``(U, meta)`` with ``U`` complex128 of shape (4, Lx, Ly, Lz, Lt, 3, 3) and
+    ``meta`` holding ``dims``, ``precision``, ``lfn``, ``checksum`` (``(suma, sumb)`` from the
+    file, or None) and ``info`` (hpcflow's ``scidac-file-xml`` fields, if present). With
+    ``verify``, a stored SciDAC checksum must match the data (else :class:`ILDGError`).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "No such file", path)
+    try:
+        recs = read_lime_records(path)
+    except LimeError as e:
+        raise ILDGError(str(e)) from None
+    by_type: dict[str, Any] = {}
+    for r in recs:
+        by_type.setdefault(r.type, r)  # first occurrence: one configuration per file
+    for need in ("ildg-format", "ildg-binary-data"):
+        if need not in by_type:
+            raise ILDGError(f"{path}: no {need!r} record (records: {[r.type for r in recs]}); not an ILDG file")
+    fmt = _xml_fields(path, read_lime_payload(path, by_type["ildg-format"]), "ildg-format")
+    try:
+        dims = tuple(int(fmt[k]) for k in ("lx", "ly", "lz", "lt"))
+        precision = int(fmt["precision"])
+    except (KeyError, ValueError):
+        raise ILDGError(f"{path}: ildg-format lacks integer lx/ly/lz/lt/precision: {fmt}") from None
+    if fmt.get("field", "su3gauge") != "su3gauge":
+        raise ILDGError(f"{path}: ildg-format field {fmt.get('field')!r}; only su3gauge is supported")
+    if precision not in (32, 64):
+        raise ILDGError(f"{path}: ildg-format precision {precision}; allowed: 32 or 64")
+    lx, ly, lz, lt = dims
+    item = 16 if precision == 64 else 8
+    expect = lx * ly * lz * lt * 4 * 9 * item
+    rec = by_type["ildg-binary-data"]
+    if rec.nbytes != expect:
+        raise ILDGError(f"{path}: ildg-binary-data has {rec.nbytes} bytes, expected {expect} for "
+                        f"{lx}x{ly}x{lz}x{lt} su3gauge at precision {precision}")
+    raw = read_lime_payload(path, rec)
+    arr = np.frombuffer(raw, dtype=">c16" if precision == 64 else ">c8").reshape(lt, lz, ly, lx, 4, 3, 3)
+    checksum = None
+    if "scidac-checksum" in by_type:
+        ck = _xml_fields(path, read_lime_payload(path, by_type["scidac-checksum"]), "scidac-checksum")
+        try:
+            checksum = (int(ck["suma"], 16), int(ck["sumb"], 16))
+        except (KeyError, ValueError):
+            raise ILDGError(f"{path}: scidac-checksum record without hex suma/sumb: {ck}") from None
+        if verify:
+            got = _checksum_of_sites(arr)
+            if got != checksum:
+                raise ILDGError(f"{path}: SciDAC checksum mismatch: file says suma={checksum[0]:x} "
+                                f"sumb={checksum[1]:x}, data gives suma={got[0]:x} sumb={got[1]:x}")
+    lfn = None
+    if "ildg-data-lfn" in by_type:
+        lfn = read_lime_payload(path, by_type["ildg-data-lfn"]).rstrip(b"\0").decode("utf-8", "replace").strip()
+    info: dict[str, str] = {}
+    if "scidac-file-xml" in by_type:
+        try:
+            info = _xml_fields(path, read_lime_payload(path, by_type["scidac-file-xml"]), "scidac-file-xml")
+        except ILDGError:
+            info = {}  # free-form in other codes: informative only
+    U = torch.from_numpy(arr.astype(np.complex128)).permute(4, 3, 2, 1, 0, 5, 6).contiguous()
+    meta = {"dims": dims, "precision": precision, "lfn": lfn, "checksum": checksum, "info": info,
+            "records": [r.type for r in recs]}
+    return U, meta
