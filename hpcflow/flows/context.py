@@ -1,0 +1,65 @@
+"""Context networks: CNNs over gauge-invariant features of frozen loops.
+
+The padding step lives in one function (:func:`circular_pad`) so that the domain-decomposed
+version can swap it for a halo exchange: on one rank the lattice is a torus and circular
+padding *is* the halo exchange. :attr:`ContextCNN.reach` is the receptive-field radius in
+sites, from which a layer derives its halo width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["circular_pad", "ContextCNN"]
+
+PadFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def circular_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the two trailing (site) axes of ``x[N, C, L0, L1]`` periodically by ``width``."""
+    if width == 0:
+        return x
+    return F.pad(x, (width, width, width, width), mode="circular")
+
+
+class ContextCNN(torch.nn.Module):
+    """``Conv2d -> LeakyReLU -> ... -> Conv2d`` with periodic padding before every convolution.
+
+    ``hidden``: channels of the hidden layers (may be empty: one convolution).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: Sequence[int],
+        out_channels: int,
+        kernel_size: int,
+        pad_fn: PadFn = circular_pad,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"flow.kernel_size must be a positive odd int, got {kernel_size}")
+        if any(int(h) < 1 for h in hidden):
+            raise ValueError(f"flow.hidden channels must be >= 1, got {list(hidden)}")
+        chans = [int(in_channels), *[int(h) for h in hidden], int(out_channels)]
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(a, b, kernel_size, padding=0) for a, b in zip(chans[:-1], chans[1:])
+        )
+        self.kernel_size = int(kernel_size)
+        self.pad_fn = pad_fn
+
+    @property
+    def reach(self) -> int:
+        """Receptive-field radius in sites: each convolution sees ``(k-1)/2`` further."""
+        return len(self.convs) * (self.kernel_size - 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.kernel_size - 1) // 2
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                x = F.leaky_relu(x)
+            x = conv(self.pad_fn(x, w))
+        return x

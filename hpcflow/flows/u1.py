@@ -1,0 +1,262 @@
+"""Gauge-equivariant U(1) flows in 2D: plaquette coupling layers (Kanwar et al. 2020).
+
+Internally a U(1) field is a tensor of link angles ``theta[*B, mu, x0, x1]`` in [0, 2 pi);
+``U = exp(i theta)`` with the ``N = 1`` matrix axes is the storage of docs/DESIGN.md
+(:func:`links_from_angles`, :func:`angles_from_links` convert at the boundary).
+
+A coupling layer (arXiv 2003.06413, Sec. III; tutorial arXiv 2101.08176) with direction
+``mu`` and offset ``off`` (``nu = 1 - mu``, period 4 across ``nu``):
+
+* updated links ``theta_mu(x)`` with ``x_nu = off mod 4``;
+* **active** plaquettes ``P(x)``, ``x_nu = off``: each holds exactly one updated link, with
+  sign ``s = +1`` (mu = 0: ``+theta_0(x)``) or ``s = -1`` (mu = 1: ``-theta_1(x)``);
+* **passive** plaquettes ``x_nu = off - 1``: they change as a consequence;
+* **frozen** plaquettes ``x_nu = off + 1, off + 2``: they hold no updated link and are the
+  only input (cos, sin) of the context CNN.
+
+The active plaquette angle goes through a circle bijection ``h`` and the link absorbs the
+change: ``theta_mu(x) += s (h(theta_P) - theta_P)``. Plaquettes are gauge invariant, so
+``f(g.U) = g.f(U)`` exactly, and the Jacobian is triangular:
+``log det = sum_active log h'(theta_P)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from hpcflow.flows.base import Bijection, Flow
+from hpcflow.flows.circular import TWO_PI, CircularKernel, make_kernel
+from hpcflow.flows.context import ContextCNN, circular_pad
+from hpcflow.flows.prior import HaarPriorU1
+from hpcflow.lattice.geometry import Lattice
+
+__all__ = [
+    "MASK_PERIOD",
+    "plaquette_angles",
+    "u1_action",
+    "u1_topological_charge",
+    "u1_mean_cos_plaquette",
+    "links_from_angles",
+    "angles_from_links",
+    "plaquette_masks",
+    "U1PlaquetteCoupling",
+    "U1GaugeFlow",
+    "build_u1_flow",
+    "flow_architecture",
+]
+
+MASK_PERIOD = 4
+
+
+# ---- angle-field physics (2D U(1)) -------------------------------------------------------
+def plaquette_angles(theta: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """``theta_P(x) = theta_0(x) + theta_1(x+0) - theta_0(x+1) - theta_1(x)`` (not wrapped)."""
+    t0, t1 = theta[..., 0, :, :], theta[..., 1, :, :]
+    return t0 + lat.shift(t1, 0, inner=0) - lat.shift(t0, 1, inner=0) - t1
+
+
+def u1_action(theta: torch.Tensor, lat: Lattice, beta: float) -> torch.Tensor:
+    """Wilson action ``S = -beta sum_x cos theta_P(x)`` over interior sites, shape ``(*B)``."""
+    return -beta * lat.interior_sum(torch.cos(plaquette_angles(theta, lat)))
+
+
+def u1_mean_cos_plaquette(theta: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """``<cos theta_P>`` over interior sites, shape ``(*B)`` (single lattice sum / volume)."""
+    return lat.interior_sum(torch.cos(plaquette_angles(theta, lat))) / lat.local_volume
+
+
+def u1_topological_charge(theta: torch.Tensor, lat: Lattice) -> torch.Tensor:
+    """Geometric charge ``Q = (1/2 pi) sum_x arg P(x)``, arg in (-pi, pi] (PHYSICS.md)."""
+    p = plaquette_angles(theta, lat)
+    arg = math.pi - torch.remainder(math.pi - p, TWO_PI)
+    return lat.interior_sum(arg) / TWO_PI
+
+
+def links_from_angles(theta: torch.Tensor) -> torch.Tensor:
+    """``U = exp(i theta)`` with the ``N = 1`` matrix axes: ``(*B, Nd, *shape, 1, 1)``."""
+    return torch.polar(torch.ones_like(theta), theta)[..., None, None]
+
+
+def angles_from_links(u: torch.Tensor) -> torch.Tensor:
+    """Link angles in [0, 2 pi) of a U(1) field stored as ``(*B, Nd, *shape, 1, 1)``."""
+    if u.shape[-2:] != (1, 1):
+        raise ValueError(f"U(1) links must have trailing matrix shape (1, 1), got {tuple(u.shape)}")
+    return torch.remainder(torch.angle(u[..., 0, 0]), TWO_PI)
+
+
+# ---- masks -------------------------------------------------------------------------------
+def plaquette_masks(lat: Lattice, mu: int, offset: int) -> dict[str, torch.Tensor]:
+    """Bool site masks ``active``, ``passive``, ``frozen`` (plaquettes) and ``links``
+    (updated ``mu``-links) from **global** coordinates, so every rank agrees."""
+    if mu not in (0, 1):
+        raise ValueError(f"mu must be 0 or 1, got {mu}")
+    nu = 1 - mu
+    r = torch.remainder(lat.global_coords()[nu] - offset, MASK_PERIOD)
+    active = r == 0
+    return {
+        "links": active,
+        "active": active,
+        "passive": r == MASK_PERIOD - 1,
+        "frozen": (r == 1) | (r == 2),
+    }
+
+
+def check_lattice_fits(lat: Lattice, kernel_size: int) -> None:
+    """Clear errors for architectures that cannot act on this lattice."""
+    if lat.nd != 2:
+        raise ValueError(f"lattice.shape {list(lat.global_shape)}: U(1) flows need a 2D lattice")
+    bad = [n for n in lat.global_shape if n % MASK_PERIOD]
+    if bad:
+        raise ValueError(
+            f"lattice.shape {list(lat.global_shape)} does not fit the U(1) coupling masks: "
+            f"every extent must be a multiple of the mask period {MASK_PERIOD}"
+        )
+    if (kernel_size - 1) // 2 > min(lat.shape):
+        raise ValueError(
+            f"flow.kernel_size {kernel_size} is wider than the lattice {list(lat.shape)}"
+        )
+
+
+# ---- coupling layer ----------------------------------------------------------------------
+class U1PlaquetteCoupling(Bijection):
+    """One gauge-equivariant plaquette coupling layer; see the module docstring."""
+
+    def __init__(
+        self,
+        lat: Lattice,
+        mu: int,
+        offset: int,
+        kernel: CircularKernel,
+        hidden: Sequence[int],
+        kernel_size: int,
+        checkpoint_activations: bool = False,
+        pad_fn=circular_pad,
+    ) -> None:
+        super().__init__()
+        self.lat = lat
+        self.mu = int(mu)
+        self.offset = int(offset)
+        # sign of the updated link in its active plaquette (module docstring)
+        self.sign = 1.0 if self.mu == 0 else -1.0
+        self.kernel = kernel
+        self.net = ContextCNN(2, hidden, kernel.n_params, kernel_size, pad_fn=pad_fn)
+        self.checkpoint_activations = bool(checkpoint_activations)
+        m = plaquette_masks(lat, self.mu, self.offset)
+        self.register_buffer("active", m["active"].to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("frozen", m["frozen"].to(torch.get_default_dtype()), persistent=False)
+
+    @property
+    def halo(self) -> int:
+        """Halo width this layer needs: CNN reach plus one for the plaquette's ``x + mu`` links."""
+        return self.net.reach + 1
+
+    def _params(self, plaq: torch.Tensor) -> torch.Tensor:
+        """Kernel parameters ``(*B, L0, L1, n_params)`` from frozen plaquettes only."""
+        batch = plaq.shape[:-2]
+        feats = torch.stack((torch.cos(plaq) * self.frozen, torch.sin(plaq) * self.frozen), -3)
+        feats = feats.reshape(-1, *feats.shape[-3:])
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            out = checkpoint(self.net, feats, use_reentrant=False)
+        else:
+            out = self.net(feats)
+        return out.movedim(-3, -1).reshape(*batch, *out.shape[-2:], out.shape[-3])
+
+    def _update(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        new_mu = torch.remainder(theta[..., self.mu, :, :] + self.sign * delta, TWO_PI)
+        parts = [theta[..., 0, :, :], theta[..., 1, :, :]]
+        parts[self.mu] = new_mu
+        return torch.stack(parts, dim=-3)
+
+    def forward(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plaq = torch.remainder(plaquette_angles(theta, self.lat), TWO_PI)
+        new, logj = self.kernel(plaq, self._params(plaq))
+        out = self._update(theta, (new - plaq) * self.active)
+        return out, self.lat.interior_sum(logj * self.active)
+
+    def inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # frozen plaquettes are unchanged by the layer, so the context is recomputed exactly
+        plaq = torch.remainder(plaquette_angles(theta, self.lat), TWO_PI)
+        old, logj = self.kernel.inverse(plaq, self._params(plaq))
+        out = self._update(theta, (old - plaq) * self.active)
+        return out, -self.lat.interior_sum(logj * self.active)
+
+
+# ---- the flow ----------------------------------------------------------------------------
+class U1GaugeFlow(Flow):
+    """Haar prior followed by coupling layers; ``log q(U) = log prior(z) - sum log det``."""
+
+    def __init__(self, lat: Lattice, layers: Sequence[Bijection], arch: dict[str, Any]) -> None:
+        super().__init__(layers)
+        self.lat = lat
+        self.prior = HaarPriorU1(lat)
+        self.arch = dict(arch)
+
+    @property
+    def halo(self) -> int:
+        """Halo width for running all layers on one exchanged field (sum of per-layer halos)."""
+        return sum(getattr(layer, "halo", 0) for layer in self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def sample(
+        self, batch: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta, log q)`` for ``batch`` proposals drawn with a torch generator."""
+        z = self.prior.sample(batch, generator=generator, dtype=self.dtype)
+        return self.push(z)
+
+    def sample_counter(self, rng: Any, first: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proposals ``first .. first+batch-1`` with draws keyed on (global link, proposal)."""
+        z = self.prior.sample_counter(rng, first, batch, dtype=self.dtype)
+        return self.push(z)
+
+    def push(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta, logdet = self(z)
+        return theta, self.prior.log_prob(z) - logdet
+
+    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        """``log q(theta)`` by running the layers backwards (needed for non-flow states)."""
+        z, logdet_inv = self.inverse(theta)
+        return self.prior.log_prob(z) + logdet_inv
+
+
+def flow_architecture(flow_cfg: Any, lat: Lattice) -> dict[str, Any]:
+    """What a checkpoint records to recognise the model: group, lattice and every knob."""
+    return {
+        "group": "u1",
+        "lattice": list(lat.global_shape),
+        "n_layers": int(flow_cfg.n_layers),
+        "kernel": str(flow_cfg.kernel),
+        "n_components": int(flow_cfg.n_components),
+        "n_knots": int(flow_cfg.n_knots),
+        "hidden": [int(h) for h in flow_cfg.hidden],
+        "kernel_size": int(flow_cfg.kernel_size),
+    }
+
+
+def build_u1_flow(flow_cfg: Any, lat: Lattice, dtype: torch.dtype = torch.float64) -> U1GaugeFlow:
+    """The flow of the config's ``flow:`` section; layer ``i`` has ``mu = i % 2``,
+    ``off = (i // 2) % 4`` (8 layers update every link once; tutorial arXiv 2101.08176)."""
+    if dtype not in (torch.float64, torch.float32):
+        raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    n_layers = int(flow_cfg.n_layers)
+    if n_layers < 1:
+        raise ValueError(f"flow.n_layers must be >= 1, got {n_layers}")
+    check_lattice_fits(lat, int(flow_cfg.kernel_size))
+    layers = []
+    for i in range(n_layers):
+        kernel = make_kernel(str(flow_cfg.kernel), int(flow_cfg.n_components), int(flow_cfg.n_knots))
+        layers.append(
+            U1PlaquetteCoupling(
+                lat, i % 2, (i // 2) % MASK_PERIOD, kernel, tuple(flow_cfg.hidden),
+                int(flow_cfg.kernel_size),
+                bool(getattr(flow_cfg, "checkpoint_activations", False)),
+            )
+        )
+    return U1GaugeFlow(lat, layers, flow_architecture(flow_cfg, lat)).to(dtype)
