@@ -199,3 +199,17 @@ def test_bad_input_errors():
         rng.uniform(torch.tensor([1]), 0, 1, dtype=torch.float16)
     with pytest.raises(ValueError, match="generator"):
         rng.load_state_dict({"generator": "mt19937", "seed": 1, "stream": 0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    """On a GPU the draws are bit-identical to the CPU draws and stay on the index's device."""
+    rng = CounterRNG(77, 5)
+    idx = torch.arange(1000)
+    for dtype in (torch.float64, torch.float32):
+        u = rng.uniform(idx.cuda(), 3, 4, dtype)
+        assert u.device.type == "cuda"
+        assert torch.equal(u.cpu(), rng.uniform(idx, 3, 4, dtype))
+        z = rng.normal(idx.cuda(), 3, 4, dtype)
+        torch.testing.assert_close(z.cpu(), rng.normal(idx, 3, 4, dtype), rtol=0, atol=1e-6)
+    assert torch.equal(rng.uniform_scalar(2, 8, device="cuda").cpu(), rng.uniform_scalar(2, 8))
