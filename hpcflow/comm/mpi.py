@@ -312,17 +312,20 @@ def halo_exchange(
     ``lat.halo``) is the number of halo layers to fill, innermost first. The input is not
     modified.
     """
-    w = lat.halo if width is None else width
-    if not isinstance(w, int) or not 1 <= w <= max(lat.halo, 1):
-        raise ValueError(f"width must be an int in [1, {lat.halo}] (the lattice halo), got {width!r}")
     check_field(f, lat, inner)
     if lat.global_shape != grid.global_shape or lat.local_shape != grid.local_shape:
         raise ValueError(
             f"lattice (global {lat.global_shape}, local {lat.local_shape}) does not belong to "
             f"the process grid (global {grid.global_shape}, local {grid.local_shape})"
         )
+    if width is not None and (not isinstance(width, int) or width < 1):
+        raise ValueError(f"width must be an int >= 1, got {width!r}")
     if not lat.padded_dims or lat.halo == 0:
+        # nothing is padded: every dimension is whole on this rank and rolls are exact
         return f
+    w = lat.halo if width is None else width
+    if w > lat.halo:
+        raise ValueError(f"width must be at most the lattice halo {lat.halo}, got {width}")
     ex = _Exchanger(grid, _Wire(gpu_aware), lat, inner, w)
     return _HaloExchange.apply(f, ex)
 
