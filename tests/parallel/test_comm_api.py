@@ -25,7 +25,7 @@ def test_grid_geometry_matches_mpi_cartesian(collective):
     assert pg.size == SIZE and pg.dims[0] * pg.dims[1] * pg.dims[2] * pg.dims[3] == SIZE
     ok = True
     for d in range(4):
-        minus, plus = pg.neighbours[d]
+        _minus, plus = pg.neighbours[d]
         c = list(pg.coords)
         c[d] = (c[d] + 1) % pg.dims[d]
         ok = ok and plus == pg.cart.Get_cart_rank(c)
