@@ -82,11 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             return EXIT_OK
         if args.command == "exact":
-            from hpcflow.analysis import exact_u1_2d
+            from hpcflow.analysis import u1_2d_exact
 
-            if args.L < 1 or args.beta < 0:
-                return _fail(f"exact: --L must be >= 1 and --beta >= 0, got L={args.L}, beta={args.beta}")
-            print(json.dumps(exact_u1_2d(args.L, args.beta), indent=2))
+            if args.L < 2 or args.beta < 0:
+                return _fail(f"exact: --L must be >= 2 and --beta >= 0, got L={args.L}, beta={args.beta}")
+            ex = u1_2d_exact(args.beta, L=args.L)
+            areas = {f"W_area{a}": ex.wilson_loop(a) for a in (1, 2, 4, 9)}
+            print(json.dumps({"L": args.L, "beta": args.beta, "plaquette": ex.plaquette, "Q2": ex.q2,
+                              "chi_Q": ex.chi_q, **areas}, indent=2))
             return EXIT_OK
         cfg = load_config(args.config, args.overrides)
         if args.command == "run":

