@@ -177,7 +177,8 @@ class SegmentWriter:
         shape = (capacity, lat.nd) + tuple(lat.global_shape) + (n_colors, n_colors)
         self.U = self.f.create_dataset("U", shape=shape, dtype=npdt)
         for k, v in attrs.items():
-            self.f.attrs[k] = v
+            # str subclasses (torch's version string) would become numpy unicode: no HDF5 type
+            self.f.attrs[k] = str(v).replace("\0", "") if isinstance(v, str) else v
         self.f.attrs["chain"] = chain
         self.f.attrs["segment"] = index
         self._sel = (slice(None),) + tuple(
@@ -210,6 +211,11 @@ class SegmentWriter:
 
     def commit(self) -> str:
         """Flush, close, fsync and rename: after this the rows are committed (collective)."""
+        self.prepare()
+        return self.publish()
+
+    def prepare(self) -> None:
+        """Phase 1 (collective): write the row table, flush, close and fsync the temporary file."""
         n = len(self)
         for k, dt in ROW_FIELDS.items():
             ds = self.f.create_dataset(k, shape=(n,), dtype=dt)
@@ -224,6 +230,11 @@ class SegmentWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        self._barrier()
+
+    def publish(self) -> str:
+        """Phase 2 (collective): the atomic rename that commits the segment."""
+        if self.is_root:
             os.replace(self.tmp, self.final)
             fsync_dir(os.path.dirname(self.final))
         self._barrier()
