@@ -7,7 +7,7 @@ composes bijections and sums their log-dets (as ``zuko`` / ``nflows`` do).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

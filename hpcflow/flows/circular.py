@@ -23,8 +23,8 @@ import torch.nn.functional as F
 __all__ = [
     "TWO_PI",
     "CircularKernel",
-    "NCPMixtureKernel",
     "CircularSplineKernel",
+    "NCPMixtureKernel",
     "make_kernel",
 ]
 
@@ -72,7 +72,7 @@ class NCPMixtureKernel(CircularKernel):
             raise ValueError(f"n_components must be >= 1, got {n_components}")
         self.n_components = int(n_components)
         self.n_params = 2 * self.n_components + 1
-        self.newton_steps = 8
+        self.newton_steps = 20
 
     def _split(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.n_components
@@ -158,7 +158,7 @@ class CircularSplineKernel(CircularKernel):
         return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(-1, keepdim=True)
 
     def _gather(self, xk, yk, d, idx):
-        g = lambda a: torch.gather(a, -1, idx).squeeze(-1)  # noqa: E731
+        g = lambda a: torch.gather(a, -1, idx).squeeze(-1)
         x0, x1 = g(xk), torch.gather(xk, -1, idx + 1).squeeze(-1)
         y0, y1 = g(yk), torch.gather(yk, -1, idx + 1).squeeze(-1)
         d0, d1 = g(d), torch.gather(d, -1, idx + 1).squeeze(-1)

@@ -8,12 +8,13 @@ sites, from which a layer derives its halo width.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["circular_pad", "ContextCNN"]
+__all__ = ["ContextCNN", "circular_pad"]
 
 PadFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -46,7 +47,7 @@ class ContextCNN(torch.nn.Module):
             raise ValueError(f"flow.hidden channels must be >= 1, got {list(hidden)}")
         chans = [int(in_channels), *[int(h) for h in hidden], int(out_channels)]
         self.convs = torch.nn.ModuleList(
-            torch.nn.Conv2d(a, b, kernel_size, padding=0) for a, b in zip(chans[:-1], chans[1:])
+            torch.nn.Conv2d(a, b, kernel_size, padding=0) for a, b in itertools.pairwise(chans)
         )
         self.kernel_size = int(kernel_size)
         self.pad_fn = pad_fn

@@ -16,8 +16,9 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -26,11 +27,11 @@ from hpcflow.lattice.geometry import Lattice, SerialComm
 
 __all__ = [
     "Trainer",
-    "ess_fraction",
     "acceptance_estimate",
-    "make_scheduler",
     "atomic_torch_save",
+    "ess_fraction",
     "load_flow_checkpoint",
+    "make_scheduler",
     "plot_metrics",
 ]
 

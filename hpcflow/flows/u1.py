@@ -23,7 +23,8 @@ change: ``theta_mu(x) += s (h(theta_P) - theta_P)``. Plaquettes are gauge invari
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -36,17 +37,17 @@ from hpcflow.lattice.geometry import Lattice
 
 __all__ = [
     "MASK_PERIOD",
-    "plaquette_angles",
-    "u1_action",
-    "u1_topological_charge",
-    "u1_mean_cos_plaquette",
-    "links_from_angles",
-    "angles_from_links",
-    "plaquette_masks",
-    "U1PlaquetteCoupling",
     "U1GaugeFlow",
+    "U1PlaquetteCoupling",
+    "angles_from_links",
     "build_u1_flow",
     "flow_architecture",
+    "links_from_angles",
+    "plaquette_angles",
+    "plaquette_masks",
+    "u1_action",
+    "u1_mean_cos_plaquette",
+    "u1_topological_charge",
 ]
 
 MASK_PERIOD = 4
