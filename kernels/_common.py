@@ -72,6 +72,11 @@ def field_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
     for b in batch:
         nbatch *= b
     halo = tuple(lat.halo if d in lat.padded_dims else 0 for d in range(nd))
+    nsites = 1
+    for e in lat.shape:
+        nsites *= e
+    if nsites >= 2**31:
+        raise ValueError(f"local array must have < 2**31 sites for the kernels, got {nsites}")
     return FieldInfo(
         n=n,
         nd=nd,

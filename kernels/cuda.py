@@ -10,8 +10,10 @@ surrounding torch work. cupy is imported lazily, only here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -85,12 +87,18 @@ def _geom_args(info: FieldInfo) -> list[Any]:
     return [np.int32(e) for e in ext] + [np.int32(h) for h in halo]
 
 
-def _launch(kernel: Any, U: torch.Tensor, total: int, args: list[Any]) -> None:
+@contextlib.contextmanager
+def _on_torch_stream(U: torch.Tensor) -> Iterator[Any]:
+    """cupy's device and current stream set to torch's current stream for ``U``: DLPack
+    hand-over and launches are then ordered with the surrounding torch work."""
     cp = _cupy()
-    grid = ((total + BLOCK - 1) // BLOCK,)
     stream = torch.cuda.current_stream(U.device)
     with cp.cuda.Device(U.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
-        kernel(grid, (BLOCK,), tuple(args))
+        yield cp
+
+
+def _grid(total: int) -> tuple[int]:
+    return ((total + BLOCK - 1) // BLOCK,)
 
 
 def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
@@ -98,7 +106,6 @@ def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
     import numpy as np
 
     info = _cuda_info(U, lat)
-    cp = _cupy()
     u = as_kernel_input(U)
     out = torch.empty(
         (*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype), device=U.device
@@ -106,8 +113,9 @@ def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
     if info.nbatch == 0:
         return out
     k = get_kernel("plaquette", info.n, info.real, info.nd)
-    args = [cp.from_dlpack(u), cp.from_dlpack(out), np.int64(info.nbatch), *_geom_args(info)]
-    _launch(k, U, info.nbatch * info.nsites, args)
+    with _on_torch_stream(U) as cp:
+        args = (cp.from_dlpack(u), cp.from_dlpack(out), np.int64(info.nbatch), *_geom_args(info))
+        k(_grid(info.nbatch * info.nsites), (BLOCK,), args)
     return out
 
 
@@ -122,16 +130,16 @@ def staple_sum(
     import numpy as np
 
     info = _cuda_info(U, lat)
-    cp = _cupy()
     u = as_kernel_input(U)
     w = check_weights(weights, U, info) if weights is not None else None
     out = torch.empty_like(u)
     if info.nbatch == 0:
         return out
     k = get_kernel("staple", info.n, info.real, info.nd)
-    # A null weight pointer selects unit weights (plain staple sum).
-    w_arg = cp.from_dlpack(w) if w is not None else np.uint64(0)
-    args = [cp.from_dlpack(u), w_arg, cp.from_dlpack(out), np.int64(info.nbatch),
-            np.int32(int(all_sites)), np.int32(int(dagger)), *_geom_args(info)]
-    _launch(k, U, info.nbatch * info.nsites, args)
+    with _on_torch_stream(U) as cp:
+        # A null weight pointer selects unit weights (plain staple sum).
+        w_arg = cp.from_dlpack(w) if w is not None else np.uint64(0)
+        args = (cp.from_dlpack(u), w_arg, cp.from_dlpack(out), np.int64(info.nbatch),
+                np.int32(int(all_sites)), np.int32(int(dagger)), *_geom_args(info))
+        k(_grid(info.nbatch * info.nsites), (BLOCK,), args)
     return out

@@ -28,12 +28,15 @@ struct dim3 {
 
 }  // namespace hpcflow_host
 
-// CUDA names these in the global namespace.
+// CUDA names these in the global namespace. initial-exec TLS: a plain %fs-relative load
+// instead of a __tls_get_addr call per CUDA thread in a dlopen-ed library (48 bytes of
+// static TLS, well inside glibc's reserve; libgomp uses the same model).
 using hpcflow_host::dim3;
-inline thread_local dim3 threadIdx;
-inline thread_local dim3 blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
+#define HPCFLOW_TLS thread_local __attribute__((tls_model("initial-exec")))
+inline HPCFLOW_TLS dim3 threadIdx;
+inline HPCFLOW_TLS dim3 blockIdx;
+inline HPCFLOW_TLS dim3 blockDim;
+inline HPCFLOW_TLS dim3 gridDim;
 
 namespace hpcflow_host {
 
