@@ -35,6 +35,21 @@ def _time(f: Callable[[], object], repeat: int) -> float:
     return best
 
 
+def _bench_case(
+    name: str, shape: tuple[int, ...], beta: float, rng: CounterRNG, repeat: int
+) -> tuple[str, float, float, float]:
+    """ns per site for one heat-bath sweep, one OR sweep, one HMC trajectory (10 steps)."""
+    g, lat = get_group(name), Lattice(shape)
+    U = random_field(lat, g, rng, 0)
+    hmc = HMC(lat, g, beta, 10, 1.0, "omelyan", rng)
+    per_site = 1e9 / lat.volume
+    t_hb = _time(lambda: heatbath_sweep(U, lat, g, beta, rng, 1), repeat)
+    t_or = _time(lambda: overrelax_sweep(U, lat, g, beta), repeat)
+    t_hmc = _time(lambda: hmc.trajectory(U, 1), repeat)
+    label = f"{name} {'x'.join(map(str, shape))}"
+    return label, t_hb * per_site, t_or * per_site, t_hmc * per_site
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -43,16 +58,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = CounterRNG(1)
     rows = []
-    for name, shape, beta, n_md in (("u1", (16, 16), 2.0, 10), ("su3", (8, 8, 8, 8), 6.0, 10)):
-        g, lat = get_group(name), Lattice(shape)
-        U = random_field(lat, g, rng, 0)
-        hmc = HMC(lat, g, beta, n_md, 1.0, "omelyan", rng)
-        per_site = 1e9 / lat.volume
-        t_hb = _time(lambda: heatbath_sweep(U, lat, g, beta, rng, 1), args.repeat)
-        t_or = _time(lambda: overrelax_sweep(U, lat, g, beta), args.repeat)
-        t_hmc = _time(lambda: hmc.trajectory(U, 1), args.repeat)
-        rows.append((f"{name} {'x'.join(map(str, shape))}", t_hb * per_site, t_or * per_site,
-                     t_hmc * per_site))
+    for name, shape, beta in (("u1", (16, 16), 2.0), ("su3", (8, 8, 8, 8), 6.0)):
+        rows.append(_bench_case(name, shape, beta, rng, args.repeat))
     print(f"threads={args.threads}  (ns per site; HMC: Omelyan 2MN, 10 steps, 21 forces)")
     print(f"{'lattice':<14}{'heat bath':>12}{'overrelax':>12}{'HMC traj':>14}")
     for r in rows:

@@ -8,6 +8,7 @@ exact one-link conditional ``exp((beta/N) Re tr(U A))``, which is compared with 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -61,7 +62,7 @@ def _chi2(samples: np.ndarray, density, lo: float, hi: float, n_bins: int) -> fl
     edges = np.linspace(lo, hi, n_bins + 1)
     counts, _ = np.histogram(samples, edges)
     probs = []
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         x = np.linspace(a, b, 201)
         probs.append(np.trapezoid(density(x), x))
     p = np.array(probs) / np.sum(probs)
