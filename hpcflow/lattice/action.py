@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from hpcflow.kernels import dispatch as kernel_dispatch
 from hpcflow.lattice.geometry import Lattice, as_comm
 from hpcflow.lattice.groups import dagger
 
@@ -109,13 +110,20 @@ def staple_sum_torch(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
 
 
 def plaquette_re_tr(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
-    """``Re tr P`` per plane and site, ``(*B, n_planes, *lat.shape)``; planes (0,1), (0,2), ..."""
-    return plaquette_re_tr_torch(u, lat)
+    """``Re tr P`` per plane and site, ``(*B, n_planes, *lat.shape)``; planes (0,1), (0,2), ...
+
+    Runs on ``lat.backend`` (``hpcflow.kernels.dispatch``); exact on interior sites (the
+    kernels write 0 on halo sites, the reference wrapped values).
+    """
+    return kernel_dispatch.plaquette_re_tr(u, lat, lat.backend)
 
 
 def staple_sum(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
-    """Staple sum ``A_mu(x)``, shape of ``U``: ``Re tr(U_mu(x) A_mu(x))`` holds every plaquette."""
-    return staple_sum_torch(u, lat)
+    """Staple sum ``A_mu(x)``, shape of ``U``: ``Re tr(U_mu(x) A_mu(x))`` holds every plaquette.
+
+    Runs on ``lat.backend``; exact on interior sites.
+    """
+    return kernel_dispatch.staple_sum(u, lat, lat.backend)
 
 
 def _interior_plaquette_sum(u: torch.Tensor, lat: Lattice, comm) -> torch.Tensor:

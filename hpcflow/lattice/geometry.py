@@ -24,7 +24,9 @@ class Lattice:
     ``global_shape``: extents of the whole periodic lattice. ``local_shape``: extents of the
     interior this rank owns (default: the whole lattice). ``origin``: global coordinate of
     the first *interior* site. ``halo``: width of the halo on each side of each dimension
-    that is padded (``padded_dims``; default all dims when ``halo > 0``).
+    that is padded (``padded_dims``; default all dims when ``halo > 0``). ``backend``:
+    implementation of plaquette/staple (``hpcflow.kernels.dispatch``: "auto", "torch",
+    "host", "cuda"), chosen once from the config.
     """
 
     global_shape: tuple[int, ...]
@@ -32,6 +34,7 @@ class Lattice:
     origin: tuple[int, ...] | None = None
     halo: int = 0
     padded_dims: tuple[int, ...] | None = None
+    backend: str = "torch"
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,10 @@ class Lattice:
             raise ValueError("global_shape, local_shape and origin must have the same length")
         if self.halo < 0:
             raise ValueError(f"halo must be >= 0, got {self.halo}")
+        if self.backend not in ("auto", "torch", "host", "cuda"):
+            raise ValueError(
+                f"backend must be one of 'auto', 'torch', 'host', 'cuda', got {self.backend!r}"
+            )
 
     # ---- sizes ------------------------------------------------------------------------
     @property

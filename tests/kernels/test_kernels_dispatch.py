@@ -58,3 +58,29 @@ def test_plaquette_field_is_differentiable_on_host(host_libs, random_links):
         (out ** 2).sum().backward()
         grads[b] = Ug.grad
     torch.testing.assert_close(grads["host"], grads["torch"], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("halo", [0, 1])
+def test_action_module_routes_through_lattice_backend(host_libs, random_links, halo):
+    """hpcflow.lattice.action uses Lattice.backend: Wilson action, average plaquette and
+    HMC-style gradients are the same with backend 'host' and 'torch' (2D SU(2))."""
+    from hpcflow.lattice import action
+
+    vals = {}
+    for b in ("torch", "host"):
+        lat = Lattice((4, 5), halo=halo, backend=b)
+        U = random_links((3, lat.nd, *lat.shape), 2, torch.complex128, seed=4)
+        Ug = U.clone().requires_grad_(True)
+        S = action.wilson_action(Ug, lat, beta=2.5)
+        S.sum().backward()
+        inner2 = lat.interior_slices(2)
+        vals[b] = (S.detach(), action.average_plaquette(U, lat), Ug.grad,
+                   action.staple_sum(U, lat)[inner2])
+    for got, want in zip(vals["host"], vals["torch"]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_lattice_rejects_unknown_backend():
+    """A misspelt backend is caught when the lattice is built."""
+    with pytest.raises(ValueError, match="backend must be one of .* got 'cpu'"):
+        Lattice((4, 4), backend="cpu")
