@@ -12,10 +12,15 @@ from hpcflow.comm.decomp import (
     neighbour_rank,
     rank_to_coords,
 )
-from hpcflow.comm.decomposed import polyakov_loop
 from hpcflow.comm.fields import local_from_global, place_interior
 from hpcflow.comm.logs import rank_logger
-from hpcflow.comm.mpi import LatticeComm, ProcessGrid, gpu_aware_mpi, halo_exchange
+from hpcflow.comm.mpi import (
+    LatticeComm,
+    ProcessGrid,
+    gpu_aware_mpi,
+    halo_exchange,
+    world_size,
+)
 
 __all__ = [
     "LatticeComm",
@@ -30,7 +35,7 @@ __all__ = [
     "local_origin",
     "neighbour_rank",
     "place_interior",
-    "polyakov_loop",
     "rank_logger",
     "rank_to_coords",
+    "world_size",
 ]

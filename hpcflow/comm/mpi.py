@@ -34,6 +34,7 @@ __all__ = [
     "ProcessGrid",
     "gpu_aware_mpi",
     "halo_exchange",
+    "world_size",
 ]
 
 # Reductions of at most this many elements are done by an all-gather and a sum in rank
@@ -46,6 +47,11 @@ def _mpi() -> Any:
     from mpi4py import MPI
 
     return MPI
+
+
+def world_size() -> int:
+    """Number of ranks in ``COMM_WORLD`` (1 in a plain, non-mpirun process)."""
+    return int(_mpi().COMM_WORLD.Get_size())
 
 
 def gpu_aware_mpi() -> bool:
@@ -371,10 +377,17 @@ class LatticeComm:
         """Shortcut: ``LatticeComm(ProcessGrid(global_shape, grid, comm))``."""
         return cls(ProcessGrid(global_shape, grid, comm))
 
+    @classmethod
+    def from_config(cls, cfg: Any, comm: Any = None) -> LatticeComm:
+        """From a :class:`hpcflow.config.Config`: ``cfg.lattice.shape`` and ``cfg.grid``
+        (``None``: factorise the number of ranks)."""
+        return cls(ProcessGrid(cfg.lattice.shape, getattr(cfg, "grid", None), comm))
+
     def local_lattice(
-        self, halo: int = 1, global_shape: Sequence[int] | None = None, pad_all: bool = False
+        self, global_shape: Sequence[int] | None = None, halo: int = 1, pad_all: bool = False
     ) -> Lattice:
-        """This rank's :class:`Lattice` (``global_shape``, if given, must be the grid's)."""
+        """This rank's :class:`Lattice` with ``halo`` layers on the decomposed dimensions
+        (all dimensions with ``pad_all``); ``global_shape``, if given, must be the grid's."""
         if global_shape is not None and tuple(global_shape) != self.grid.global_shape:
             raise ValueError(
                 f"global_shape {list(global_shape)} differs from the process grid's lattice "

@@ -78,31 +78,34 @@ def wilson_loop(u: torch.Tensor, lat: Lattice, r: int, t: int, comm=None) -> tor
 def polyakov_loop(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
     """Polyakov loop ``(1/N) tr prod_t U_{nd-1}(xs, t)``, averaged over spatial sites, complex ``(*B)``.
 
-    The ordered product runs along the last direction. Here it is formed on the local array,
-    so the last direction must be entirely local (``local_shape[-1] == global_shape[-1]``);
-    spatial directions may be decomposed (interior sums + ``comm.sum``). A decomposition of
-    the time direction needs a product reduction across ranks, which belongs in
-    :mod:`hpcflow.comm`.
+    The ordered product runs along the last direction over this rank's interior time slices.
+    When the time direction is split over ranks (``local_shape[-1] < global_shape[-1]``),
+    ``comm.ordered_product(segment, nd - 1)`` (:mod:`hpcflow.comm`) multiplies the segments of
+    the ranks along the time line in order; each of the ``g_t`` ranks of a line then holds the
+    whole loop, hence the division by ``g_t``. Spatial directions may be decomposed too.
     """
     check_link_field(u, lat)
     nd = lat.nd
     lt = lat.global_shape[-1]
-    if lat.local_shape[-1] != lt:
+    g_t = lt // lat.local_shape[-1]
+    if g_t > 1 and not hasattr(comm, "ordered_product"):
         raise NotImplementedError(
             "polyakov_loop needs the last direction local to one rank "
-            f"(local extent {lat.local_shape[-1]}, global {lt}); "
-            "a split time direction needs a product reduction in hpcflow.comm"
+            f"(local extent {lat.local_shape[-1]}, global {lt}) or a comm with "
+            "ordered_product (hpcflow.comm.LatticeComm)"
         )
     ut = link(u, lat, nd - 1)[lat.interior_slices(inner=2)]
     # ordered product over the time slices of the interior: U(xs, 0) U(xs, 1) ...
     prod = ut.select(-3, 0)
-    for k in range(1, lt):
+    for k in range(1, lat.local_shape[-1]):
         prod = prod @ ut.select(-3, k)
+    if g_t > 1:
+        prod = comm.ordered_product(prod, nd - 1)
     tr = _trace(prod)  # (*B, *spatial interior)
     n = u.shape[-1]
     spatial_dims = tuple(range(-(nd - 1), 0))
     local = tr.sum(dim=spatial_dims) if nd > 1 else tr
-    return as_comm(comm).sum(local) / (n * (lat.volume // lt))
+    return as_comm(comm).sum(local) / (n * g_t * (lat.volume // lt))
 
 
 def topological_charge_u1_2d(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:

@@ -46,7 +46,7 @@ def test_heatbath_chain_is_decomposition_independent(gname, beta, gs, grid, coll
     glat = Lattice(gs)
     ref, Uref = _run_heatbath(group, beta, glat, SerialComm())
     lc = LatticeComm(ProcessGrid(gs, grid))
-    lat = lc.local_lattice(1)
+    lat = lc.local_lattice(halo=1)
     hist, U = _run_heatbath(group, beta, lat, lc)
     ok = torch.allclose(hist, ref, rtol=0, atol=1e-10)
     ok = ok and torch.allclose(U, local_from_global(Uref, lat, 2), rtol=0, atol=1e-10)
@@ -74,7 +74,7 @@ def test_hmc_chain_is_decomposition_independent(collective):
     gs = (4, 4, 4, 4)
     ref, acc_ref, dh_ref, Uref = _run_hmc(Lattice(gs), SerialComm())
     lc = LatticeComm(ProcessGrid(gs, HMC_CASE))
-    lat = lc.local_lattice(1)
+    lat = lc.local_lattice(halo=1)
     hist, accs, dhs, U = _run_hmc(lat, lc)
     ok = torch.allclose(hist, ref, rtol=0, atol=1e-10) and accs == acc_ref
     ok = ok and torch.allclose(dhs, dh_ref, rtol=0, atol=1e-8)

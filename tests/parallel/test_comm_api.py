@@ -76,7 +76,7 @@ def test_sum_is_differentiable(collective):
 def test_gather_field_roundtrip(collective):
     gs = (4, 2 * SIZE, 2)
     lc = LatticeComm.create(gs)
-    lat = lc.local_lattice(1)
+    lat = lc.local_lattice(halo=1)
     g = torch.randn(3, *gs, 2, 2, dtype=torch.complex128, generator=torch.Generator().manual_seed(5))
     back = lc.gather_field(local_from_global(g, lat, 2), lat, inner=2)
     collective(torch.equal(back, g), "gather_field")

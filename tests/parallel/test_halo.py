@@ -60,7 +60,7 @@ def test_halo_equals_global_slices(gs, grid, halo, pad_all, kind, collective):
     the global field at the wrapped global coordinates, bit for bit."""
     _, lead_of, inner_shape, dtype = kind
     lc = LatticeComm(ProcessGrid(gs, grid))
-    lat = lc.local_lattice(halo, pad_all=pad_all)
+    lat = lc.local_lattice(halo=halo, pad_all=pad_all)
     inner = len(inner_shape)
     g = _global_field(gs, lead_of(len(gs)), inner_shape, dtype)
     ref = local_from_global(g, lat, inner)
@@ -73,7 +73,7 @@ def test_halo_equals_global_slices(gs, grid, halo, pad_all, kind, collective):
 def test_partial_width_fills_inner_layers_only(gs, grid, collective):
     """width=1 on a halo-2 array fills the innermost halo layer and leaves the outer one."""
     lc = LatticeComm(ProcessGrid(gs, grid))
-    lat = lc.local_lattice(2, pad_all=True)
+    lat = lc.local_lattice(halo=2, pad_all=True)
     g = _global_field(gs, (len(gs),), (2, 2), torch.complex128)
     ref = local_from_global(g, lat, 2)
     poisoned = _poison_halos(ref, lat, 2)
@@ -112,7 +112,7 @@ def test_gradient_through_exchange_equals_single_rank(gs, grid, halo, collective
     (ref_grad,) = torch.autograd.grad(ref_loss, g_leaf)
 
     lc = LatticeComm(ProcessGrid(gs, grid))
-    lat = lc.local_lattice(halo)
+    lat = lc.local_lattice(halo=halo)
     leaf = _poison_halos(local_from_global(gfield, lat, 0), lat, 0).requires_grad_(True)
     f = lc.exchange(leaf, lat, inner=0)
     loss = lc.sum(_corner_reaching_loss(f, local_from_global(w, lat, 0), lat, halo))
@@ -130,7 +130,7 @@ def test_double_backward_through_exchange(collective):
     """The exchange's backward is itself differentiable (adjoint of the adjoint)."""
     gs, grid = CASES[-1]
     lc = LatticeComm(ProcessGrid(gs, grid))
-    lat = lc.local_lattice(1)
+    lat = lc.local_lattice(halo=1)
     x = local_from_global(_global_field(gs, (), (), torch.float64, seed=3), lat, 0)
     x.requires_grad_(True)
     y = lc.exchange(x, lat, inner=0)
