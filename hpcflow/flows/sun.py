@@ -1,0 +1,694 @@
+"""Gauge-equivariant SU(2)/SU(3) flows in 2D and 4D: spectral coupling layers (Boyda et al. 2021).
+
+Reference: D. Boyda et al., "Sampling using SU(N) gauge equivariant flows", arXiv 2008.05456.
+
+**Layer** ``(mu, nu, off)``: the links ``U_mu(x)`` with ``x_nu = off (mod 4)`` are updated. The
+*active* loop of such a link is the untraced plaquette it opens,
+``P(x) = P_{mu nu}(x) = U_mu(x) U_nu(x+mu) U_mu(x+nu)^dag U_nu(x)^dag`` (it holds exactly one
+updated link, since ``x_nu + 1 != off``). A conjugation-equivariant map ``P -> P' = f(P | ctx)``
+acts on the eigen-angles of ``P`` only, ``P = V diag(e^{i theta}) V^dag -> V diag(e^{i theta'})
+V^dag``, and the link absorbs the change, ``U_mu(x) -> P' P^dag U_mu(x)``, so the active loop
+takes the value ``P'``. Under ``U -> g.U`` the loop is conjugated, ``P -> g(x) P g(x)^dag``, hence
+``f(g.U) = g.f(U)`` exactly.
+
+Plaquettes (of every plane) that contain no updated link are *frozen*; the context ``ctx`` is
+computed from them only (``Re``/``Im`` of ``tr P`` and ``tr P^2``) by a CNN over the lattice
+(:class:`hpcflow.flows.conv4d.LatticeCNN`; Conv4d in 4D). Every other plaquette through an
+updated link is *passive*. The new value of an updated link depends on itself and on
+non-updated links only, so the Jacobian is triangular (block diagonal in the updated links),
+and right multiplication by a fixed matrix preserves Haar measure: the layer's log-det with
+respect to the product Haar measure is the sum over active loops of the log-det of ``P -> P'``.
+
+**Eigen-angles, canonical cell.** Eigenvalues have no order; the map is made
+permutation-equivariant by transforming the canonical representative of the conjugacy class,
+the point of the Weyl alcove ``theta_1 >= ... >= theta_N``, ``sum theta = 0``,
+``theta_1 - theta_N <= 2 pi``. With ``a_i = theta_i - theta_{i+1}`` and
+``a_N = 2 pi - theta_1 + theta_N`` the alcove is the simplex ``a_i >= 0, sum a = 2 pi``; its
+faces are exactly the degenerate spectra, and the maps below send every face to itself, so the
+induced map on the group is a continuous bijection.
+
+* SU(2): ``theta in [0, pi]`` (eigenvalues ``e^{+-i theta}``) from the closed forms
+  ``cos theta = Re tr P / 2``, ``sin theta = |TA(P)|``; ``u = theta/pi -> u' = g(u)`` with an
+  interval bijection ``g`` of [0, 1] fixing both ends; ``P' = cos theta' 1 + (sin theta' /
+  sin theta) (P - P^dag)/2``.
+* SU(3): stick-breaking coordinates of the simplex, ``u = a_1/2pi``, ``v = a_2/(2pi - a_1)``, both
+  in [0, 1]; ``u' = g_1(u)``, ``v' = g_2(v | u)`` (parameters of ``g_2`` depend on ``u`` through
+  fixed Fourier features), ``d(a_1', a_2')/d(a_1, a_2) = g_1' g_2' (1 - u')/(1 - u)``.
+  Eigenvectors from ``torch.linalg.eigh`` of the Cayley transform ``H = i(1 - W)(1 + W)^{-1}``
+  of ``W = e^{i alpha} P``, whose eigenvalues ``tan(phi/2)`` are a monotone function of the
+  eigen-angles: degenerate only where ``P`` is, and with ``alpha`` putting ``-1`` in the widest gap
+  of the spectrum, ``|tan(phi/2)| <= sqrt(3)`` (well conditioned).
+
+**Haar factor** (Weyl integration formula): ``dU = Weyl(theta) d theta dV`` with
+``Weyl = prod_{i<j} |e^{i theta_i} - e^{i theta_j}|^2``, hence
+``log det = log|d theta'/d theta| + log Weyl(theta') - log Weyl(theta)``.
+
+**Masks in 4D** cycle over all ordered planes: layer ``i`` has ``mu = i % Nd``,
+``off = (i // Nd) % 4`` and ``nu`` the ``((i // (4 Nd)) % (Nd-1))``-th direction other than ``mu``
+(2D: ``nu = 1 - mu``, the U(1) order). ``4 Nd`` layers update every link once; ``4 Nd (Nd-1)``
+(48 in 4D) use every plane orientation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hpcflow.flows.base import Bijection, Flow
+from hpcflow.flows.conv4d import LatticeCNN, PadFnNd, circular_pad_nd
+from hpcflow.lattice.action import average_plaquette, link, plaquette, wilson_action
+from hpcflow.lattice.geometry import Lattice
+from hpcflow.lattice.groups import Group, dagger, get_group, random_field
+
+__all__ = [
+    "MASK_PERIOD",
+    "HaarPriorSUN",
+    "IntervalKernel",
+    "IntervalNCPKernel",
+    "IntervalSplineKernel",
+    "SUNGaugeFlow",
+    "SUNSpectralCoupling",
+    "build_sun_flow",
+    "layer_plan",
+    "make_interval_kernel",
+    "su2_spectral",
+    "su3_alcove",
+    "su3_n_params",
+    "su3_spectral",
+    "sun_masks",
+]
+
+MASK_PERIOD = 4
+TWO_PI = 2.0 * math.pi
+# Fourier features of u on which the parameters of the SU(3) second-angle map depend
+N_U_FEATURES = 4
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float32, torch.complex64) else torch.float64
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex64 if dtype in (torch.float32, torch.complex64) else torch.complex128
+
+
+# ---- interval bijections of [0, 1] fixing both ends -------------------------------------
+class IntervalKernel(torch.nn.Module):
+    """Increasing bijection of [0, 1] with ``g(0) = 0``, ``g(1) = 1``; parameters last axis.
+
+    ``forward(x, p) -> (g(x), log g'(x))``; ``inverse(y, p) -> (x, log g'(x))`` with ``g(x) = y``.
+    ``p = 0`` is the identity map.
+    """
+
+    n_params: int
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class IntervalNCPKernel(IntervalKernel):
+    """Convex mixture of non-compact projections on the half circle (Kanwar et al. 2020):
+    ``g(x) = (1/pi) sum_k w_k 2 atan(e^{s_k} tan(pi x / 2))``, params ``(s_1..K, a_1..K)``,
+    ``w = softmax(a)``. Each term fixes 0 and 1, so does the mixture. Inverse: bisection, then
+    safeguarded Newton, then one Newton step with autograd on (implicit gradient)."""
+
+    def __init__(self, n_components: int) -> None:
+        super().__init__()
+        if isinstance(n_components, bool) or int(n_components) < 1:
+            raise ValueError(f"flow.n_components must be >= 1, got {n_components!r}")
+        self.n_components = int(n_components)
+        self.n_params = 2 * self.n_components
+
+    def _eval(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.n_components
+        s, logw = p[..., :k], torch.log_softmax(p[..., k:], dim=-1)
+        z = 0.5 * math.pi * x.unsqueeze(-1)
+        y = (2.0 / math.pi) * torch.atan(torch.exp(s) * torch.tan(z))
+        c2 = torch.cos(z) ** 2
+        logj = -torch.log(torch.exp(-s) * c2 + torch.exp(s) * (1.0 - c2))
+        return (logw.exp() * y).sum(-1), torch.logsumexp(logw + logj, -1)
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._eval(x, p)
+
+    def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = torch.zeros_like(y), torch.ones_like(y)
+        with torch.no_grad():
+            for _ in range(12):
+                mid = 0.5 * (lo + hi)
+                below = self._eval(mid, p)[0] < y
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            x = 0.5 * (lo + hi)
+            for _ in range(30):
+                ym, logj = self._eval(x, p)
+                below = ym < y
+                lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
+                xn = x - (ym - y) * torch.exp(-logj)
+                x = torch.where((xn > lo) & (xn < hi), xn, 0.5 * (lo + hi))
+        ym, logj = self._eval(x.detach(), p)
+        x = (x - (ym - y) * torch.exp(-logj)).clamp(0.0, 1.0)
+        return x, self._eval(x, p)[1]
+
+
+class IntervalSplineKernel(IntervalKernel):
+    """Rational-quadratic spline on [0, 1] (Durkan et al. 2019, arXiv 1906.04032) with ``K``
+    bins and ``K + 1`` free knot derivatives; params ``(W_1..K, H_1..K, D_0..K)``."""
+
+    min_bin = 1e-3
+    min_deriv = 1e-3
+
+    def __init__(self, n_knots: int) -> None:
+        super().__init__()
+        if isinstance(n_knots, bool) or int(n_knots) < 2:
+            raise ValueError(f"flow.n_knots must be >= 2, got {n_knots!r}")
+        self.n_knots = int(n_knots)
+        self.n_params = 3 * self.n_knots + 1
+        # softplus(0 + shift) + min_deriv = 1: p = 0 is the identity map
+        self._dshift = math.log(math.expm1(1.0 - self.min_deriv))
+
+    def _knots(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self.n_knots
+        w = self.min_bin + (1.0 - self.min_bin * k) * F.softmax(p[..., :k], -1)
+        h = self.min_bin + (1.0 - self.min_bin * k) * F.softmax(p[..., k : 2 * k], -1)
+        d = self.min_deriv + F.softplus(p[..., 2 * k :] + self._dshift)
+        zero = torch.zeros_like(w[..., :1])
+        one = torch.ones_like(zero)
+        xk = torch.cat([zero, torch.cumsum(w, -1)[..., :-1], one], -1)
+        yk = torch.cat([zero, torch.cumsum(h, -1)[..., :-1], one], -1)
+        return xk, yk, d
+
+    @staticmethod
+    def _take(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.gather(a, -1, idx).squeeze(-1)
+
+    def _bin(self, knots: torch.Tensor, v: torch.Tensor):
+        idx = (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(-1, keepdim=True)
+        return idx, idx + 1
+
+    @staticmethod
+    def _logderiv(xi, s, d0, d1):  # type: ignore[no-untyped-def]
+        om = xi * (1.0 - xi)
+        den = s + (d1 + d0 - 2.0 * s) * om
+        num = s**2 * (d1 * xi**2 + 2.0 * s * om + d0 * (1.0 - xi) ** 2)
+        return torch.log(num) - 2.0 * torch.log(den)
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xk, yk, d = self._knots(p)
+        i0, i1 = self._bin(xk, x)
+        x0, w = self._take(xk, i0), self._take(xk, i1) - self._take(xk, i0)
+        y0, h = self._take(yk, i0), self._take(yk, i1) - self._take(yk, i0)
+        d0, d1 = self._take(d, i0), self._take(d, i1)
+        s = h / w
+        xi = ((x - x0) / w).clamp(0.0, 1.0)
+        om = xi * (1.0 - xi)
+        y = y0 + h * (s * xi**2 + d0 * om) / (s + (d1 + d0 - 2.0 * s) * om)
+        return y.clamp(0.0, 1.0), self._logderiv(xi, s, d0, d1)
+
+    def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xk, yk, d = self._knots(p)
+        i0, i1 = self._bin(yk, y)
+        x0, w = self._take(xk, i0), self._take(xk, i1) - self._take(xk, i0)
+        y0, h = self._take(yk, i0), self._take(yk, i1) - self._take(yk, i0)
+        d0, d1 = self._take(d, i0), self._take(d, i1)
+        s = h / w
+        dy = y - y0
+        c2 = d1 + d0 - 2.0 * s
+        a = h * (s - d0) + dy * c2
+        b = h * d0 - dy * c2
+        c = -s * dy
+        # stable root in [0, 1] of a xi^2 + b xi + c = 0 (Durkan et al. eq. 6-8)
+        disc = (b**2 - 4.0 * a * c).clamp_min(0.0)
+        xi = ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+        # the root loses digits where the bin is very steep or flat: polish it by Newton steps
+        # on the forward formula (differentiable; at the root they give the implicit gradient)
+        for _ in range(2):
+            om = xi * (1.0 - xi)
+            den = s + c2 * om
+            res = h * (s * xi**2 + d0 * om) / den - dy
+            xi = (xi - res / (w * torch.exp(self._logderiv(xi, s, d0, d1)))).clamp(0.0, 1.0)
+        return (x0 + xi * w).clamp(0.0, 1.0), self._logderiv(xi, s, d0, d1)
+
+
+def make_interval_kernel(kind: str, n_components: int = 2, n_knots: int = 8) -> IntervalKernel:
+    """Kernel from the config's ``flow.kernel`` (``ncp`` | ``spline``)."""
+    if kind == "ncp":
+        return IntervalNCPKernel(n_components)
+    if kind == "spline":
+        return IntervalSplineKernel(n_knots)
+    raise ValueError(f"flow.kernel must be 'ncp' or 'spline', got {kind!r}")
+
+
+# ---- spectral maps of single SU(N) matrices ----------------------------------------------
+def su2_spectral(
+    P: torch.Tensor, kernel: IntervalKernel, p: torch.Tensor, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SU(2) conjugation-equivariant map (module docstring) of ``P[..., 2, 2]``.
+
+    Returns ``(P', log det)``, the log-det of the *forward* map with respect to Haar measure at
+    the pre-image: ``log g'(u) + 2 log sin theta' - 2 log sin theta`` (Weyl factor
+    ``4 sin^2 theta``). With ``inverse=True``, ``P`` is an output of the forward map and ``P'`` its
+    pre-image.
+    """
+    c = 0.5 * (P[..., 0, 0] + P[..., 1, 1]).real
+    A = 0.5 * (P - dagger(P))
+    s = torch.sqrt(0.5 * (A.real**2 + A.imag**2).sum((-1, -2)))  # sin theta >= 0
+    theta = torch.atan2(s, c)
+    u = theta / math.pi
+    if inverse:
+        u2, logj = kernel.inverse(u, p)
+    else:
+        u2, logj = kernel(u, p)
+    theta2 = math.pi * u2
+    s2 = torch.sin(theta2)
+    # A = i sin(theta) n.sigma: rescaling it keeps the axis n (the eigenvectors); at sin = 0
+    # A vanishes exactly and any finite ratio gives P' = +-1
+    ratio = s2 / s.clamp_min(torch.finfo(s.dtype).tiny)
+    eye = torch.eye(2, dtype=P.dtype, device=P.device)
+    P2 = torch.cos(theta2)[..., None, None] * eye + ratio[..., None, None] * A
+    s_in, s_out = (s2, s) if inverse else (s, s2)
+    return P2, logj + 2.0 * torch.log(s_out) - 2.0 * torch.log(s_in)
+
+
+def _su3_eigh(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-angles ``phi[..., 3]`` (unwrapped) and unitary eigenvectors ``V`` of SU(3) ``P``.
+
+    ``eigh`` of the Cayley transform of ``W = e^{i alpha} P`` (module docstring); ``alpha`` is a
+    detached, piecewise-constant choice, so it carries no gradient and the result does not
+    depend on it.
+    """
+    with torch.no_grad():
+        ang = torch.sort(torch.angle(torch.linalg.eigvals(P)), -1).values
+        gaps = torch.cat([ang[..., 1:] - ang[..., :-1], ang[..., :1] + TWO_PI - ang[..., -1:]], -1)
+        j = torch.argmax(gaps, -1, keepdim=True)
+        mid = torch.gather(ang, -1, j) + 0.5 * torch.gather(gaps, -1, j)
+        alpha = (math.pi - mid).squeeze(-1)
+    rot = torch.polar(torch.ones_like(alpha), alpha)[..., None, None]
+    W = rot * P
+    eye = torch.eye(3, dtype=P.dtype, device=P.device)
+    H = 1j * torch.linalg.solve(eye + W, eye - W)
+    H = 0.5 * (H + dagger(H))
+    t, V = torch.linalg.eigh(H)
+    return 2.0 * torch.atan(t) - alpha.unsqueeze(-1), V
+
+
+def su3_alcove(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical cell of SU(3) eigen-angles ``phi[..., 3]`` (any lift, ``sum = 0 mod 2 pi``).
+
+    Returns ``(a, b, perm)``: ``a = theta_1 - theta_2``, ``b = theta_2 - theta_3`` of the alcove
+    point ``theta_1 >= theta_2 >= theta_3``, ``sum theta = 0``, ``theta_1 - theta_3 <= 2 pi``, and
+    ``perm`` with ``theta_k = phi[perm[k]] (mod 2 pi)``.
+    """
+    phi = torch.remainder(phi + math.pi, TWO_PI) - math.pi  # [-pi, pi): the sum is 0, +-2 pi
+    n = torch.round(phi.sum(-1) / TWO_PI)
+    hi = F.one_hot(torch.argmax(phi, -1), 3).to(phi.dtype)
+    lo = F.one_hot(torch.argmin(phi, -1), 3).to(phi.dtype)
+    # sum 2 pi: the largest angle moves down a turn; sum -2 pi: the smallest moves up a turn
+    phi = phi - TWO_PI * (n == 1).to(phi.dtype)[..., None] * hi \
+        + TWO_PI * (n == -1).to(phi.dtype)[..., None] * lo
+    theta, perm = torch.sort(phi, -1, descending=True)
+    return theta[..., 0] - theta[..., 1], theta[..., 1] - theta[..., 2], perm
+
+
+def _su3_log_weyl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log prod_{i<j} |e^{i theta_i} - e^{i theta_j}|^2 = sum_{x=a,b,2pi-a-b} log 4 sin^2(x/2)``."""
+    c = TWO_PI - a - b
+    return sum(torch.log(4.0 * torch.sin(0.5 * x) ** 2) for x in (a, b, c))
+
+
+def _u_features(u: torch.Tensor) -> torch.Tensor:
+    x = math.pi * u
+    return torch.stack([torch.cos(x), torch.sin(x), torch.cos(2 * x), torch.sin(2 * x)], -1)
+
+
+def su3_n_params(kernel: IntervalKernel) -> int:
+    """Network outputs per active loop: ``g_1`` params and an affine-in-features ``g_2``."""
+    return kernel.n_params * (2 + N_U_FEATURES)
+
+
+def su3_spectral(
+    P: torch.Tensor, kernel: IntervalKernel, p: torch.Tensor, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SU(3) conjugation-equivariant map of ``P[..., 3, 3]`` on the canonical cell.
+
+    ``p[..., su3_n_params(kernel)]``. Returns ``(P', log det of the forward map at the
+    pre-image)`` as :func:`su2_spectral` does.
+    """
+    k = kernel.n_params
+    p1 = p[..., :k]
+    coef = p[..., k:].unflatten(-1, (1 + N_U_FEATURES, k))
+
+    def p2_of(u: torch.Tensor) -> torch.Tensor:
+        f = torch.cat([torch.ones_like(u)[..., None], _u_features(u)], -1)
+        return (f.unsqueeze(-1) * coef).sum(-2)
+
+    phi, V = _su3_eigh(P)
+    a, b, perm = su3_alcove(phi)
+    u, v = a / TWO_PI, b / (TWO_PI - a)
+    if inverse:
+        u2, l1 = kernel.inverse(u, p1)
+        v2, l2 = kernel.inverse(v, p2_of(u2))
+        u_in, u_out = u2, u
+    else:
+        u2, l1 = kernel(u, p1)
+        v2, l2 = kernel(v, p2_of(u))
+        u_in, u_out = u, u2
+    a2 = TWO_PI * u2
+    b2 = (TWO_PI - a2) * v2
+    theta2 = torch.stack([(2 * a2 + b2) / 3, (b2 - a2) / 3, -(a2 + 2 * b2) / 3], -1)
+    cols = torch.zeros_like(theta2).scatter(-1, perm, theta2)
+    P2 = (V * torch.polar(torch.ones_like(cols), cols).unsqueeze(-2)) @ dagger(V)
+    if inverse:
+        (ai, bi), (ao, bo) = (a2, b2), (a, b)
+    else:
+        (ai, bi), (ao, bo) = (a, b), (a2, b2)
+    logdet = (l1 + l2 + torch.log1p(-u_out) - torch.log1p(-u_in)
+              + _su3_log_weyl(ao, bo) - _su3_log_weyl(ai, bi))
+    return P2, logdet
+
+
+# ---- masks -------------------------------------------------------------------------------
+def sun_masks(lat: Lattice, mu: int, nu: int, offset: int) -> dict[str, torch.Tensor]:
+    """Bool masks of layer ``(mu, nu, offset)`` from **global** coordinates (every rank agrees):
+
+    ``links`` (sites ``x`` whose ``U_mu(x)`` is updated, = sites of the active loops
+    ``P_{mu nu}(x)``), ``frozen`` ``(n_planes, *shape)`` (plaquettes ``P_{ab}(x)``, ``a < b``,
+    holding no updated link) and ``passive`` (the others through an updated link, not active).
+    """
+    nd = lat.nd
+    if not (0 <= mu < nd and 0 <= nu < nd) or mu == nu:
+        raise ValueError(f"(mu, nu) must be two distinct directions in [0, {nd}), got ({mu}, {nu})")
+    xnu = lat.global_coords()[nu]
+
+    def updated(shift_dir: int | None) -> torch.Tensor:
+        step = 1 if shift_dir == nu else 0
+        return torch.remainder(xnu + step - offset, MASK_PERIOD) == 0
+
+    links = updated(None)
+    frozen, passive = [], []
+    for a, b in lat.planes():
+        # P_ab(x) holds U_a(x), U_b(x+a), U_a(x+b), U_b(x)
+        touched = torch.zeros_like(links)
+        if a == mu:
+            touched = touched | updated(None) | updated(b)
+        if b == mu:
+            touched = touched | updated(a) | updated(None)
+        frozen.append(~touched)
+        active = links if (a, b) in ((mu, nu), (nu, mu)) else torch.zeros_like(links)
+        passive.append(touched & ~active)
+    return {"links": links, "frozen": torch.stack(frozen), "passive": torch.stack(passive)}
+
+
+def layer_plan(nd: int, n_layers: int) -> list[tuple[int, int, int]]:
+    """``(mu, nu, offset)`` of layer ``i`` (module docstring)."""
+    plan = []
+    for i in range(int(n_layers)):
+        mu = i % nd
+        off = (i // nd) % MASK_PERIOD
+        others = [d for d in range(nd) if d != mu]
+        plan.append((mu, others[(i // (MASK_PERIOD * nd)) % (nd - 1)], off))
+    return plan
+
+
+# ---- coupling layer ----------------------------------------------------------------------
+class SUNSpectralCoupling(Bijection):
+    """One spectral coupling layer on a link field ``U[*B, nd, *lat.shape, N, N]``."""
+
+    def __init__(
+        self,
+        lat: Lattice,
+        group: Group | str,
+        mu: int,
+        nu: int,
+        offset: int,
+        kernel: IntervalKernel,
+        hidden: Sequence[int],
+        kernel_size: int,
+        checkpoint_activations: bool = False,
+        pad_fn: PadFnNd = circular_pad_nd,
+    ) -> None:
+        super().__init__()
+        self.group = get_group(group) if isinstance(group, str) else group
+        if self.group.name not in ("su2", "su3"):
+            raise ValueError(f"group must be 'su2' or 'su3' for spectral layers, got {self.group.name!r}")
+        if lat.global_shape[nu] % MASK_PERIOD:
+            raise ValueError(
+                f"lattice.shape {list(lat.global_shape)}: extent {lat.global_shape[nu]} of direction "
+                f"nu={nu} must be a multiple of the mask period {MASK_PERIOD}"
+            )
+        self.lat, self.mu, self.nu, self.offset = lat, int(mu), int(nu), int(offset)
+        self.kernel = kernel
+        self.n_feat = 2 if self.group.name == "su2" else 4
+        n_out = kernel.n_params if self.group.name == "su2" else su3_n_params(kernel)
+        self.net = LatticeCNN(lat.nd, self.n_feat * lat.n_planes, hidden, n_out, kernel_size, pad_fn)
+        self.checkpoint_activations = bool(checkpoint_activations)
+        m = sun_masks(lat, self.mu, self.nu, self.offset)
+        # bool / int64 buffers: Module.to(float dtype) leaves them alone
+        self.register_buffer("frozen", m["frozen"], persistent=False)
+        self.register_buffer("active_idx", torch.nonzero(m["links"].flatten()).flatten(),
+                             persistent=False)
+        self.register_buffer("active_interior", lat.interior().flatten()[self.active_idx],
+                             persistent=False)
+        self._spectral = su2_spectral if self.group.name == "su2" else su3_spectral
+
+    @property
+    def halo(self) -> int:
+        """Halo this layer needs: CNN reach plus one for the plaquettes' ``x + mu`` links."""
+        return self.net.reach + 1
+
+    def context_features(self, U: torch.Tensor) -> torch.Tensor:
+        """``Re``/``Im`` of ``tr P`` and ``tr P^2`` of frozen plaquettes (SU(2): the real parts),
+        zero elsewhere; shape ``(*B, n_feat * n_planes, *shape)``."""
+        feats = []
+        for k, (a, b) in enumerate(self.lat.planes()):
+            P = plaquette(U, self.lat, a, b)
+            tr1 = torch.diagonal(P, dim1=-2, dim2=-1).sum(-1)
+            tr2 = (P * P.transpose(-1, -2)).sum((-1, -2))
+            parts = (tr1.real, tr2.real) if self.n_feat == 2 else (tr1.real, tr1.imag, tr2.real, tr2.imag)
+            feats.extend(f * self.frozen[k] for f in parts)
+        return torch.stack(feats, -(self.lat.nd + 1))
+
+    def _params(self, U: torch.Tensor) -> torch.Tensor:
+        nd = self.lat.nd
+        feats = self.context_features(U)
+        batch = feats.shape[: feats.dim() - nd - 1]
+        x = feats.reshape(-1, *feats.shape[-(nd + 1) :])
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            out = checkpoint(self.net, x, use_reentrant=False)
+        else:
+            out = self.net(x)
+        return out.movedim(1, -1).reshape(*batch, -1, out.shape[1])  # (*B, V_local, n_out)
+
+    def _couple(self, U: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        nd, lat = self.lat.nd, self.lat
+        P = plaquette(U, lat, self.mu, self.nu).flatten(-(nd + 2), -3)
+        idx = self.active_idx
+        Pa = P.index_select(-3, idx)
+        pa = self._params(U).index_select(-2, idx).to(Pa.real.dtype)
+        P2, logj = self._spectral(Pa, self.kernel, pa, inverse)
+        Umu = link(U, lat, self.mu)
+        flat = Umu.flatten(-(nd + 2), -3)
+        # U_mu(x) <- P' P^dag U_mu(x): the active loop (where U_mu(x) stands first) becomes P'
+        new = P2 @ dagger(Pa) @ flat.index_select(-3, idx)
+        Umu2 = flat.index_copy(-3, idx, new).reshape(Umu.shape)
+        axis = U.dim() - (nd + 3)
+        out = U.index_copy(axis, torch.tensor([self.mu], device=U.device), Umu2.unsqueeze(axis))
+        logdet = (logj * self.active_interior.to(logj.dtype)).sum(-1)
+        return out, (-logdet if inverse else logdet)
+
+    def forward(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._couple(U, False)
+
+    def inverse(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # frozen loops are unchanged by the layer, so the context is recomputed exactly
+        return self._couple(U, True)
+
+
+# ---- prior -------------------------------------------------------------------------------
+class HaarPriorSUN:
+    """Product Haar measure on SU(N) links; densities are w.r.t. the *normalised* Haar
+    measure, so ``log prior = 0`` exactly (the reference measure of ``p = e^{-S}/Z``)."""
+
+    def __init__(self, lat: Lattice, group: Group | str) -> None:
+        self.lat = lat
+        self.group = get_group(group) if isinstance(group, str) else group
+        self.n_links = lat.nd * lat.volume
+
+    def log_prob(self, U: torch.Tensor) -> torch.Tensor:
+        """Zeros of shape ``(*B)`` (real dtype of ``U``)."""
+        batch = U.shape[: U.dim() - self.lat.nd - 3]
+        return torch.zeros(batch, dtype=_real(U.dtype), device=U.device)
+
+    def sample(
+        self, batch: int, generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.complex128, device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """``batch`` Haar fields from a torch generator (training: a per-rank stream)."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(
+            int(torch.randint(0, 2**62, ())))
+        return random_field(self.lat, self.group, gen, batch=(int(batch),),
+                            dtype=_complex(dtype), device=device)
+
+    def sample_counter(
+        self, rng: Any, first: int, batch: int, dtype: torch.dtype = torch.complex128,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Proposals ``first..first+batch-1``: link ``l`` (global ``mu V + site``) of proposal
+        ``p`` from the normals at Philox index ``p * n_links + l``, step 0 (any process grid)."""
+        links = self.lat.global_link_index(device)
+        p = torch.arange(int(first), int(first) + int(batch), dtype=torch.int64, device=device)
+        index = p.view(-1, *([1] * links.dim())) * self.n_links + links
+        normals = rng.normal(index, 0, self.group.n_haar_normals, dtype=torch.float64)
+        return self.group.haar(normals).to(_complex(dtype))
+
+
+# ---- the flow ----------------------------------------------------------------------------
+class SUNGaugeFlow(Flow):
+    """Haar prior followed by spectral coupling layers; ``log q(U) = log prior(z) - sum log det``.
+
+    Same sampling interface as the U(1) flow (``sample``, ``sample_counter``, ``push``,
+    ``log_prob``), plus the theory hooks used by the generic samplers: ``action(U, beta)``,
+    ``observables(U)``, ``group``, ``to_links`` / ``from_links`` (identity here: the state is
+    the link field).
+    """
+
+    def __init__(self, lat: Lattice, group: Group | str, layers: Sequence[Bijection],
+                 arch: dict[str, Any]) -> None:
+        super().__init__(layers)
+        self.lat = lat
+        self.group = get_group(group) if isinstance(group, str) else group
+        self.prior = HaarPriorSUN(lat, self.group)
+        self.arch = dict(arch)
+
+    def _batch(self, U: torch.Tensor) -> tuple[int, ...]:
+        return tuple(U.shape[: U.dim() - self.lat.nd - 3])
+
+    def forward(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = torch.zeros(self._batch(U), dtype=_real(U.dtype), device=U.device)
+        for layer in self.layers:
+            U, ld = layer(U)
+            logdet = logdet + ld
+        return U, logdet
+
+    def inverse(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = torch.zeros(self._batch(U), dtype=_real(U.dtype), device=U.device)
+        for layer in reversed(self.layers):
+            U, ld = layer.inverse(U)
+            logdet = logdet + ld
+        return U, logdet
+
+    @property
+    def halo(self) -> int:
+        """Halo width for running all layers on one exchanged field (sum of per-layer halos)."""
+        return sum(getattr(layer, "halo", 0) for layer in self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Real dtype of the parameters (float64 or float32)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def cdtype(self) -> torch.dtype:
+        """Complex dtype of the link fields (complex128 or complex64)."""
+        return _complex(self.dtype)
+
+    def sample(self, batch: int, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, log q)`` for ``batch`` proposals drawn with a torch generator."""
+        return self.push(self.prior.sample(batch, generator, dtype=self.cdtype))
+
+    def sample_counter(self, rng: Any, first: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Proposals ``first .. first+batch-1`` with draws keyed on (global link, proposal)."""
+        return self.push(self.prior.sample_counter(rng, first, batch, dtype=self.cdtype))
+
+    def push(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        U, logdet = self(z)
+        return U, self.prior.log_prob(z) - logdet
+
+    def log_prob(self, U: torch.Tensor) -> torch.Tensor:
+        """``log q(U)`` by running the layers backwards (needed for non-flow states)."""
+        z, logdet_inv = self.inverse(U.to(self.cdtype))
+        return self.prior.log_prob(z) + logdet_inv
+
+    # theory hooks for the generic samplers (metropolis, mixed chains)
+    def action(self, U: torch.Tensor, beta: float) -> torch.Tensor:
+        """Wilson action ``-(beta/N) sum Re tr P``, shape ``(*B)``."""
+        return wilson_action(U, self.lat, beta)
+
+    def observables(self, U: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``plaquette`` ``(1/N) <Re tr P>`` and ``Q``: the unsmoothed clover charge in 4D; in 2D
+        SU(N) has no topological sectors (pi_1(SU(N)) = 0), so ``Q = 0`` identically."""
+        plaq = average_plaquette(U, self.lat)
+        if self.lat.nd == 4:
+            from hpcflow.lattice.observables import topological_charge_clover
+
+            q = topological_charge_clover(U, self.lat)
+        else:
+            q = torch.zeros_like(plaq)
+        return {"plaquette": plaq, "Q": q}
+
+    def to_links(self, U: torch.Tensor) -> torch.Tensor:
+        return U
+
+    def from_links(self, U: torch.Tensor) -> torch.Tensor:
+        return U.to(self.cdtype)
+
+
+def flow_architecture(flow_cfg: Any, lat: Lattice, group: str) -> dict[str, Any]:
+    """What a checkpoint records to recognise the model: group, lattice and every knob."""
+    return {
+        "group": group,
+        "lattice": list(lat.global_shape),
+        "n_layers": int(flow_cfg.n_layers),
+        "kernel": str(flow_cfg.kernel),
+        "n_components": int(flow_cfg.n_components),
+        "n_knots": int(flow_cfg.n_knots),
+        "hidden": [int(h) for h in flow_cfg.hidden],
+        "kernel_size": int(flow_cfg.kernel_size),
+        "layer": "spectral",
+    }
+
+
+def build_sun_flow(
+    flow_cfg: Any, lat: Lattice, group: Group | str, dtype: torch.dtype = torch.float64,
+    pad_fn: PadFnNd = circular_pad_nd,
+) -> SUNGaugeFlow:
+    """The SU(2)/SU(3) flow of the config's ``flow:`` section (layer order: :func:`layer_plan`).
+
+    ``dtype``: parameter precision, ``torch.float64`` (links complex128) or ``torch.float32``
+    (complex64); the complex dtypes are accepted as synonyms.
+    """
+    if dtype not in (torch.float64, torch.float32, torch.complex128, torch.complex64):
+        raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    g = get_group(group) if isinstance(group, str) else group
+    if g.name not in ("su2", "su3"):
+        raise ValueError(f"group must be 'su2' or 'su3' for SU(N) flows, got {g.name!r}")
+    if lat.nd not in (2, 4):
+        raise ValueError(f"lattice.shape {list(lat.global_shape)}: SU(N) flows need a 2D or 4D lattice")
+    n_layers = int(flow_cfg.n_layers)
+    if n_layers < 1:
+        raise ValueError(f"flow.n_layers must be >= 1, got {n_layers}")
+    plan = layer_plan(lat.nd, n_layers)
+    bad = sorted({nu for _, nu, _ in plan if lat.global_shape[nu] % MASK_PERIOD})
+    if bad:
+        raise ValueError(
+            f"lattice.shape {list(lat.global_shape)} does not fit the SU(N) coupling masks: the "
+            f"extents of directions {bad} must be multiples of the mask period {MASK_PERIOD}"
+        )
+    layers = [
+        SUNSpectralCoupling(
+            lat, g, mu, nu, off,
+            make_interval_kernel(str(flow_cfg.kernel), int(flow_cfg.n_components), int(flow_cfg.n_knots)),
+            tuple(flow_cfg.hidden), int(flow_cfg.kernel_size),
+            bool(getattr(flow_cfg, "checkpoint_activations", False)), pad_fn,
+        )
+        for mu, nu, off in plan
+    ]
+    return SUNGaugeFlow(lat, g, layers, flow_architecture(flow_cfg, lat, g.name)).to(_real(dtype))
