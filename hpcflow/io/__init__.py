@@ -1,1 +1,35 @@
-"""hpcflow.io"""
+"""hpcflow.io: parallel HDF5 ensembles, crash-safe checkpoints, ILDG/LIME and SciDAC checksums."""
+
+from hpcflow.io.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hpcflow.io.ensemble import (
+    Ensemble,
+    EnsembleError,
+    SegmentWriter,
+    ensemble_info,
+    export_ildg,
+    measure_ensemble,
+    open_ensemble,
+)
+from hpcflow.io.ildg import ILDGError, read_ildg, write_ildg
+
+__all__ = [
+    "CheckpointError",
+    "Ensemble",
+    "EnsembleError",
+    "ILDGError",
+    "SegmentWriter",
+    "atomic_write_bytes",
+    "ensemble_info",
+    "export_ildg",
+    "load_checkpoint",
+    "measure_ensemble",
+    "open_ensemble",
+    "read_ildg",
+    "save_checkpoint",
+    "write_ildg",
+]

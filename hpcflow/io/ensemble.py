@@ -47,7 +47,9 @@ __all__ = [
     "SegmentWriter",
     "committed_segments",
     "ensemble_info",
+    "export_ildg",
     "field_checksum",
+    "measure_ensemble",
     "open_ensemble",
     "remove_uncommitted",
     "segment_path",
@@ -362,3 +364,51 @@ def ensemble_info(root: str | os.PathLike) -> str:
         else:
             lines.append(f"  chain {c:3d}: no committed configurations")
     return "\n".join(lines)
+
+
+def measure_ensemble(root: str | os.PathLike, chain: int | None = None) -> dict[str, dict[str, float]]:
+    """Gamma-method mean, error and tau_int of the stored per-row observables (``hpcflow measure``).
+
+    Chains are treated as replicas. Flow rows (finite ``log_w``) are also reweighted:
+    ``<O>_w = sum w O / sum w`` with its error from the ratio Gamma method.
+    """
+    from hpcflow.analysis import gamma_method, gamma_method_ratio
+
+    ens = open_ensemble(root)
+    chains = ens.chains if chain is None else [chain]
+    out: dict[str, dict[str, float]] = {}
+    recs = [ens.records(c) for c in chains]
+    recs = [r for r in recs if len(r["step"]) >= 2]
+    if not recs:
+        raise EnsembleError(f"{ens.root}: fewer than 2 committed configurations; nothing to measure")
+    for k in ("plaquette", "S"):
+        g = gamma_method([r[k] for r in recs] if len(recs) > 1 else recs[0][k])
+        out[k] = {"mean": g.mean, "error": g.error, "tau_int": g.tau_int, "n": int(sum(len(r[k]) for r in recs))}
+        lw = [r["log_w"] for r in recs]
+        if all(np.isfinite(x).all() for x in lw):
+            shift = max(float(x.max()) for x in lw)
+            w = [np.exp(x - shift) for x in lw]
+            num = [wi * r[k] for wi, r in zip(w, recs)]
+            gr = gamma_method_ratio(num if len(num) > 1 else num[0], w if len(w) > 1 else w[0])
+            out[k + "_reweighted"] = {"mean": gr.mean, "error": gr.error, "tau_int": gr.tau_int,
+                                      "n": out[k]["n"]}
+    out["acceptance"] = {"mean": float(np.mean(np.concatenate([r["accepted"] for r in recs]))),
+                         "error": float("nan"), "tau_int": float("nan"), "n": out["plaquette"]["n"]}
+    return out
+
+
+def export_ildg(root: str | os.PathLike, out: str | os.PathLike, index: int = -1, chain: int = 0,
+                overwrite: bool = False) -> tuple[int, int]:
+    """Write configuration ``index`` of ``chain`` (4D SU(3)) as an ILDG/LIME file (``hpcflow export``)."""
+    from hpcflow.io.ildg import write_ildg
+
+    ens = open_ensemble(root)
+    if chain not in ens.chains:
+        raise EnsembleError(f"{ens.root}: no chain {chain}; chains: {ens.chains}")
+    U = ens.config(chain, index)
+    r = ens.records(chain)
+    a = ens.attrs
+    i = index % len(r["step"])
+    info = {"beta": a.get("beta"), "step": int(r["step"][i]), "chain": chain, "plaquette": float(r["plaquette"][i]),
+            "seed": a.get("seed"), "algorithm": a.get("algorithm"), "hpcflow_version": a.get("hpcflow_version")}
+    return write_ildg(out, U.to(torch.complex128), info=info, overwrite=overwrite)
