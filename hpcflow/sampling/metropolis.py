@@ -33,6 +33,7 @@ __all__ = [
     "metropolis_accept",
     "metropolis_chain",
     "reweighted_mean",
+    "reweighted_mean_error",
     "write_history",
 ]
 
@@ -50,9 +51,17 @@ def ess_fraction(logw: np.ndarray) -> float:
 
 def reweighted_mean(obs: np.ndarray, logw: np.ndarray) -> float:
     """``<O> = sum w O / sum w`` with ``w = exp(log w)`` (self-normalised importance sampling)."""
+    return reweighted_mean_error(obs, logw)[0]
+
+
+def reweighted_mean_error(obs: np.ndarray, logw: np.ndarray) -> tuple[float, float]:
+    """Self-normalised importance-sampling mean and its delta-method error
+    ``sqrt(sum w^2 (O - <O>)^2) / sum w`` (independent proposals)."""
     logw = np.asarray(logw, dtype=np.float64)
+    o = np.asarray(obs, dtype=np.float64)
     w = np.exp(logw - logw.max())
-    return float((w * np.asarray(obs, dtype=np.float64)).sum() / w.sum())
+    mean = float((w * o).sum() / w.sum())
+    return mean, float(np.sqrt((w**2 * (o - mean) ** 2).sum()) / w.sum())
 
 
 def metropolis_accept(logw_prop: torch.Tensor, logw0: float, uniforms: torch.Tensor):
@@ -110,8 +119,9 @@ def metropolis_chain(
     ``state``: the incoming chain state ``{theta, S, logq, plaquette, Q}`` (default: the
     first proposal is accepted unconditionally, which is exact after that step for an
     independence sampler). Returns numpy arrays per step of the chain state (``S``, ``logq``,
-    ``logw``, ``plaquette``, ``Q``), the ``accepted`` flags, and the proposals' ``logw`` (for
-    importance-sampling estimates), plus ``state`` and ``next`` (the next proposal number).
+    ``logw``, ``plaquette``, ``Q``), the ``accepted`` flags, and the proposals' ``logw``,
+    ``plaquette``, ``Q`` (``proposal_*``, for importance-sampling estimates), plus ``state``
+    and ``next`` (the next proposal number).
     """
     n_steps, batch = int(n_steps), int(batch)
     if n_steps < 1:
@@ -119,7 +129,8 @@ def metropolis_chain(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     keys = ("S", "logq", "logw", "plaquette", "Q")
-    out: dict[str, list] = {k: [] for k in keys + ("accepted", "proposal_logw")}
+    extra = ("accepted", "proposal_logw", "proposal_plaquette", "proposal_Q")
+    out: dict[str, list] = {k: [] for k in keys + extra}
     cur = dict(state) if state is not None else None
     p = int(first)
     bar = None
@@ -139,7 +150,8 @@ def metropolis_chain(
             prev = np.nan if cur is None else float(cur[k])
             out[k].append(np.where(idx >= 0, v[np.maximum(idx, 0)], prev))
         out["accepted"].append(acc)
-        out["proposal_logw"].append(prop["logw"].detach().to(torch.float64).cpu().numpy())
+        for k in ("logw", "plaquette", "Q"):
+            out["proposal_" + k].append(prop[k].detach().to(torch.float64).cpu().numpy())
         if idx[-1] >= 0:
             j = int(idx[-1])
             cur = {k: prop[k][j].detach().clone() for k in ("theta",) + keys}
