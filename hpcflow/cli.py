@@ -41,6 +41,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
     t.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
 
+    s = sub.add_parser("sample", help="production sampling: worker chains into HDF5 ensembles, "
+                       "checkpoints, resume")
+    _add_config_args(s)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
+                   help="require a checkpoint and continue from it (default: continue if one exists)")
+    g.add_argument("--fresh", dest="resume", action="store_const", const=False,
+                   help="start new chains; refuse to touch an existing ensemble")
+
+    en = sub.add_parser("ensemble", help="inspect a stored ensemble")
+    en_sub = en.add_subparsers(dest="ensemble_command", metavar="ACTION")
+    en_info = en_sub.add_parser("info", help="lattice, chains, committed configurations, provenance")
+    en_info.add_argument("path", help="ensemble directory (<output.dir>/ensemble)")
+
+    m = sub.add_parser("measure", help="observables with Gamma-method errors (reweighted where "
+                       "log w is stored) from an ensemble")
+    m.add_argument("path", help="ensemble directory")
+    m.add_argument("--chain", type=int, default=None, help="only this chain")
+
+    x = sub.add_parser("export", help="export a configuration of an ensemble (ILDG/LIME)")
+    x.add_argument("path", help="ensemble directory")
+    x.add_argument("out", help="output file")
+    x.add_argument("--format", choices=("ildg",), default="ildg")
+    x.add_argument("--index", type=int, default=-1, help="configuration index in the chain (-1: last)")
+    x.add_argument("--chain", type=int, default=0)
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    im = sub.add_parser("import", help="read an ILDG file from another code: check it and measure it")
+    im.add_argument("path", help="ILDG/LIME file")
+    im.add_argument("--format", choices=("ildg",), default="ildg")
+
     c = sub.add_parser("config", help="print the resolved configuration, or the commented defaults")
     _add_config_args(c, required=False)
     c.add_argument("--defaults", action="store_true", help="print a complete commented default config")
@@ -57,6 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(msg: str) -> int:
     print(f"hpcflow: {msg}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """Errors about bad files (ensembles, checkpoints, ILDG): reported in one line, exit 2."""
+    from hpcflow.io import CheckpointError, EnsembleError, ILDGError
+    from hpcflow.io.lime import LimeError
+
+    return (CheckpointError, EnsembleError, ILDGError, LimeError)
+
+
+def _import_ildg(path: str) -> int:
+    import torch
+
+    from hpcflow.io import read_ildg
+    from hpcflow.lattice.action import average_plaquette
+    from hpcflow.lattice.geometry import Lattice
+
+    U, meta = read_ildg(path, verify=True)
+    lat = Lattice(tuple(U.shape[1:-2]))
+    out = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, list, tuple))}
+    out["plaquette"] = float(average_plaquette(U.to(torch.complex128), lat))
+    print(json.dumps(out, indent=2, default=str))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +145,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"L": args.L, "beta": args.beta, "plaquette": ex.plaquette, "Q2": ex.q2,
                               "chi_Q": ex.chi_q, **areas}, indent=2))
             return EXIT_OK
+        if args.command == "ensemble":
+            from hpcflow.io import ensemble_info
+
+            if args.ensemble_command != "info":
+                return _fail("ensemble: expected an action: info")
+            print(ensemble_info(args.path))
+            return EXIT_OK
+        if args.command == "measure":
+            from hpcflow.io import measure_ensemble
+
+            print(json.dumps(measure_ensemble(args.path, chain=args.chain), indent=2, default=float))
+            return EXIT_OK
+        if args.command == "export":
+            from hpcflow.io import export_ildg
+
+            suma, sumb = export_ildg(args.path, args.out, index=args.index, chain=args.chain,
+                                     overwrite=args.overwrite)
+            print(f"wrote {args.out} (ILDG, SciDAC checksum suma={suma:08x} sumb={sumb:08x})")
+            return EXIT_OK
+        if args.command == "import":
+            return _import_ildg(args.path)
         cfg = load_config(args.config, args.overrides)
+        if args.command == "sample":
+            from hpcflow.sampling.production import sample
+
+            return sample(cfg, resume=args.resume)
         if args.command == "run":
             from hpcflow.driver import run
 
@@ -102,8 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train(cfg, resume=args.resume).exit_code
     except ConfigError as e:
         return _fail(f"config error: {e}")
+    except _data_errors() as e:
+        return _fail(str(e))
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         return _fail(f"{e.filename}: {e.strerror}")
+    except BrokenPipeError:  # output piped into head & co.
+        return EXIT_OK
     except KeyboardInterrupt:
         print("hpcflow: interrupted", file=sys.stderr)
         return 130

@@ -353,7 +353,7 @@ def ensemble_info(root: str | os.PathLike) -> str:
               "mpi_version", "model_sha256"):
         if k in a:
             v = a[k]
-            lines.append(f"  {k:<16} {list(v) if isinstance(v, np.ndarray) else v}")
+            lines.append(f"  {k:<16} {v.tolist() if isinstance(v, np.ndarray) else v}")
     for c in ens.chains:
         r = ens.records(c)
         n = len(r["step"])
