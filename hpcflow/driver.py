@@ -58,7 +58,10 @@ def make_lattice(cfg: Config, comm: Any) -> Any:
     from hpcflow.lattice.geometry import Lattice
 
     if hasattr(comm, "local_lattice"):
-        return comm.local_lattice(cfg.lattice.shape, halo=1)
+        # the halo must cover the reach of every measured quantity: max(R, T) of the
+        # Wilson loops (updates and plaquettes need 1)
+        loops = [max(r, t) for r, t in cfg.measure.wilson_loops if max(r, t) <= min(cfg.lattice.shape)]
+        return comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
     return Lattice(cfg.lattice.shape)
 
 
@@ -103,6 +106,7 @@ class Measurer:
         from hpcflow.lattice.action import average_plaquette
 
         cfg, lat, comm = self.cfg, self.lat, self.comm
+        U = comm.exchange(U, lat)  # updates leave halos stale; observables read them
         m: dict[str, float] = {"plaquette": float(average_plaquette(U, lat, comm=comm))}
         for r, t in self.loops:
             m[f"W_{r}x{t}"] = float(obs.wilson_loop(U, lat, r, t, comm=comm))

@@ -92,7 +92,8 @@ def halo_surface(global_shape: Sequence[int], grid: Sequence[int]) -> int:
 def auto_grid(size: int, global_shape: Sequence[int]) -> tuple[int, ...]:
     """Grid of ``size`` ranks that divides the lattice with the smallest halo surface.
 
-    Ties go to the grid that splits the slowest dimensions first (contiguous slabs). Raises
+    Ties go to the grid with the thickest local blocks (room for wider halos), then to the
+    one that splits the slowest dimensions first (contiguous slabs). Raises
     ``ValueError`` when no grid of ``size`` ranks divides the lattice (e.g. more ranks than
     sites).
     """
@@ -109,7 +110,8 @@ def auto_grid(size: int, global_shape: Sequence[int]) -> tuple[int, ...]:
     for g in _factorisations(int(size), len(gs)):
         if any(gs[d] % g[d] for d in range(len(gs))):
             continue
-        key = (halo_surface(gs, g), tuple(-x for x in g))
+        dec = [gs[d] // g[d] for d in range(len(gs)) if g[d] > 1]
+        key = (halo_surface(gs, g), -min(dec, default=0), tuple(-x for x in g))
         if best_key is None or key < best_key:
             best, best_key = g, key
     if best is None:

@@ -79,9 +79,10 @@ def test_auto_grid_minimises_surface_and_rejects_impossible_sizes():
     for g in itertools.product([1, 2, 4, 8], repeat=4):
         if g[0] * g[1] * g[2] * g[3] == 8:
             assert halo_surface((16,) * 4, g) >= 6144
-    # ties go to the grid that splits the slowest dimensions first
-    assert best == (4, 2, 1, 1)
-    assert auto_grid(4, (16, 16, 16, 16)) == (4, 1, 1, 1)
+    # ties go to the thickest local blocks, then to splitting the slowest dimensions first
+    assert best == (2, 2, 2, 1)
+    assert auto_grid(4, (16, 16, 16, 16)) == (2, 2, 1, 1)
+    assert auto_grid(2, (4, 4, 4, 4)) == (2, 1, 1, 1)
     # only the second dimension can take a factor 3
     assert auto_grid(3, (4, 6)) == (1, 3)
     with pytest.raises(ValueError, match="more ranks than sites"):
