@@ -1,0 +1,27 @@
+#!/bin/bash
+# hpcflow with a plain mpirun (workstation, cloud VM, a site without a scheduler):
+#   jobs/mpirun.sh NRANKS CONFIG.yaml [train|sample|run]
+# With CHUNK_S set, each attempt gets SIGTERM after CHUNK_S seconds (hpcflow checkpoints and
+# exits 3) and is restarted with --resume: the same stop/resume cycle a batch system drives.
+# Ctrl-C / SIGTERM to this script stops for good (the checkpoint stays; rerun with --resume).
+set -uo pipefail
+n="${1:?usage: $0 NRANKS CONFIG.yaml [train|sample|run]}"
+config="${2:?usage: $0 NRANKS CONFIG.yaml [train|sample|run]}"
+cmd="${3:-run}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+stop=0
+trap 'stop=1' TERM INT
+resume=()
+while :; do
+  if [ -n "${CHUNK_S:-}" ]; then
+    timeout --signal=TERM --kill-after=120 "$CHUNK_S" mpirun -n "$n" hpcflow "$cmd" "$config" "${resume[@]}"
+  else
+    mpirun -n "$n" hpcflow "$cmd" "$config" "${resume[@]}"
+  fi
+  rc=$?
+  if [ "$rc" -eq 3 ] && [ "$stop" -eq 0 ]; then
+    resume=(--resume)   # "requeue": run again from the checkpoint
+    continue
+  fi
+  exit "$rc"
+done

@@ -1,0 +1,26 @@
+#!/bin/bash
+# hpcflow under PBS Pro / OpenPBS.   qsub -v CONFIG=run.yaml,CMD=run jobs/pbs.sh
+# PBS has no "signal before the limit": 'timeout' sends SIGTERM to mpirun MARGIN seconds
+# before the walltime (mpirun forwards it to the ranks); hpcflow checkpoints and exits 3,
+# and the job resubmits itself with RESUME=1 (qrerun would restart it without --resume).
+#PBS -N hpcflow
+#PBS -l select=2:ncpus=32:mpiprocs=32
+#PBS -l walltime=04:00:00
+#PBS -j oe
+#PBS -r y
+set -uo pipefail
+cd "${PBS_O_WORKDIR:-.}"
+config="${CONFIG:?qsub -v CONFIG=FILE.yaml}"
+cmd="${CMD:-run}"
+walltime_s="${WALLTIME_S:-14400}"   # keep equal to walltime above
+margin_s="${MARGIN_S:-300}"
+export OMP_NUM_THREADS=1
+resume=()
+[ "${RESUME:-0}" = 1 ] && resume=(--resume)
+timeout --signal=TERM --kill-after=120 "$((walltime_s - margin_s))" \
+  mpirun hpcflow "$cmd" "$config" "${resume[@]}"
+rc=$?
+if [ "$rc" -eq 3 ]; then
+  qsub -v "CONFIG=$config,CMD=$cmd,RESUME=1,WALLTIME_S=$walltime_s,MARGIN_S=$margin_s" "$0" && exit 0
+fi
+exit "$rc"

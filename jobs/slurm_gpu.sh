@@ -1,0 +1,25 @@
+#!/bin/bash
+# hpcflow on GPU nodes: one MPI rank per GPU (each rank sees its GPU as cuda:0).
+#   sbatch jobs/slurm_gpu.sh CONFIG.yaml [train|sample|run]
+#SBATCH --job-name=hpcflow-gpu
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-task=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=TERM@600
+#SBATCH --output=hpcflow.%j.out
+set -uo pipefail
+config="${1:?usage: sbatch $0 CONFIG.yaml [train|sample|run]}"
+cmd="${2:-run}"
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+resume=()
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && resume=(--resume)
+srun --mpi=pmix --gpu-bind=single:1 hpcflow "$cmd" "$config" --set device=cuda "${resume[@]}"
+rc=$?
+if [ "$rc" -eq 3 ]; then
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+exit "$rc"

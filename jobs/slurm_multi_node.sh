@@ -1,0 +1,26 @@
+#!/bin/bash
+# hpcflow on several nodes: the lattice is split over all ranks (grid: in the config, or
+# factorised from the number of ranks). Use --mpi=pmi2 where the site's MPI lacks PMIx.
+#   sbatch jobs/slurm_multi_node.sh CONFIG.yaml [train|sample|run]
+#SBATCH --job-name=hpcflow
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=32
+#SBATCH --cpus-per-task=1
+#SBATCH --time=12:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=TERM@600
+#SBATCH --output=hpcflow.%j.out
+set -uo pipefail
+config="${1:?usage: sbatch $0 CONFIG.yaml [train|sample|run]}"
+cmd="${2:-run}"
+mpi="${HPCFLOW_SRUN_MPI:-pmix}"   # pmix or pmi2
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+resume=()
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && resume=(--resume)
+srun --mpi="$mpi" hpcflow "$cmd" "$config" "${resume[@]}"
+rc=$?
+if [ "$rc" -eq 3 ]; then
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+exit "$rc"

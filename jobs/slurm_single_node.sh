@@ -1,0 +1,27 @@
+#!/bin/bash
+# hpcflow on one node: one MPI rank per core, domain-decomposed lattice.
+#   sbatch jobs/slurm_single_node.sh CONFIG.yaml [train|sample|run]
+# Time limit: Slurm sends SIGTERM to the ranks 300 s before the limit (--signal); hpcflow
+# checkpoints and exits 3, and the script requeues the job (same id); the rerun resumes.
+#SBATCH --job-name=hpcflow
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=16
+#SBATCH --cpus-per-task=1
+#SBATCH --time=04:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=TERM@300
+#SBATCH --output=hpcflow.%j.out
+set -uo pipefail
+config="${1:?usage: sbatch $0 CONFIG.yaml [train|sample|run]}"
+cmd="${2:-run}"
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+resume=()
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && resume=(--resume)
+srun --mpi=pmix hpcflow "$cmd" "$config" "${resume[@]}"
+rc=$?
+if [ "$rc" -eq 3 ]; then
+  # stopped with a checkpoint written: back into the queue, same job id
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+exit "$rc"
