@@ -29,16 +29,16 @@ __global__ void plaquette_re_tr_kernel(const cplx<T>* __restrict__ U, T* __restr
     site_coords<ND>(g, site, x);
     T* o = out + b * NP * g.nsites + site;
     if (!is_interior<ND>(g, x)) {
-HPCFLOW_UNROLL
+HPCFLOW_UNROLL_DIRS
         for (int p = 0; p < NP; ++p) o[p * g.nsites] = T(0);
         return;
     }
     const cplx<T>* Ub = U + b * ND * g.nsites * NN;
-HPCFLOW_UNROLL
+HPCFLOW_UNROLL_DIRS
     for (int mu = 0; mu < ND; ++mu) {
         const Mat<T, N> umu = load<T, N>(Ub + (mu * g.nsites + site) * NN);
         const long long xmu = neighbour<ND>(g, site, x, mu, +1);
-HPCFLOW_UNROLL
+HPCFLOW_UNROLL_DIRS
         for (int nu = mu + 1; nu < ND; ++nu) {
             const long long xnu = neighbour<ND>(g, site, x, nu, +1);
             const Mat<T, N> unu = load<T, N>(Ub + (nu * g.nsites + site) * NN);

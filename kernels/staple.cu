@@ -40,18 +40,18 @@ __global__ void staple_sum_kernel(const cplx<T>* __restrict__ U, const T* __rest
     if (!all_sites && !is_interior<ND>(g, x)) {
         Mat<T, N> z;
         set_zero<T, N>(z);
-HPCFLOW_UNROLL
+HPCFLOW_UNROLL_DIRS
         for (int mu = 0; mu < ND; ++mu) store<T, N>(ob + (mu * g.nsites + site) * NN, z);
         return;
     }
     const cplx<T>* Ub = U + b * ND * g.nsites * NN;
     const T* wb = w ? w + b * NP * g.nsites : w;
-HPCFLOW_UNROLL
+HPCFLOW_UNROLL_DIRS
     for (int mu = 0; mu < ND; ++mu) {
         const long long xmu = neighbour<ND>(g, site, x, mu, +1);
         Mat<T, N> acc;
         set_zero<T, N>(acc);
-HPCFLOW_UNROLL
+HPCFLOW_UNROLL_DIRS
         for (int nu = 0; nu < ND; ++nu) {
             if (nu == mu) continue;
             const int p = mu < nu ? plane_index<ND>(mu, nu) : plane_index<ND>(nu, mu);

@@ -19,11 +19,16 @@
 #endif
 #endif
 
-// Full unrolling of the compile-time N and ND loops (nvcc/NVRTC and g++ spell it apart).
+// Full unrolling of the compile-time matrix loops (nvcc/NVRTC and g++ spell it apart).
+// Direction loops (mu, nu) are unrolled on the GPU, where it turns plane indices into
+// constants and keeps link matrices in registers, but not on the CPU: the fully unrolled
+// 4D staple kernel is ~3x larger and measured 1.7x slower there (instruction cache).
 #ifdef __CUDACC__
 #define HPCFLOW_UNROLL _Pragma("unroll")
+#define HPCFLOW_UNROLL_DIRS _Pragma("unroll")
 #else
 #define HPCFLOW_UNROLL _Pragma("GCC unroll 16")
+#define HPCFLOW_UNROLL_DIRS
 #endif
 
 namespace hpcflow {
