@@ -16,6 +16,7 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from hpcflow.lattice.geometry import Lattice
@@ -57,8 +58,9 @@ def _cupy() -> Any:
 
 
 @functools.cache
-def get_kernel(kind: str, n: int, real: str, nd: int) -> Any:
-    """Compiled ``cupy.RawKernel`` for ``kind`` in {'plaquette', 'staple'} (cached)."""
+def get_kernel(kind: str, n: int, real: str, nd: int, device: int = 0) -> Any:
+    """Compiled ``cupy.RawKernel`` for ``kind`` in {'plaquette', 'staple'}, cached per
+    (kernel, N, real type, Nd, device); call it with ``device`` current in cupy."""
     if kind not in _KERNELS:
         raise ValueError(f"kind must be one of {sorted(_KERNELS)}, got {kind!r}")
     cp = _cupy()
@@ -80,8 +82,6 @@ def _cuda_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
 
 
 def _geom_args(info: FieldInfo) -> list[Any]:
-    import numpy as np
-
     ext = list(info.ext) + [1] * (4 - info.nd)
     halo = list(info.halo) + [0] * (4 - info.nd)
     return [np.int32(e) for e in ext] + [np.int32(h) for h in halo]
@@ -92,6 +92,8 @@ def _on_torch_stream(U: torch.Tensor) -> Iterator[Any]:
     """cupy's device and current stream set to torch's current stream for ``U``: DLPack
     hand-over and launches are then ordered with the surrounding torch work."""
     cp = _cupy()
+    if not torch.cuda.is_available():  # pragma: no cover - depends on the machine
+        raise RuntimeError("backend 'cuda' needs a CUDA GPU, and torch sees none")
     stream = torch.cuda.current_stream(U.device)
     with cp.cuda.Device(U.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
         yield cp
@@ -103,8 +105,6 @@ def _grid(total: int) -> tuple[int]:
 
 def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
     """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites."""
-    import numpy as np
-
     info = _cuda_info(U, lat)
     u = as_kernel_input(U)
     out = torch.empty(
@@ -112,8 +112,8 @@ def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
     )
     if info.nbatch == 0:
         return out
-    k = get_kernel("plaquette", info.n, info.real, info.nd)
     with _on_torch_stream(U) as cp:
+        k = get_kernel("plaquette", info.n, info.real, info.nd, U.device.index)
         args = (cp.from_dlpack(u), cp.from_dlpack(out), np.int64(info.nbatch), *_geom_args(info))
         k(_grid(info.nbatch * info.nsites), (BLOCK,), args)
     return out
@@ -127,16 +127,14 @@ def staple_sum(
     dagger: bool = False,
 ) -> torch.Tensor:
     """Staple sum ``A_mu(x)`` (shape of U); arguments as in :func:`hpcflow.kernels.host.staple_sum`."""
-    import numpy as np
-
     info = _cuda_info(U, lat)
     u = as_kernel_input(U)
     w = check_weights(weights, U, info) if weights is not None else None
     out = torch.empty_like(u)
     if info.nbatch == 0:
         return out
-    k = get_kernel("staple", info.n, info.real, info.nd)
     with _on_torch_stream(U) as cp:
+        k = get_kernel("staple", info.n, info.real, info.nd, U.device.index)
         # A null weight pointer selects unit weights (plain staple sum).
         w_arg = cp.from_dlpack(w) if w is not None else np.uint64(0)
         args = (cp.from_dlpack(u), w_arg, cp.from_dlpack(out), np.int64(info.nbatch),
