@@ -212,54 +212,116 @@ def _baseline_updater(cfg: Config, lat: Any, comm: Any, rng: Any) -> Callable:
     raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; allowed here: hmc, heatbath")
 
 
+def _run_fingerprint(cfg: Config, comm: Any) -> str:
+    """What must match for a resumed ``hpcflow run`` to continue the same chain."""
+    from hpcflow.config import config_to_dict
+    from hpcflow.io.checkpoint import config_fingerprint
+
+    d = config_to_dict(cfg)
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("n_steps", "progress")}
+    d["ranks"] = comm.size
+    return config_fingerprint(d, ("lattice", "group", "action", "algorithm", "seed", "precision",
+                                  "grid", "hmc", "heatbath", "measure", "run", "ranks"))
+
+
 def run_baseline(cfg: Config, comm: Any = None, resume: bool = False) -> RunResult:
-    """HMC or heat-bath chain with measurements, history and summary."""
-    from hpcflow.lattice.groups import cold_field, random_field, get_group
+    """HMC or heat-bath chain with measurements, history, summary, checkpoints and resume.
+
+    Every ``sample.checkpoint_every`` steps, and when SIGTERM/SIGUSR1/SIGINT arrives, each
+    rank writes its local field, the step and (rank 0) the measurements so far to
+    ``<output.dir>/checkpoints/run.rank<R>.ckpt`` (atomic). ``--resume`` continues from there
+    (the RNG is counter-based, so the step is the whole RNG state) and the result equals an
+    uninterrupted run; without a checkpoint it starts fresh. A stop by signal exits with 3.
+    """
+    from hpcflow.cli import EXIT_RESUMABLE
+    from hpcflow.io.checkpoint import load_checkpoint, save_checkpoint
+    from hpcflow.lattice.groups import cold_field, get_group, random_field
     from hpcflow.rng import CounterRNG
+    from hpcflow.signals import StopFlag
 
     comm = make_comm(cfg) if comm is None else comm
-    if resume:
-        raise ConfigError(f"{cfg.source}: --resume: chain checkpoints for '{cfg.algorithm}' runs are not "
-                          "implemented yet; rerun without --resume")
     out = _prepare_output(cfg, comm)
     lat = make_lattice(cfg, comm)
     cdtype, _ = dtypes(cfg)
     device = torch.device(cfg.device)
     group = get_group(cfg.group)
     rng = CounterRNG(cfg.seed, stream=0)
-    if cfg.run.start == "hot":
-        U = random_field(lat, group, rng, step=0, dtype=cdtype, device=device)
+    ckpt_dir = os.path.join(out, "checkpoints")
+    ckpt = os.path.join(ckpt_dir, f"run.rank{comm.rank}.ckpt")
+    fp = _run_fingerprint(cfg, comm)
+    records: list[dict] = []
+    first = 1
+    have = torch.tensor(float(os.path.exists(ckpt)))
+    n_have = int(comm.sum(have.clone()))
+    if resume and 0 < n_have < comm.size:
+        raise ConfigError(f"{ckpt_dir}: --resume: checkpoints exist for {n_have} of {comm.size} ranks; "
+                          "resume with the same number of ranks and grid")
+    if resume and n_have == comm.size:
+        state = load_checkpoint(ckpt, fingerprint=fp)
+        U = state["U"].to(device=device, dtype=cdtype)
+        first = int(state["step"]) + 1
+        records = list(state.get("records", []))
+        if comm.is_root:
+            print(f"hpcflow: resuming {cfg.algorithm} chain at step {first} from {ckpt_dir}")
     else:
-        U = cold_field(lat, group, dtype=cdtype, device=device)
+        if resume and comm.is_root:
+            print(f"hpcflow: --resume: no checkpoint in {ckpt_dir}; starting a fresh chain")
+        if cfg.run.start == "hot":
+            U = random_field(lat, group, rng, step=0, dtype=cdtype, device=device)
+        else:
+            U = cold_field(lat, group, dtype=cdtype, device=device)
     update = _baseline_updater(cfg, lat, comm, rng)
     measure = Measurer(cfg, lat, comm)
     total = cfg.run.n_therm + cfg.run.n_steps
-    records: list[dict] = []
     hist_path = os.path.join(out, "history.jsonl")
-    fh = open(hist_path, "w", encoding="utf-8") if comm.is_root else None
+    fh = None
+    if comm.is_root:  # the history always equals the checkpointed records plus what follows
+        fh = open(hist_path, "w", encoding="utf-8")
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+        fh.flush()
+
+    def checkpoint(step: int) -> None:
+        if comm.is_root:
+            os.makedirs(ckpt_dir, exist_ok=True)
+        comm.sum(torch.zeros(()))  # directory exists before any rank writes
+        save_checkpoint(ckpt, {"U": U.cpu(), "step": step,
+                               "records": records if comm.is_root else []}, fingerprint=fp)
+
     t0 = time.perf_counter()
     bar = _progress(total, cfg.run.progress and comm.is_root, cfg.algorithm)
+    bar.update(first - 1)
+    stopped = None
     try:
-        for step in range(1, total + 1):
-            # RNG counter 'step' is the Markov step: decomposition-independent and resumable
-            U, info = update(U, step)
-            bar.update(1)
-            if step > cfg.run.n_therm and (step - cfg.run.n_therm) % cfg.run.measure_every == 0:
-                rec = {"step": step, **measure(U), **info}
-                records.append(rec)
-                if fh is not None:
-                    fh.write(json.dumps(rec) + "\n")
-                    fh.flush()
-                if "accepted" in rec:
-                    bar.set_postfix(plaq=f"{rec['plaquette']:.4f}", acc=f"{rec['accepted']:.0f}")
-                else:
+        with StopFlag() as flag:
+            for step in range(first, total + 1):
+                # RNG counter 'step' is the Markov step: decomposition-independent and resumable
+                U, info = update(U, step)
+                bar.update(1)
+                if step > cfg.run.n_therm and (step - cfg.run.n_therm) % cfg.run.measure_every == 0:
+                    rec = {"step": step, **measure(U), **info}
+                    records.append(rec)
+                    if fh is not None:
+                        fh.write(json.dumps(rec) + "\n")
+                        fh.flush()
                     bar.set_postfix(plaq=f"{rec['plaquette']:.4f}")
+                # every rank must agree to stop at the same step
+                stop = float(comm.max(torch.tensor(float(flag.stop_requested)))) > 0
+                if stop or step % cfg.sample.checkpoint_every == 0 or step == total:
+                    checkpoint(step)
+                if stop and step < total:
+                    stopped = (step, flag.signal_name or "signal")
+                    break
     finally:
         bar.close()
         if fh is not None:
             fh.close()
+    if stopped is not None:
+        if comm.is_root:
+            print(f"hpcflow: stopped by {stopped[1]} after step {stopped[0]}; checkpoint written to "
+                  f"{ckpt_dir}; rerun with --resume to continue")
+        return RunResult(EXIT_RESUMABLE, {})
     elapsed = time.perf_counter() - t0
-    return _finish(cfg, comm, records, elapsed, total, out)
+    return _finish(cfg, comm, records, elapsed, total - first + 1, out)
 
 
 def _finish(cfg: Config, comm: Any, records: list[dict], elapsed: float, n_updates: int,
