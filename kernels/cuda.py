@@ -30,7 +30,16 @@ from ._common import (
     real_dtype,
 )
 
-__all__ = ["BLOCK", "cupy_available", "get_kernel", "plaquette_re_tr", "staple_sum"]
+__all__ = [
+    "BLOCK",
+    "NVRTC_OPTIONS",
+    "cupy_available",
+    "get_kernel",
+    "kernel_source",
+    "name_expression",
+    "plaquette_re_tr",
+    "staple_sum",
+]
 
 #: Threads per block; one thread per site.
 BLOCK = 128
@@ -57,18 +66,33 @@ def _cupy() -> Any:
     return cupy
 
 
+def kernel_source(kind: str) -> str:
+    """File name of the source holding ``kind`` in {'plaquette', 'staple'}."""
+    if kind not in _KERNELS:
+        raise ValueError(f"kind must be one of {sorted(_KERNELS)}, got {kind!r}")
+    return _KERNELS[kind][0]
+
+
+def name_expression(kind: str, n: int, real: str, nd: int) -> str:
+    """The template instance CuPy asks NVRTC for, e.g. ``hpcflow::staple_sum_kernel<double, 3, 4>``."""
+    if kind not in _KERNELS:
+        raise ValueError(f"kind must be one of {sorted(_KERNELS)}, got {kind!r}")
+    return f"{_KERNELS[kind][1]}<{real}, {n}, {nd}>"
+
+
+#: NVRTC options of the loader (the include path finds su_n.cuh).
+NVRTC_OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
 @functools.cache
 def get_kernel(kind: str, n: int, real: str, nd: int, device: int = 0) -> Any:
     """Compiled ``cupy.RawKernel`` for ``kind`` in {'plaquette', 'staple'}, cached per
     (kernel, N, real type, Nd, device); call it with ``device`` current in cupy."""
-    if kind not in _KERNELS:
-        raise ValueError(f"kind must be one of {sorted(_KERNELS)}, got {kind!r}")
+    expr = name_expression(kind, n, real, nd)
     cp = _cupy()
-    src, name = _KERNELS[kind]
-    expr = f"{name}<{real}, {n}, {nd}>"
     mod = cp.RawModule(
-        code=(KERNEL_DIR / src).read_text(),
-        options=("-std=c++17", f"-I{KERNEL_DIR}"),
+        code=(KERNEL_DIR / kernel_source(kind)).read_text(),
+        options=NVRTC_OPTIONS,
         name_expressions=(expr,),
     )
     return mod.get_function(expr)
