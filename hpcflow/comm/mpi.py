@@ -78,8 +78,12 @@ class _Wire:
 
     def send(self, t: torch.Tensor) -> tuple[Any, torch.Tensor]:
         t = t.detach().resolve_conj().resolve_neg().contiguous()
-        if t.device.type != "cpu" and not self.gpu_aware:
-            t = t.cpu()
+        if t.device.type != "cpu":
+            if not self.gpu_aware:
+                t = t.cpu()  # host staging (synchronises with the producing stream)
+            else:
+                # MPI reads device memory outside torch's streams: finish pending kernels
+                torch.cuda.synchronize(t.device)
         return self._buf(t), t
 
     def recv(self, shape: Sequence[int], like: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -491,7 +495,7 @@ class LatticeComm:
     def gather_field(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
         """The global field assembled from every rank's interior, on every rank."""
         check_field(f, lat, inner)
-        mine = (lat.origin, f[lat.interior_slices(inner)].detach().cpu().numpy())
+        mine = (lat.origin, f[lat.interior_slices(inner)].detach().resolve_conj().cpu().numpy())
         parts = self.comm.allgather(mine)
         lead = tuple(f.shape[: f.dim() - inner - lat.nd])
         tail = tuple(f.shape[f.dim() - inner :])
