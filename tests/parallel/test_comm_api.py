@@ -159,3 +159,43 @@ def test_rank_logger_levels_and_files(collective):
         collective(ok, "rank logger")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.mpi
+def test_any_error_raises_on_every_rank(collective):
+    """An exception on one rank only becomes an exception on all ranks (no hang)."""
+    lc = LatticeComm.create((2 * SIZE, 2))
+    mine = ValueError("bad input on the last rank") if RANK == SIZE - 1 else None
+    raised = None
+    try:
+        lc.any_error(mine)
+    except (ValueError, RuntimeError) as exc:
+        raised = str(exc)
+    lc.any_error(None)  # no error anywhere: returns on every rank
+    want = "bad input on the last rank"
+    collective(raised is not None and want in raised, f"any_error raised {raised!r}")
+
+
+@pytest.mark.mpi
+def test_exchange_rejects_bad_input(collective):
+    """Wrong site extents, too wide a width or a foreign lattice give a clear ValueError."""
+    lc = LatticeComm.create((4, 2 * SIZE))
+    lat = lc.local_lattice(halo=1, pad_all=True)
+    f = torch.zeros(2, *lat.shape, 1, 1, dtype=torch.complex128)
+    msgs = []
+    for call in (
+        lambda: lc.exchange(torch.zeros(2, 3, 3, 1, 1), lat),
+        lambda: lc.exchange(f, lat, width=2),
+        lambda: lc.exchange(f, lat, width=0),
+        lambda: lc.local_lattice((8, 8)),
+    ):
+        try:
+            call()
+            msgs.append(None)
+        except ValueError as exc:
+            msgs.append(str(exc))
+    ok = msgs[0] is not None and "site extents" in msgs[0]
+    ok = ok and msgs[1] is not None and "at most the lattice halo 1" in msgs[1]
+    ok = ok and msgs[2] is not None and "width must be an int >= 1" in msgs[2]
+    ok = ok and msgs[3] is not None and "differs from the process grid" in msgs[3]
+    collective(ok, f"error messages {msgs}")
