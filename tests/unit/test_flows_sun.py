@@ -41,13 +41,18 @@ def _cfg(kernel: str = "spline", n_layers: int = 8, **kw) -> SimpleNamespace:
     return SimpleNamespace(**base)
 
 
-def _sharpen(module: torch.nn.Module, factor: float = 2.0) -> None:
-    """Scale the last convolution of every layer: O(1) kernel parameters make each check
-    non-trivial (the default init is close to the identity) without an ill-conditioned map."""
+def _sharpen(module: torch.nn.Module, scale: float = 1.0, seed: int = 99) -> None:
+    """Random last convolution of every layer (the builder zero-initialises it, making each
+    layer the identity), normalised by its fan-in: O(1) kernel parameters make every check
+    non-trivial without an ill-conditioned map."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in module.layers if hasattr(module, "layers") else [module]:
-            for p in layer.net.convs[-1].parameters():
-                p.mul_(factor)
+            conv = layer.net.convs[-1]
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(scale / math.sqrt(fan_in) * torch.randn(conv.weight.shape, generator=gen,
+                                                                      dtype=torch.float64))
+            conv.bias.copy_(0.5 * scale * torch.randn(conv.bias.shape, generator=gen, dtype=torch.float64))
 
 
 def _layer(group: str, shape, mu: int, nu: int, off: int, kernel: str = "spline",
