@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from hpcflow.lattice.geometry import Lattice
+if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (dispatch)
+    from hpcflow.lattice.geometry import Lattice
 
 __all__ = ["KERNEL_DIR", "FieldInfo", "as_kernel_input", "check_weights", "field_info", "real_dtype"]
 

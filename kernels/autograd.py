@@ -15,11 +15,13 @@ Second derivatives are not provided (``once_differentiable``): use backend 'torc
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from hpcflow.lattice.geometry import Lattice
+if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (dispatch)
+    from hpcflow.lattice.geometry import Lattice
 
 from ._common import real_dtype
 

@@ -14,12 +14,13 @@ import contextlib
 import functools
 import importlib.util
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from hpcflow.lattice.geometry import Lattice
+if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (dispatch)
+    from hpcflow.lattice.geometry import Lattice
 
 from ._common import (
     KERNEL_DIR,

@@ -16,10 +16,12 @@ by the reference.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
-from hpcflow.lattice.geometry import Lattice
+if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (dispatch)
+    from hpcflow.lattice.geometry import Lattice
 
 from .autograd import PlaquetteField, PlaquetteSum
 

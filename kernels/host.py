@@ -21,10 +21,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from hpcflow.lattice.geometry import Lattice
+if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (dispatch)
+    from hpcflow.lattice.geometry import Lattice
 
 from ._common import (
     KERNEL_DIR,

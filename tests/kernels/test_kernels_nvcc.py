@@ -48,3 +48,18 @@ def test_ptx_builds_without_warnings(tmp_path: Path, src: str, arch: str):
     ptx = out.read_text()
     assert f".target {arch}" in ptx
     assert ".entry" in ptx  # the instantiated kernels are really in the module
+
+
+@pytest.mark.parametrize("src", SOURCES)
+def test_no_register_spills_sm90(tmp_path: Path, src: str):
+    """ptxas (sm_90) fits every instance in registers: no spill stores or loads, which
+    would turn the memory-bound kernels into local-memory-bound ones."""
+    cmd = [_nvcc(), "-cubin", "-arch=sm_90", "-std=c++17", "-DHPCFLOW_PTX_CHECK",
+           "-Xptxas", "-v", "-I", str(KERNEL_DIR), str(KERNEL_DIR / src),
+           "-o", str(tmp_path / "k.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    spills = [ln.strip() for ln in res.stderr.splitlines() if "spill" in ln]
+    assert len(spills) == 12, res.stderr  # one report per (real type, N, Nd) instance
+    assert all(ln.endswith("0 bytes spill stores, 0 bytes spill loads")
+               or "0 bytes spill stores, 0 bytes spill loads" in ln for ln in spills), spills
