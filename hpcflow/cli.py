@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("path", help="ILDG/LIME file")
     im.add_argument("--format", choices=("ildg",), default="ildg")
 
+    cp = sub.add_parser("campaign", help="expand, submit and follow a Slurm campaign (see docs/HPC.md)",
+                        add_help=False)
+    cp.add_argument("campaign_args", nargs=argparse.REMAINDER,
+                    help="[submit] CAMPAIGN.yaml [--dry-run] | status CAMPAIGN.yaml [--json]")
+
     c = sub.add_parser("config", help="print the resolved configuration, or the commented defaults")
     _add_config_args(c, required=False)
     c.add_argument("--defaults", action="store_true", help="print a complete commented default config")
@@ -116,6 +121,11 @@ def _import_ildg(path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from hpcflow.config import ConfigError, default_yaml, load_config, to_yaml
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["campaign"]:  # its own parser (hpcflow.campaign), options included
+        from hpcflow.campaign import main as campaign_main
+
+        return campaign_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -9,6 +9,7 @@ number of measurements and the exact value where one is known.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -61,8 +62,9 @@ def make_lattice(cfg: Config, comm: Any) -> Any:
         # the halo must cover the reach of every measured quantity: max(R, T) of the
         # Wilson loops (updates and plaquettes need 1)
         loops = [max(r, t) for r, t in cfg.measure.wilson_loops if max(r, t) <= min(cfg.lattice.shape)]
-        return comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
-    return Lattice(cfg.lattice.shape)
+        lat = comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
+        return dataclasses.replace(lat, backend=cfg.backend)
+    return Lattice(cfg.lattice.shape, backend=cfg.backend)
 
 
 def exact_values(cfg: Config) -> dict[str, dict]:

