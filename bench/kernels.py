@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from hpcflow.kernels import host
 
+from hpcflow.kernels import host
 from hpcflow.lattice.action import plaquette_re_tr_torch, staple_sum_torch
 from hpcflow.lattice.geometry import Lattice
 

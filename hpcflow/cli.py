@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_RESUMABLE"]
 

@@ -18,8 +18,9 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 

@@ -37,7 +37,7 @@ def mpi_info() -> dict:
         return info
     info["mpi4py"] = mpi4py.__version__
     info["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
-    info["mpi_standard"] = "%d.%d" % MPI.Get_version()
+    info["mpi_standard"] = "{}.{}".format(*MPI.Get_version())
     aware = None
     query = getattr(MPI, "Query_cuda_support", None)
     if query is not None:

@@ -9,8 +9,8 @@ decomposed code exchanges halos, runs the very same physics, and keeps the inter
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

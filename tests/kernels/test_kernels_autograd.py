@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hpcflow.kernels import host
 from hpcflow.kernels.autograd import PlaquetteField, PlaquetteSum
-
 from hpcflow.lattice.action import plaquette_re_tr_torch
 from hpcflow.lattice.geometry import Lattice
 

@@ -6,6 +6,7 @@ import multiprocessing as mp
 from pathlib import Path
 
 import pytest
+
 from hpcflow.kernels import host
 
 

@@ -9,8 +9,8 @@ import importlib.util
 
 import pytest
 import torch
-from hpcflow.kernels import dispatch
 
+from hpcflow.kernels import dispatch
 from hpcflow.lattice.action import plaquette_re_tr_torch, staple_sum_torch
 from hpcflow.lattice.geometry import Lattice
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 
 import torch
+
 from hpcflow.kernels import host
 from hpcflow.kernels.autograd import PlaquetteSum
-
 from hpcflow.lattice.geometry import Lattice
 
 

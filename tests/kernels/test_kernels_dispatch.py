@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hpcflow.kernels import dispatch
 
+from hpcflow.kernels import dispatch
 from hpcflow.lattice.geometry import Lattice
 
 

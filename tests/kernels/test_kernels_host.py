@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hpcflow.kernels import host
 
+from hpcflow.kernels import host
 from hpcflow.lattice.action import plaquette_re_tr_torch, staple_sum_torch
 from hpcflow.lattice.geometry import Lattice
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from hpcflow.kernels._common import KERNEL_DIR
 
 SOURCES = sorted(p.name for p in KERNEL_DIR.glob("*.cu"))

@@ -16,6 +16,7 @@ import importlib.util
 import os
 
 import pytest
+
 from hpcflow.kernels import cuda
 from hpcflow.kernels._common import KERNEL_DIR
 

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
-from pathlib import Path
 
 from hpcflow.cli import EXIT_BAD_INPUT, main
 

@@ -59,7 +59,9 @@ def test_set_overrides(tmp_path):
 
 def test_frozen():
     cfg = Config()
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
 
 

@@ -94,7 +94,7 @@ def test_checkerboard_links_updated_together_share_no_staple(name, shape):
     rng = CounterRNG(2)
     U = random_field(lat, g, rng, 0)
     R = random_field(lat, g, rng, 1)
-    for mu, p, mask in checkerboard_masks(lat):
+    for mu, _parity, mask in checkerboard_masks(lat):
         A0 = staple_mu(U, lat, mu)[mask]
         V = U.clone()
         V[mu][mask] = (R[mu] @ U[mu])[mask]
