@@ -10,6 +10,16 @@ counter ``s``; after ``run.n_therm`` steps every ``run.measure_every``-th config
 stored, ``run.n_steps`` steps in all after thermalisation. Stored rows go into segment
 files of ``sample.checkpoint_every`` rows (``hpcflow.io.ensemble``).
 
+Flow and mixed chains (``algorithm: flow | mixed``): the model is loaded from
+``<output.dir>/train/checkpoint.pt`` (written by ``hpcflow train``; its sha256 goes into
+the file attributes and the chain checkpoint); ``sample.n_therm`` + ``sample.n_steps``
+Markov steps, independence Metropolis with aligned proposal batches, optionally in the
+``mixed.pattern`` with heat bath/HMC (:class:`_FlowUpdates`). Rows carry ``S``, ``log q``,
+``log w = -S - log q``, the accepted flag and the plaquette. The chain checkpoint holds the
+Metropolis state (current configuration in the model's variables, ``S``, ``log q``,
+``log w``) and the next proposal number. Until the domain-decomposed flow (issue #7)
+exists, flow chains run on one rank per worker group (data-parallel chains).
+
 Commit protocol (two phases, the rename of the segment is the commit point):
 
 1. the segment is flushed, closed and fsynced under its temporary name; the chain
@@ -34,7 +44,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,17 +68,25 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_OK",
     "EXIT_RESUMABLE",
+    "FLOW_ALGORITHMS",
+    "LOCAL_STREAM_OFFSET",
     "ChainRunner",
     "chain_checkpoint_path",
     "ensemble_attrs",
     "ensemble_dir",
+    "load_model",
     "main",
+    "model_checkpoint_path",
     "sample",
 ]
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_RESUMABLE = 3  # == hpcflow.cli.EXIT_RESUMABLE: "stopped, checkpoint written, rerun to continue"
+FLOW_ALGORITHMS = ("flow", "mixed")
+# local updates (heat bath, HMC) of mixed chain c draw from stream LOCAL_STREAM_OFFSET + c, so
+# they never reuse a number of the flow proposals/accepts (stream c) of any chain
+LOCAL_STREAM_OFFSET = 2**32
 
 # Keys whose change makes a checkpoint belong to another run. run.n_steps is left out so a
 # finished chain can be extended; sample.checkpoint_every only moves segment boundaries.
@@ -94,7 +111,13 @@ def _fingerprint(cfg: Config) -> str:
     flat["n_therm"] = d["run"]["n_therm"]
     flat["measure_every"] = d["run"]["measure_every"]
     flat["start"] = d["run"]["start"]
-    return config_fingerprint(flat, _FINGERPRINT_KEYS)
+    keys = _FINGERPRINT_KEYS
+    if cfg.algorithm in FLOW_ALGORITHMS:
+        # the proposal batch is in: batched forward passes need not be bitwise batch-independent
+        flat.update(flow=d["flow"], mixed=d["mixed"], sample_n_therm=d["sample"]["n_therm"],
+                    batch=d["sample"]["batch"])
+        keys = keys + ("flow", "mixed", "sample_n_therm", "batch")
+    return config_fingerprint(flat, keys)
 
 
 def ensemble_attrs(cfg: Config, chain: int, comm: Any, model_sha256: str = "") -> dict[str, Any]:
@@ -175,15 +198,245 @@ class _Serial:
         return f
 
 
+class _LocalUpdates:
+    """HMC or heat bath + overrelaxation on the group's (domain-decomposed) link field."""
+
+    def __init__(self, cfg: Config, lat: Any, comm: Any, rng: Any, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        from hpcflow.lattice.groups import get_group
+
+        self.cfg, self.lat, self.comm, self.rng = cfg, lat, comm, rng
+        self.group = get_group(cfg.group)
+        self.dtype, self.device = dtype, device
+        beta = cfg.action.beta
+        if cfg.algorithm == "hmc":
+            from hpcflow.sampling.hmc import HMC
+
+            self._hmc = HMC(lat, self.group, beta, cfg.hmc.n_steps, cfg.hmc.tau, cfg.hmc.integrator, rng,
+                            comm=comm, lam=cfg.hmc.lam)
+        self.U: torch.Tensor | None = None
+
+    def start(self, st: dict[str, Any] | None) -> None:
+        from hpcflow.comm.fields import local_from_global
+        from hpcflow.lattice.groups import cold_field, random_field
+
+        if st is None:
+            if self.cfg.run.start == "hot":
+                self.U = random_field(self.lat, self.group, self.rng, step=0, dtype=self.dtype,
+                                      device=self.device)
+            else:
+                self.U = cold_field(self.lat, self.group, dtype=self.dtype, device=self.device)
+            return
+        Ug = st["U"].to(self.dtype)
+        self.U = (local_from_global(Ug, self.lat) if self.comm.size > 1 else Ug).to(self.device)
+
+    def advance(self, step: int) -> bool:
+        from hpcflow.sampling.heatbath import heatbath_sweep, overrelax_sweep
+
+        assert self.U is not None
+        if self.cfg.algorithm == "hmc":
+            self.U, acc, _ = self._hmc.trajectory(self.U, step)
+            return bool(acc)
+        beta = self.cfg.action.beta
+        U = heatbath_sweep(self.U, self.lat, self.group, beta, self.rng, step, comm=self.comm)
+        for _ in range(self.cfg.heatbath.n_overrelax):
+            U = overrelax_sweep(U, self.lat, self.group, beta, comm=self.comm)
+        self.U = U
+        return True
+
+    def row(self) -> tuple[torch.Tensor, dict[str, float]]:
+        from hpcflow.lattice.action import average_plaquette, wilson_action
+
+        assert self.U is not None
+        self.U = self.comm.exchange(self.U, self.lat)  # valid halos for the measurements
+        S = float(wilson_action(self.U, self.lat, self.cfg.action.beta, comm=self.comm))
+        plaq = float(average_plaquette(self.U, self.lat, comm=self.comm))
+        return self.U, {"S": S, "log_q": math.nan, "log_w": math.nan, "plaquette": plaq}
+
+    def state(self) -> dict[str, Any]:
+        assert self.U is not None
+        Ug = self.comm.gather_field(self.U, self.lat) if self.comm.size > 1 else self.U
+        return {"U": Ug.detach().cpu().clone()}
+
+
+class _FlowUpdates:
+    """Independence Metropolis with flow proposals, alone or in a mixed pattern with local updates.
+
+    Markov step ``s`` (1-based) is ``pattern[(s - 1) % len(pattern)]`` (``("flow",)`` for
+    ``algorithm: flow``). Flow step number ``p`` (0-based, over the chain) uses proposal
+    ``p``: prior draws keyed on (global link, ``p``) and the accept uniform at index ``p``,
+    step ``ACCEPT_STEP``, of ``CounterRNG(seed, stream=chain)``; it accepts with probability
+    ``min(1, w'/w)``, ``log w = -S - log q`` (ALGORITHMS.md). Proposals are drawn in batches
+    aligned to multiples of ``sample.batch`` (proposal ``p`` lies in batch ``p // batch``
+    whatever the stop/resume history), so a resumed chain evaluates every proposal in the
+    same forward pass as an uninterrupted one: bit-identical. Heat bath/HMC steps use
+    ``CounterRNG(seed, stream=LOCAL_STREAM_OFFSET + chain)`` keyed on ``s``; after them the
+    state did not come from the flow, and its ``log q`` is recomputed by the inverse flow
+    (``model.log_prob``) when a row is stored or the next flow step needs it.
+    """
+
+    def __init__(self, cfg: Config, chain: int, lat: Any, comm: Any, model: Any) -> None:
+        from hpcflow.lattice.groups import get_group
+        from hpcflow.rng import CounterRNG
+
+        self.cfg, self.lat, self.comm, self.model = cfg, lat, comm, model
+        self.group = get_group(cfg.group)
+        self.u1 = cfg.group == "u1"
+        self.cdtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
+        self.frng = CounterRNG(cfg.seed, stream=chain)
+        self.lrng = CounterRNG(cfg.seed, stream=LOCAL_STREAM_OFFSET + chain)
+        self.pattern = ("flow",) if cfg.algorithm == "flow" else tuple(cfg.mixed.pattern)
+        self.batch = int(cfg.sample.batch)
+        if "hmc" in self.pattern:
+            from hpcflow.sampling.hmc import HMC
+
+            self._hmc = HMC(lat, self.group, cfg.action.beta, cfg.hmc.n_steps, cfg.hmc.tau,
+                            cfg.hmc.integrator, self.lrng, comm=comm, lam=cfg.hmc.lam)
+        self.x: torch.Tensor | None = None  # current state in the model's variables
+        self.cur: dict[str, float] = {}
+        self.p = 0  # next proposal number
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_first = -1
+
+    # -- variables -------------------------------------------------------------------------
+    def links(self, x: torch.Tensor) -> torch.Tensor:
+        from hpcflow.flows.u1 import links_from_angles
+
+        return (links_from_angles(x) if self.u1 else x).to(self.cdtype)
+
+    def from_links(self, U: torch.Tensor) -> torch.Tensor:
+        from hpcflow.flows.u1 import angles_from_links
+
+        return angles_from_links(U).to(self.model.dtype) if self.u1 else U.to(self.model.cdtype)
+
+    def _measure(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from hpcflow.lattice.action import average_plaquette, wilson_action
+
+        beta = self.cfg.action.beta
+        return (wilson_action(U, self.lat, beta).to(torch.float64),
+                average_plaquette(U, self.lat).to(torch.float64))
+
+    # -- updates ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _proposal(self, p: int) -> int:
+        first = p - p % self.batch
+        if self._buf_first != first:
+            x, logq = self.model.sample_counter(self.frng, first, self.batch)
+            S, plaq = self._measure(self.links(x))
+            logq = logq.to(torch.float64)
+            self._buf = {"x": x, "S": S, "log_q": logq, "log_w": -S - logq, "plaquette": plaq}
+            self._buf_first = first
+        return p - first
+
+    @torch.no_grad()
+    def _current_logw(self) -> float:
+        assert self.x is not None
+        if math.isnan(self.cur["log_q"]):
+            lq = float(self.model.log_prob(self.x[None])[0])
+            self.cur["log_q"], self.cur["log_w"] = lq, -self.cur["S"] - lq
+        return self.cur["log_w"]
+
+    def start(self, st: dict[str, Any] | None) -> None:
+        if st is not None:
+            self.x = None if st["x"] is None else st["x"].to(self.model.dtype if self.u1 else self.model.cdtype)
+            self.cur = {k: float(v) for k, v in st["cur"].items()}
+            self.p = int(st["p"])
+
+    def _start_field(self) -> torch.Tensor:
+        from hpcflow.lattice.groups import cold_field, random_field
+
+        if self.cfg.run.start == "hot":  # step 0 of the local stream: no update uses it
+            U = random_field(self.lat, self.group, self.lrng, step=0, dtype=self.cdtype)
+        else:
+            U = cold_field(self.lat, self.group, dtype=self.cdtype)
+        return self.from_links(U)
+
+    @torch.no_grad()
+    def advance(self, step: int) -> bool:
+        from hpcflow.sampling.heatbath import heatbath_or_sweep
+        from hpcflow.sampling.metropolis import ACCEPT_STEP
+
+        kind = self.pattern[(step - 1) % len(self.pattern)]
+        if kind == "flow":
+            j = self._proposal(self.p)
+            lw = float(self._buf["log_w"][j])
+            u = float(self.frng.uniform(torch.tensor([self.p]), ACCEPT_STEP, 1)[0, 0])
+            # the very first state of a pure flow chain is its first proposal (exact from there on)
+            acc = self.x is None or math.log(u) < lw - self._current_logw()
+            if acc:
+                self.x = self._buf["x"][j].clone()
+                self.cur = {k: float(self._buf[k][j]) for k in ("S", "log_q", "log_w", "plaquette")}
+            self.p += 1
+            return bool(acc)
+        if self.x is None:
+            self.x = self._start_field()
+        U = self.links(self.x)
+        if kind == "heatbath":
+            U = heatbath_or_sweep(U, self.lat, self.group, self.cfg.action.beta, self.lrng, step,
+                                  self.cfg.heatbath.n_overrelax)
+            acc = True
+        else:
+            U, acc, _ = self._hmc.trajectory(U, step)
+        self.x = self.from_links(U)
+        S, plaq = self._measure(self.links(self.x))
+        self.cur = {"S": float(S), "log_q": math.nan, "log_w": math.nan, "plaquette": float(plaq)}
+        return bool(acc)
+
+    def row(self) -> tuple[torch.Tensor, dict[str, float]]:
+        assert self.x is not None
+        self._current_logw()
+        return self.links(self.x), dict(self.cur)
+
+    def state(self) -> dict[str, Any]:
+        return {"x": None if self.x is None else self.x.detach().cpu().clone(), "cur": dict(self.cur),
+                "p": self.p, "rng_local": self.lrng.state_dict()}
+
+
+def model_checkpoint_path(cfg: Config) -> str:
+    """The trained flow a flow/mixed chain samples with: ``<output.dir>/train/checkpoint.pt``."""
+    return os.path.join(cfg.output.dir, "train", "checkpoint.pt")
+
+
+def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
+    """``(model, sha256 of its checkpoint file)``; a one-line :class:`CheckpointError` ("missing
+    model") when the checkpoint is absent, unreadable, or from another lattice, group,
+    architecture or beta."""
+    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.train import load_flow_checkpoint
+    from hpcflow.io.checkpoint import file_sha256
+
+    path = model_checkpoint_path(cfg)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing model: algorithm {cfg.algorithm} needs a trained flow; "
+                              "run `hpcflow train CONFIG` with the same config first")
+    model = build_model(cfg, lat)
+    sha = file_sha256(path)
+    try:
+        load_flow_checkpoint(model, path, cfg.action.beta)
+    except Exception as e:  # noqa: BLE001 - unpickling/shape errors of a foreign file: one clear line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: missing model for this run: the checkpoint does not fit "
+                              f"({msg})") from None
+    model.eval()
+    return model, sha
+
+
 class ChainRunner:
-    """One Markov chain of a worker group: update, store, commit, checkpoint, stop, resume."""
+    """One Markov chain of a worker group: update, store, commit, checkpoint, stop, resume.
+
+    ``hmc``/``heatbath``: ``run.n_therm`` + ``run.n_steps`` steps on the group's process
+    grid. ``flow``/``mixed``: ``sample.n_therm`` + ``sample.n_steps`` Markov steps with the
+    model of ``<output.dir>/train/checkpoint.pt`` (one rank per chain until the
+    domain-decomposed flow exists). Every ``run.measure_every``-th step after
+    thermalisation is stored.
+    """
 
     def __init__(self, cfg: Config, chain: int, comm: Any, lat: Any, stop: StopFlag) -> None:
         from hpcflow.rng import CounterRNG
 
-        if cfg.algorithm not in ("hmc", "heatbath"):
+        if cfg.algorithm not in ("hmc", "heatbath") + FLOW_ALGORITHMS:
             raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; production sampling "
-                              "supports hmc, heatbath (flow/mixed chains: not wired yet)")
+                              f"supports hmc, heatbath, {', '.join(FLOW_ALGORITHMS)}")
         self.cfg, self.chain, self.comm, self.lat, self.stop = cfg, chain, comm, lat, stop
         self.root = ensemble_dir(cfg)
         self.ckpt = chain_checkpoint_path(cfg, chain)
@@ -193,41 +446,32 @@ class ChainRunner:
         self.dtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
         self.device = torch.device(cfg.device)
         self.K = cfg.sample.checkpoint_every
-        self.total = cfg.run.n_therm + cfg.run.n_steps
-        self.n_rows_total = cfg.run.n_steps // cfg.run.measure_every
+        self.flow = cfg.algorithm in FLOW_ALGORITHMS
+        self.n_therm = cfg.sample.n_therm if self.flow else cfg.run.n_therm
+        n_steps = cfg.sample.n_steps if self.flow else cfg.run.n_steps
+        self.total = self.n_therm + n_steps
+        self.n_rows_total = n_steps // cfg.run.measure_every
         self.attrs: dict[str, Any] = {}
-        self.update = self._updater()
+        self.model_sha256 = ""
+        self.upd: _LocalUpdates | _FlowUpdates
+        if self.flow:
+            if comm.size > 1 and not _distributed_flow_available():
+                raise ConfigError(
+                    f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers} with {comm.size} ranks "
+                    f"per chain; algorithm {cfg.algorithm} needs the domain-decomposed flow (issue #7, not "
+                    "available yet) for several ranks per chain; allowed: one rank per chain "
+                    "(sample.n_workers = number of MPI ranks)")
+            from hpcflow.lattice.geometry import Lattice
 
-    # -- Markov step ---------------------------------------------------------------------
-    def _updater(self) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, bool]]:
-        from hpcflow.lattice.groups import get_group
-
-        cfg, lat, comm, rng = self.cfg, self.lat, self.comm, self.rng
-        group = get_group(cfg.group)
-        beta = cfg.action.beta
-        if cfg.algorithm == "hmc":
-            from hpcflow.sampling.hmc import HMC
-
-            hmc = HMC(lat, group, beta, cfg.hmc.n_steps, cfg.hmc.tau, cfg.hmc.integrator, rng,
-                      comm=comm, lam=cfg.hmc.lam)
-
-            def hmc_step(U: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
-                U, acc, _ = hmc.trajectory(U, step)
-                return U, bool(acc)
-
-            return hmc_step
-        from hpcflow.sampling.heatbath import heatbath_sweep, overrelax_sweep
-
-        def hb_step(U: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
-            U = heatbath_sweep(U, lat, group, beta, rng, step, comm=comm)
-            for _ in range(cfg.heatbath.n_overrelax):
-                U = overrelax_sweep(U, lat, group, beta, comm=comm)
-            return U, True
-
-        return hb_step
+            flat = Lattice(cfg.lattice.shape, backend=cfg.backend)
+            model, self.model_sha256 = load_model(cfg, flat)
+            self.lat = flat  # one rank holds the whole lattice (no halos)
+            self.upd = _FlowUpdates(cfg, chain, flat, comm, model)
+        else:
+            self.upd = _LocalUpdates(cfg, lat, comm, self.rng, self.dtype, self.device)
 
     def _stored(self, step: int) -> bool:
-        k = step - self.cfg.run.n_therm
+        k = step - self.n_therm
         return k > 0 and k % self.cfg.run.measure_every == 0
 
     # -- files ----------------------------------------------------------------------------
@@ -252,22 +496,28 @@ class ChainRunner:
                                 "(rerun without disabling resume) or choose a new output.dir")
         if resume is True and not have:
             raise CheckpointError(f"{self.ckpt}: no such checkpoint; nothing to resume")
+        if have:  # verify before touching anything else
+            st = load_checkpoint(self.ckpt, self.fp)
+            if st.get("model_sha256", "") != self.model_sha256:
+                raise CheckpointError(
+                    f"{self.ckpt}: the chain was sampled with the model of sha256 "
+                    f"{str(st.get('model_sha256'))[:12]}..., but {model_checkpoint_path(self.cfg)} now has "
+                    f"sha256 {self.model_sha256[:12]}...; restore that model or use a fresh output.dir")
         remove_uncommitted(self.root, self.chain)
         if not have:
             if segs:
                 raise EnsembleError(f"{self.root}: chain {self.chain} has {len(segs)} committed segments "
                                     f"but no checkpoint {self.ckpt}; refusing to overwrite them")
             return None
-        st = load_checkpoint(self.ckpt, self.fp)
         if st["n_segments"] != len(segs):
             raise EnsembleError(f"{self.ckpt}: checkpoint expects {st['n_segments']} committed segments "
                                 f"of chain {self.chain}, found {len(segs)} in {self.root}")
         return st
 
-    def _snapshot(self, U: torch.Tensor, step: int, n_rows: int, n_segments: int) -> dict[str, Any]:
-        Ug = self.comm.gather_field(U, self.lat) if self.comm.size > 1 else U
-        return {"U": Ug.detach().cpu().clone(), "step": step, "n_rows": n_rows, "n_segments": n_segments,
-                "chain": self.chain, "rng": self.rng.state_dict(), "algorithm": self.cfg.algorithm}
+    def _snapshot(self, step: int, n_rows: int, n_segments: int) -> dict[str, Any]:
+        return {**self.upd.state(), "step": step, "n_rows": n_rows, "n_segments": n_segments,
+                "chain": self.chain, "rng": self.rng.state_dict(), "algorithm": self.cfg.algorithm,
+                "model_sha256": self.model_sha256}
 
     def _checkpoint(self, state: dict[str, Any], path: str) -> None:
         self._ckpt_step = state["step"]
@@ -276,9 +526,9 @@ class ChainRunner:
             save_checkpoint(path, state, self.fp)
         self.comm.barrier()
 
-    def _commit(self, seg: SegmentWriter, U: torch.Tensor, step: int, n_rows: int, n_segments: int) -> None:
+    def _commit(self, seg: SegmentWriter, step: int, n_rows: int, n_segments: int) -> None:
         seg.prepare()
-        self._checkpoint(self._snapshot(U, step, n_rows, n_segments), self.ckpt_next)
+        self._checkpoint(self._snapshot(step, n_rows, n_segments), self.ckpt_next)
         seg.publish()  # commit point
         if self.comm.is_root:
             os.replace(self.ckpt_next, self.ckpt)
@@ -287,10 +537,6 @@ class ChainRunner:
 
     # -- the chain -------------------------------------------------------------------------
     def run(self, resume: bool | None = None) -> int:
-        from hpcflow.comm.fields import local_from_global
-        from hpcflow.lattice.action import average_plaquette, wilson_action
-        from hpcflow.lattice.groups import cold_field, get_group, random_field
-
         cfg, comm, lat = self.cfg, self.comm, self.lat
         st: dict[str, Any] | None = None
         err: BaseException | None = None
@@ -302,54 +548,52 @@ class ChainRunner:
                 err = e
         comm.any_error(err)
         st = comm.bcast_object(st)
-        self.attrs = ensemble_attrs(cfg, self.chain, comm)
+        self.attrs = ensemble_attrs(cfg, self.chain, comm, self.model_sha256)
+        self.upd.start(st)
         if st is None:
-            group = get_group(cfg.group)
-            if cfg.run.start == "hot":
-                U = random_field(lat, group, self.rng, step=0, dtype=self.dtype, device=self.device)
-            else:
-                U = cold_field(lat, group, dtype=self.dtype, device=self.device)
             step, n_rows, n_seg = 0, 0, 0
             self._ckpt_step = -1
         else:
-            Ug = st["U"].to(self.dtype)
-            U = (local_from_global(Ug, lat) if comm.size > 1 else Ug).to(self.device)
             step, n_rows, n_seg = int(st["step"]), int(st["n_rows"]), int(st["n_segments"])
             self.rng.load_state_dict(st["rng"])
             self._ckpt_step = step
         seg: SegmentWriter | None = None
         while step < self.total:
             step += 1
-            U, accepted = self.update(U, step)
+            accepted = self.upd.advance(step)
             if self._stored(step):
                 if seg is None:
                     cap = min(self.K, self.n_rows_total - n_rows)
                     seg = SegmentWriter(self.root, self.chain, n_seg, lat, cap, self.dtype,
                                         cfg.n_colors, self.attrs, comm if comm.size > 1 else None)
-                U = comm.exchange(U, lat)  # valid halos for the measurements below
-                S = float(wilson_action(U, lat, cfg.action.beta, comm=comm))
-                plaq = float(average_plaquette(U, lat, comm=comm))
+                U, rec = self.upd.row()
                 seg.append(U, {"chain": self.chain, "step": step, "accepted": int(accepted),
-                               "multiplicity": 1, "S": S, "log_q": math.nan, "log_w": math.nan,
-                               "plaquette": plaq})
+                               "multiplicity": 1, **rec})
                 n_rows += 1
                 if len(seg) == seg.capacity:
                     n_seg += 1
-                    self._commit(seg, U, step, n_rows, n_seg)
+                    self._commit(seg, step, n_rows, n_seg)
                     seg = None
             stop = any(comm.allgather_object(self.stop.stop_requested))
             if stop and step < self.total:
                 if seg is not None and len(seg):
                     n_seg += 1
-                    self._commit(seg, U, step, n_rows, n_seg)
+                    self._commit(seg, step, n_rows, n_seg)
                 else:
-                    self._checkpoint(self._snapshot(U, step, n_rows, n_seg), self.ckpt)
+                    self._checkpoint(self._snapshot(step, n_rows, n_seg), self.ckpt)
                 return EXIT_RESUMABLE
         if seg is not None:  # cannot happen: capacities add up to n_rows_total
             seg.abort()
         if self._ckpt_step != step:  # steps after the last stored row (measure_every > 1)
-            self._checkpoint(self._snapshot(U, step, n_rows, n_seg), self.ckpt)
+            self._checkpoint(self._snapshot(step, n_rows, n_seg), self.ckpt)
         return EXIT_OK
+
+
+def _distributed_flow_available() -> bool:
+    """Whether the domain-decomposed flow (issue #7, ``hpcflow.flows.distributed``) exists."""
+    import importlib.util
+
+    return importlib.util.find_spec("hpcflow.flows.distributed") is not None
 
 
 def _group_comm(cfg: Config) -> tuple[int, Any, Any, Any]:
