@@ -183,3 +183,131 @@ def test_entry_point_bad_input_exit_2(tmp_path) -> None:
                        env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
                        timeout=120, check=False)
     assert r.returncode == 2 and "action.beta" in r.stderr
+
+
+# ---- flow and mixed chains ---------------------------------------------------------------
+FLOW_SEED = 5
+
+
+def make_flow_cfg(out, algorithm: str = "flow", **sample_kw):  # type: ignore[no-untyped-def]
+    s = {"n_therm": 2, "n_steps": 9, "batch": 4, "checkpoint_every": 4, **sample_kw}
+    return config_from_dict({
+        "lattice": {"shape": [8, 8]}, "group": "u1", "algorithm": algorithm, "seed": FLOW_SEED,
+        "action": {"beta": 1.0}, "flow": {"n_layers": 2, "hidden": [4], "kernel_size": 3},
+        "train": {"steps": 3, "batch": 8, "lr": 0.01, "checkpoint_every": 3},
+        "mixed": {"pattern": ["flow", "heatbath"]}, "heatbath": {"n_overrelax": 0},
+        "run": {"measure_every": 1, "progress": False}, "sample": s, "output": {"dir": str(out)}})
+
+
+def train_tiny(cfg) -> str:  # type: ignore[no-untyped-def]
+    """A tiny U(1) flow trained for a few steps (under-trained on purpose: rejections happen)."""
+    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.train import Trainer
+    from hpcflow.lattice.geometry import Lattice
+
+    lat = Lattice(cfg.lattice.shape)
+    Trainer(build_model(cfg, lat), lat, cfg.action.beta, cfg.train, cfg.output.dir, seed=cfg.seed,
+            progress=False).train()
+    return os.path.join(cfg.output.dir, "train", "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("model")
+    return train_tiny(make_flow_cfg(d))
+
+
+def with_model(tmp, model_path):  # type: ignore[no-untyped-def]
+    import shutil
+
+    os.makedirs(tmp / "train", exist_ok=True)
+    shutil.copy(model_path, tmp / "train" / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def flow_reference(tmp_path_factory, trained):  # type: ignore[no-untyped-def]
+    out = {}
+    for alg in ("flow", "mixed"):
+        d = tmp_path_factory.mktemp(f"ref_{alg}")
+        with_model(d, trained)
+        cfg = make_flow_cfg(d, alg)
+        assert sample(cfg, use_mpi=False) == EXIT_OK
+        out[alg] = snapshot(cfg)
+        out["root_" + alg] = ensemble_dir(cfg)
+    return out
+
+
+def test_flow_chain_is_the_metropolis_chain(tmp_path, trained, flow_reference) -> None:
+    """Production flow chain 0 == hpcflow.sampling.metropolis.metropolis_chain with the same model,
+    CounterRNG(seed, stream 0) and batch: same accept decisions, S, log q, log w, plaquette;
+    stored configurations are exp(i theta) of the chain state; the model hash is recorded."""
+    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.train import load_flow_checkpoint
+    from hpcflow.flows.u1 import links_from_angles
+    from hpcflow.io.checkpoint import file_sha256
+    from hpcflow.lattice.geometry import Lattice
+    from hpcflow.rng import CounterRNG
+    from hpcflow.sampling.metropolis import metropolis_chain
+
+    cfg = make_flow_cfg(tmp_path)
+    lat = Lattice(cfg.lattice.shape)
+    model = build_model(cfg, lat)
+    load_flow_checkpoint(model, trained, cfg.action.beta)
+    model.eval()
+    ref = metropolis_chain(model, lat, cfg.action.beta, 11, 4, CounterRNG(FLOW_SEED, 0))
+    rec, Us = flow_reference["flow"]
+    sl = slice(2, 11)  # after sample.n_therm = 2
+    assert list(rec["step"]) == list(range(3, 12))
+    np.testing.assert_array_equal(rec["accepted"].astype(bool), ref["accepted"][sl])
+    assert 0 < rec["accepted"].sum() < len(rec["accepted"]), "want both accepts and rejects"
+    for k, rk in (("S", "S"), ("log_q", "logq"), ("log_w", "logw"), ("plaquette", "plaquette")):
+        np.testing.assert_allclose(rec[k], ref[rk][sl], rtol=1e-12, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(rec["log_w"], -rec["S"] - rec["log_q"], rtol=1e-12)
+    last = links_from_angles(ref["state"]["theta"]).to(torch.complex128)
+    assert torch.allclose(Us[-1], last, atol=1e-13)
+    assert open_ensemble(flow_reference["root_flow"]).attrs["model_sha256"] == file_sha256(trained)
+
+
+@pytest.mark.parametrize("alg", ["flow", "mixed"])
+def test_flow_stop_and_resume_equals_uninterrupted(tmp_path, trained, flow_reference, alg: str) -> None:
+    """A flow (or mixed flow/heat-bath) chain stopped during thermalisation, mid-segment and
+    mid-proposal-batch, then resumed, equals the uninterrupted chain bit for bit."""
+    with_model(tmp_path, trained)
+    cfg = make_flow_cfg(tmp_path, alg)
+    counts = []
+    for polls in (1, 4, 2, 100):  # stops after steps 2 (therm), 7 (mid-batch), 10, then to the end
+        code = sample(cfg, use_mpi=False, stop=StopAfter(polls))
+        counts.append(open_ensemble(ensemble_dir(cfg)).n_committed())
+        assert code == (EXIT_OK if polls == 100 else EXIT_RESUMABLE)
+    assert counts == sorted(counts) and counts[-1] == 9
+    assert_same_ensemble(snapshot(cfg), flow_reference[alg])
+    rec = flow_reference[alg][0]
+    assert np.isfinite(rec["log_q"]).all() and np.isfinite(rec["log_w"]).all()
+    if alg == "mixed":  # heat-bath steps (even steps) always accept
+        assert rec["accepted"][rec["step"] % 2 == 0].all()
+
+
+def test_flow_missing_or_foreign_model(tmp_path, trained) -> None:
+    """No model, a model for another beta or architecture, or a model replaced mid-chain: one
+    clear error, nothing overwritten."""
+    cfg = make_flow_cfg(tmp_path)
+    with pytest.raises(CheckpointError, match="missing model"):
+        sample(cfg, use_mpi=False)
+    assert not os.path.exists(chain_checkpoint_path(cfg, 0))
+    with_model(tmp_path, trained)
+    other_beta = config_from_dict({**_raw(cfg), "action": {"beta": 1.5}})
+    with pytest.raises(CheckpointError, match="missing model.*beta"):
+        sample(other_beta, use_mpi=False)
+    other_arch = config_from_dict({**_raw(cfg), "flow": {"n_layers": 4, "hidden": [4], "kernel_size": 3}})
+    with pytest.raises(CheckpointError, match="missing model.*arch"):
+        sample(other_arch, use_mpi=False)
+    assert not os.path.exists(chain_checkpoint_path(cfg, 0))
+    assert sample(cfg, use_mpi=False, stop=StopAfter(4)) == EXIT_RESUMABLE
+    ck = chain_checkpoint_path(cfg, 0)
+    with open(ck, "rb") as fh:
+        before = fh.read()
+    train_tiny(config_from_dict({**_raw(cfg), "train": {"steps": 4, "batch": 8, "lr": 0.01}}))
+    with pytest.raises(CheckpointError, match="sampled with the model"):
+        sample(cfg, use_mpi=False)
+    with open(ck, "rb") as fh:
+        assert fh.read() == before
