@@ -455,12 +455,12 @@ class ChainRunner:
         self.model_sha256 = ""
         self.upd: _LocalUpdates | _FlowUpdates
         if self.flow:
-            if comm.size > 1 and not _distributed_flow_available():
+            if comm.size > 1:  # TODO(issue #7): run hpcflow.flows.distributed.DistributedFlow here
                 raise ConfigError(
                     f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers} with {comm.size} ranks "
-                    f"per chain; algorithm {cfg.algorithm} needs the domain-decomposed flow (issue #7, not "
-                    "available yet) for several ranks per chain; allowed: one rank per chain "
-                    "(sample.n_workers = number of MPI ranks)")
+                    f"per chain; algorithm {cfg.algorithm} with several ranks per chain needs the "
+                    "domain-decomposed flow (issue #7), not wired into production sampling yet; allowed: "
+                    "one rank per chain (sample.n_workers = number of MPI ranks)")
             from hpcflow.lattice.geometry import Lattice
 
             flat = Lattice(cfg.lattice.shape, backend=cfg.backend)
@@ -587,13 +587,6 @@ class ChainRunner:
         if self._ckpt_step != step:  # steps after the last stored row (measure_every > 1)
             self._checkpoint(self._snapshot(step, n_rows, n_seg), self.ckpt)
         return EXIT_OK
-
-
-def _distributed_flow_available() -> bool:
-    """Whether the domain-decomposed flow (issue #7, ``hpcflow.flows.distributed``) exists."""
-    import importlib.util
-
-    return importlib.util.find_spec("hpcflow.flows.distributed") is not None
 
 
 def _group_comm(cfg: Config) -> tuple[int, Any, Any, Any]:
