@@ -1,8 +1,9 @@
 #!/bin/bash
 # hpcflow with a plain mpirun (workstation, cloud VM, a site without a scheduler):
 #   jobs/mpirun.sh NRANKS CONFIG.yaml [train|sample|run]
-# With CHUNK_S set, each attempt gets SIGTERM after CHUNK_S seconds (hpcflow checkpoints and
-# exits 3) and is restarted with --resume: the same stop/resume cycle a batch system drives.
+# With CHUNK_S set, each attempt gets SIGUSR1 after CHUNK_S seconds (hpcflow checkpoints and
+# exits 3; Open MPI forwards USR1 to the ranks, while SIGTERM to mpirun kills them ~2 s later)
+# and is restarted with --resume: the same stop/resume cycle a batch system drives.
 # Ctrl-C / SIGTERM to this script stops for good (the checkpoint stays; rerun with --resume).
 set -uo pipefail
 n="${1:?usage: $0 NRANKS CONFIG.yaml [train|sample|run]}"
@@ -14,7 +15,7 @@ trap 'stop=1' TERM INT
 resume=()
 while :; do
   if [ -n "${CHUNK_S:-}" ]; then
-    timeout --signal=TERM --kill-after=120 "$CHUNK_S" mpirun -n "$n" hpcflow "$cmd" "$config" "${resume[@]}"
+    timeout --signal=USR1 --kill-after=120 "$CHUNK_S" mpirun -n "$n" hpcflow "$cmd" "$config" "${resume[@]}"
   else
     mpirun -n "$n" hpcflow "$cmd" "$config" "${resume[@]}"
   fi

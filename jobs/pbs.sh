@@ -1,7 +1,8 @@
 #!/bin/bash
 # hpcflow under PBS Pro / OpenPBS.   qsub -v CONFIG=run.yaml,CMD=run jobs/pbs.sh
-# PBS has no "signal before the limit": 'timeout' sends SIGTERM to mpirun MARGIN seconds
-# before the walltime (mpirun forwards it to the ranks); hpcflow checkpoints and exits 3,
+# PBS has no "signal before the limit": 'timeout' sends SIGUSR1 to mpirun MARGIN seconds
+# before the walltime (Open MPI's mpirun forwards USR1/USR2 to the ranks; SIGTERM would kill
+# them ~2 s later); hpcflow checkpoints and exits 3,
 # and the job resubmits itself with RESUME=1 (qrerun would restart it without --resume).
 #PBS -N hpcflow
 #PBS -l select=2:ncpus=32:mpiprocs=32
@@ -17,7 +18,7 @@ margin_s="${MARGIN_S:-300}"
 export OMP_NUM_THREADS=1
 resume=()
 [ "${RESUME:-0}" = 1 ] && resume=(--resume)
-timeout --signal=TERM --kill-after=120 "$((walltime_s - margin_s))" \
+timeout --signal=USR1 --kill-after=120 "$((walltime_s - margin_s))" \
   mpirun hpcflow "$cmd" "$config" "${resume[@]}"
 rc=$?
 if [ "$rc" -eq 3 ]; then
