@@ -5,7 +5,16 @@ job (ranks included), at random moments, most of them while a segment is open fo
 parallel HDF5 writing, every committed file opens and reads, the committed count never
 decreases, no configuration checksum appears twice, and the final ensemble equals the
 uninterrupted reference run (same seed, same 2-rank grid) configuration for
-configuration, bit for bit. Runs in the serial pytest tier; it launches ``mpirun -n 2``.
+configuration, bit for bit. The same for two flow chains (one rank each, ``n_workers = 2``)
+with a tiny model trained in the test: the Metropolis state and proposal counter in the
+chain checkpoints make the resumed chains the uninterrupted ones.
+
+Signals through mpirun: SIGUSR1 sent to ``mpirun`` (Open MPI forwards SIGUSR1/SIGUSR2 to
+the ranks) stops a 2-rank run with a checkpoint and exit status 3, and the rerun completes
+the identical ensemble. (SIGTERM to ``mpirun`` is not forwarded as a stop request: Open MPI
+sends SIGTERM to the ranks and SIGKILL about 2 s later, so for a scheduler-less or PBS job
+the stop signal must be SIGUSR1; see docs/DESIGN.md, "Exit status".) Runs in the serial
+pytest tier; it launches ``mpirun -n 2``.
 """
 
 from __future__ import annotations
@@ -41,34 +50,59 @@ def _env() -> dict:
             "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
+def _flow_cfg(out: str) -> dict:
+    return {"lattice": {"shape": [8, 8]}, "group": "u1", "algorithm": "flow", "seed": 77,
+            "action": {"beta": 1.0}, "flow": {"n_layers": 2, "hidden": [4], "kernel_size": 3},
+            "train": {"steps": 3, "batch": 8, "lr": 0.01},
+            "run": {"measure_every": 1, "progress": False},
+            "sample": {"n_therm": 2, "n_steps": 40, "batch": 5, "checkpoint_every": 3, "n_workers": 2},
+            "output": {"dir": out}}
+
+
 def _cmd(cfg_path: str) -> list[str]:
     return ["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "hpcflow.sampling.production",
             cfg_path]
 
 
-def _write_cfg(d: str) -> str:
+def _write_cfg(d: str, make=_cfg) -> str:  # type: ignore[no-untyped-def]
     os.makedirs(d, exist_ok=True)
     p = os.path.join(d, "run.yaml")
     with open(p, "w") as fh:
-        yaml.safe_dump(_cfg(os.path.join(d, "out")), fh)
+        yaml.safe_dump(make(os.path.join(d, "out")), fh)
     return p
 
 
-def _read_all(root: str) -> tuple[dict, list[torch.Tensor]]:
+def _read_all(root: str, chain: int = 0) -> tuple[dict, list[torch.Tensor]]:
     ens = open_ensemble(root)  # opens every committed segment
-    return ens.records(0), [U for _, U in ens.iter_configs(0)]
+    return ens.records(chain), [U for _, U in ens.iter_configs(chain)]
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (scripts/bootstrap.sh)")
-def test_sigkill_at_random_moments_then_resume(tmp_path) -> None:
-    rng = random.Random(12345)
-    ref_cfg = _write_cfg(str(tmp_path / "ref"))
-    r = subprocess.run(_cmd(ref_cfg), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=170,
-                       check=False)
+def _assert_same(got, ref) -> None:  # type: ignore[no-untyped-def]
+    for k in ref[0]:
+        np.testing.assert_array_equal(got[0][k], ref[0][k], err_msg=k)
+    assert len(got[1]) == len(ref[1]) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+
+
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                  reason="mpirun not installed (scripts/bootstrap.sh)")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The uninterrupted 2-rank heat-bath run."""
+    d = tmp_path_factory.mktemp("ref")
+    r = subprocess.run(_cmd(_write_cfg(str(d))), env=_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=170, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    ref = _read_all(str(tmp_path / "ref" / "out" / "ensemble"))
+    ref = _read_all(str(d / "out" / "ensemble"))
     assert len(ref[0]["step"]) == 60
+    return ref
 
+
+@needs_mpirun
+def test_sigkill_at_random_moments_then_resume(tmp_path, reference) -> None:
+    rng = random.Random(12345)
+    ref = reference
     cfg = _write_cfg(str(tmp_path / "run"))
     root = str(tmp_path / "run" / "out" / "ensemble")
     chain_dir = os.path.join(root, "chain000")
@@ -98,7 +132,88 @@ def test_sigkill_at_random_moments_then_resume(tmp_path) -> None:
     r = subprocess.run(_cmd(cfg), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=170,
                        check=False)
     assert r.returncode == 0, r.stderr[-2000:]
-    recs, Us = _read_all(root)
-    for k in ref[0]:
-        np.testing.assert_array_equal(recs[k], ref[0][k], err_msg=k)
-    assert len(Us) == len(ref[1]) and all(torch.equal(a, b) for a, b in zip(Us, ref[1]))
+    _assert_same(_read_all(root), ref)
+
+
+@needs_mpirun
+def test_sigusr1_to_mpirun_stops_with_checkpoint_then_resume(tmp_path, reference) -> None:
+    """SIGUSR1 to mpirun (not to the ranks): exit 3, checkpoint written, rerun == reference."""
+    cfg = _write_cfg(str(tmp_path / "run"))
+    root = str(tmp_path / "run" / "out" / "ensemble")
+    ckpt = str(tmp_path / "run" / "out" / "checkpoints" / "chain000.ckpt")
+    p = subprocess.Popen(_cmd(cfg), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = os.path.join(root, "chain000", "seg000000.h5")
+    t0 = time.time()
+    while p.poll() is None and not os.path.exists(first) and time.time() - t0 < 120:
+        time.sleep(0.01)
+    assert p.poll() is None, "the run ended before the signal; make it longer"
+    p.send_signal(signal.SIGUSR1)  # to mpirun only
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3, err[-2000:]
+    assert os.path.exists(ckpt)
+    n = open_ensemble(root).n_committed()
+    assert 3 <= n < 60, f"{n} committed rows after the stop"
+    r = subprocess.run(_cmd(cfg), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=170,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same(_read_all(root), reference)
+
+
+@needs_mpirun
+def test_flow_chains_sigkill_then_resume(tmp_path) -> None:
+    """Two flow chains (one rank each) SIGKILLed 3 times at random moments, then resumed:
+    counts monotone, no duplicate checksum within a chain, final == uninterrupted run."""
+    from hpcflow.config import load_config
+    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.train import Trainer
+    from hpcflow.lattice.geometry import Lattice
+
+    rng = random.Random(4321)
+    cfgs = {}
+    for name in ("ref", "run"):
+        cfgs[name] = _write_cfg(str(tmp_path / name), _flow_cfg)
+    c = load_config(cfgs["ref"])
+    lat = Lattice(c.lattice.shape)
+    Trainer(build_model(c, lat), lat, c.action.beta, c.train, c.output.dir, seed=c.seed, progress=False).train()
+    os.makedirs(tmp_path / "run" / "out" / "train")
+    shutil.copy(tmp_path / "ref" / "out" / "train" / "checkpoint.pt",
+                tmp_path / "run" / "out" / "train" / "checkpoint.pt")
+    r = subprocess.run(_cmd(cfgs["ref"]), env=_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=170, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref_root = str(tmp_path / "ref" / "out" / "ensemble")
+    refs = [_read_all(ref_root, ch) for ch in (0, 1)]
+    assert all(len(x[0]["step"]) == 40 for x in refs)
+    assert 0 < refs[0][0]["accepted"].sum() < 40, "want accepts and rejects"
+    root = str(tmp_path / "run" / "out" / "ensemble")
+    last, landed = [0, 0], 0
+    for _ in range(3):
+        p = subprocess.Popen(_cmd(cfgs["run"]), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        t0 = time.time()
+        d0 = os.path.join(root, "chain000")
+        while p.poll() is None and time.time() - t0 < 60:
+            if os.path.isdir(d0) and os.listdir(d0):
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if p.poll() is None:
+            landed += 1
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        time.sleep(0.2)
+        for ch in (0, 1):
+            if not os.path.isdir(os.path.join(root, f"chain{ch:03d}")):
+                continue
+            recs, _ = _read_all(root, ch)
+            n = len(recs["step"])
+            assert n >= last[ch], f"chain {ch}: committed count decreased from {last[ch]} to {n}"
+            assert list(recs["step"]) == list(range(3, 3 + n))
+            last[ch] = n
+    assert landed >= 1 and min(last) < 40, f"no kill landed mid-chain (kills {landed}, counts {last})"
+    r = subprocess.run(_cmd(cfgs["run"]), env=_env(), cwd=REPO, capture_output=True, text=True,
+                       timeout=170, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for ch in (0, 1):
+        _assert_same(_read_all(root, ch), refs[ch])
