@@ -117,19 +117,23 @@ def _site_ranks_x0_fastest(lat: Any) -> np.ndarray:
     return r.reshape(-1).numpy()
 
 
-def field_checksum(U_local: torch.Tensor, lat: Any, comm: Any = None) -> int:
+def field_checksum(U_local: torch.Tensor, lat: Any, comm: Any = None, ranks: np.ndarray | None = None) -> int:
     """SciDAC checksum ``suma << 32 | sumb`` of a (decomposed) link field, in storage precision.
 
     Each rank checksums its interior sites (site = its Nd links, big-endian bytes); the
     partial sums are XOR-combined over the group, so the result is the same on any grid.
+    ``ranks``: the site ranks of :func:`_site_ranks_x0_fastest` when the caller caches them.
     """
     inner = U_local[lat.interior_slices(2)].detach().cpu()
     nd = lat.nd
     perm = tuple(range(1, nd + 1)) + (0, nd + 1, nd + 2)
-    sites = inner.permute(perm).contiguous().numpy()
-    be = sites.astype(sites.dtype.newbyteorder(">"))
+    sites = inner.permute(perm).numpy()
+    # one copy: site-major order and big-endian bytes in a single astype
+    be = sites.astype(sites.dtype.newbyteorder(">"), order="C")
     n = int(np.prod(sites.shape[:nd]))
-    part = scidac_checksum(be.view(np.uint8).reshape(n, -1), _site_ranks_x0_fastest(lat))
+    if ranks is None:
+        ranks = _site_ranks_x0_fastest(lat)
+    part = scidac_checksum(be.view(np.uint8).reshape(n, -1), ranks)
     if comm is not None and getattr(comm, "size", 1) > 1:
         a, b = xor_combine(comm.allgather_object(part))
     else:
@@ -183,6 +187,7 @@ class SegmentWriter:
             self.f.attrs[k] = str(v).replace("\0", "") if isinstance(v, str) else v
         self.f.attrs["chain"] = chain
         self.f.attrs["segment"] = index
+        self._ranks = _site_ranks_x0_fastest(lat)  # same sites for every row: computed once
         self._sel = (slice(None),) + tuple(
             slice(o, o + n) for o, n in zip(lat.origin, lat.local_shape)) + (slice(None), slice(None))
 
@@ -199,7 +204,7 @@ class SegmentWriter:
         if row >= self.capacity:
             raise ValueError(f"segment {self.final} is full ({self.capacity} rows)")
         data = U_local[self.lat.interior_slices(2)].detach().cpu().numpy()
-        ck = field_checksum(U_local, self.lat, self.comm)
+        ck = field_checksum(U_local, self.lat, self.comm, self._ranks)
         if self.parallel:
             with self.U.collective:
                 self.U[(row,) + self._sel] = data

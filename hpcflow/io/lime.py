@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -32,6 +33,7 @@ __all__ = [
     "LimeError",
     "LimeRecord",
     "crc32_rows",
+    "crc32_rows_table",
     "read_lime_payload",
     "read_lime_records",
     "scidac_checksum",
@@ -71,14 +73,35 @@ def _crc_table() -> np.ndarray:
 _CRC_TABLE = _crc_table()
 
 
-def crc32_rows(data: np.ndarray) -> np.ndarray:
-    """zlib CRC-32 of every row of a ``(n, nbytes)`` uint8 array, vectorised over rows.
+def _check_rows(data: np.ndarray) -> None:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise TypeError(f"data must be a 2-D uint8 array, got {getattr(data, 'dtype', type(data).__name__)} "
+                        f"with shape {getattr(data, 'shape', None)}")
 
-    One table lookup per byte column for all rows at once: the per-site checksum of a
-    whole lattice costs ``nbytes`` numpy passes instead of ``V`` Python calls.
+
+def crc32_rows(data: np.ndarray) -> np.ndarray:
+    """zlib CRC-32 of every row of a ``(n, nbytes)`` uint8 array.
+
+    One ``zlib.crc32`` call per row on slices of one contiguous buffer: zlib's word-wise
+    CRC runs at GB/s, and the per-call cost (~0.3 us) is small against a site's 64-576
+    bytes. Measured (bench/io.py, 8^4 SU(3), 576-byte sites) about 10x faster than the
+    column-vectorised table CRC :func:`crc32_rows_table`, which pays a strided numpy pass
+    per byte column.
     """
-    if data.dtype != np.uint8 or data.ndim != 2:
-        raise TypeError(f"data must be a 2-D uint8 array, got {data.dtype} with shape {data.shape}")
+    _check_rows(data)
+    n, m = data.shape
+    if n == 0 or m == 0:  # CRC-32 of zero bytes is 0
+        return np.zeros(n, dtype=np.uint32)
+    buf = memoryview(np.ascontiguousarray(data)).cast("B")
+    crc = zlib.crc32
+    return np.fromiter((crc(buf[i * m:(i + 1) * m]) for i in range(n)), dtype=np.uint32, count=n)
+
+
+def crc32_rows_table(data: np.ndarray) -> np.ndarray:
+    """The same CRC-32 by a reflected-polynomial table, vectorised over rows (one numpy pass per
+    byte column): an implementation independent of zlib, kept as the cross-check of
+    :func:`crc32_rows` in the tests and the "before" of the I/O benchmark."""
+    _check_rows(data)
     crc = np.full(data.shape[0], 0xFFFFFFFF, dtype=np.uint32)
     for b in range(data.shape[1]):
         crc = _CRC_TABLE[(crc ^ data[:, b]) & 0xFF] ^ (crc >> np.uint32(8))

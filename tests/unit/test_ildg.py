@@ -22,6 +22,7 @@ from hpcflow.io.ildg import ILDGError, ildg_checksum, read_ildg, write_ildg
 from hpcflow.io.lime import (
     LimeError,
     crc32_rows,
+    crc32_rows_table,
     read_lime_records,
     scidac_checksum,
     write_lime,
@@ -51,6 +52,18 @@ def reference_checksum(arr: np.ndarray) -> tuple[int, int]:
 def test_crc32_rows_matches_zlib() -> None:
     d = np.random.default_rng(0).integers(0, 256, (40, 67), dtype=np.uint8)
     assert [int(c) for c in crc32_rows(d)] == [zlib.crc32(row.tobytes()) for row in d]
+
+
+@pytest.mark.parametrize("shape", [(40, 67), (7, 1), (3, 0), (0, 16), (5, 576)])
+def test_crc32_rows_equals_independent_table_crc(shape) -> None:  # type: ignore[no-untyped-def]
+    """The fast per-row zlib CRC equals the table CRC-32 written out here (no zlib), also on a
+    non-contiguous view (rows of a transposed array) and on empty rows."""
+    d = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(crc32_rows(d), crc32_rows_table(d))
+    t = np.ascontiguousarray(d.T).T  # same values, column-major strides
+    np.testing.assert_array_equal(crc32_rows(t), crc32_rows_table(d))
+    with pytest.raises(TypeError, match="2-D uint8"):
+        crc32_rows(d.astype(np.int16))
 
 
 def test_scidac_checksum_matches_site_loop_and_is_order_free() -> None:
