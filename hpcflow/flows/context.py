@@ -59,10 +59,25 @@ class ContextCNN(torch.nn.Module):
         """Receptive-field radius in sites: each convolution sees ``(k-1)/2`` further."""
         return len(self.convs) * (self.kernel_size - 1) // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """``x[N, C, L0, L1] -> [N, C_out, L0, L1]``.
+
+        ``rows = (axis, start, step)`` evaluates the last convolution only at output indices
+        ``start, start + step, ...`` along site ``axis`` (0 or 1): a strided convolution on the
+        padded input shifted by ``start``. Coupling layers need kernel parameters on active
+        plaquettes only (one row in four), so this saves most of the widest convolution.
+        """
         w = (self.kernel_size - 1) // 2
+        last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             if i > 0:
                 x = F.leaky_relu(x)
-            x = conv(self.pad_fn(x, w))
+            x = self.pad_fn(x, w)
+            if i == last and rows is not None:
+                axis, start, step = rows
+                stride = (step, 1) if axis == 0 else (1, step)
+                x = F.conv2d(x.narrow(axis - 2, start, x.shape[axis - 2] - start), conv.weight,
+                             conv.bias, stride=stride)
+            else:
+                x = conv(x)
         return x

@@ -166,7 +166,10 @@ class Trainer:
         if str(train_cfg.schedule) not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {train_cfg.schedule!r}")
         self.local_batch = batch // size
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(train_cfg.lr))
+        # fused Adam: one kernel for all parameters instead of ~12 small ops each (the
+        # optimizer step was ~10% of a tutorial-size training step on CPU)
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=float(train_cfg.lr), fused=fused)
         self.sched = make_scheduler(self.opt, str(train_cfg.schedule), steps)
         self.gen = torch.Generator()
         # the string key "train" hashed to an int: spawn_seed takes integer keys only

@@ -149,6 +149,22 @@ class U1PlaquetteCoupling(Bijection):
         m = plaquette_masks(lat, self.mu, self.offset)
         self.register_buffer("active", m["active"].to(torch.get_default_dtype()), persistent=False)
         self.register_buffer("frozen", m["frozen"].to(torch.get_default_dtype()), persistent=False)
+        # The masks depend on x_nu only and have period 4 along the site axis of nu (also on
+        # a halo-padded array: global extents are multiples of 4). Active plaquettes are the
+        # rows ``start::4`` of that axis; the kernel and the last convolution run on them only.
+        nu = 1 - self.mu
+        line = m["active"].select(self.mu, 0)
+        self._axis = nu
+        self._start = int(torch.nonzero(line)[0, 0])
+        self._rows = (nu, self._start, MASK_PERIOD)
+        sel = [slice(None), slice(None)]
+        sel[nu] = slice(self._start, None, MASK_PERIOD)
+        self._sel = (Ellipsis, *sel)
+        # interior weights of the active rows: all ones on one rank, zero on halo sites
+        interior = lat.interior()[self._sel]
+        self._all_interior = bool(interior.all())
+        self.register_buffer("active_interior", interior.to(torch.get_default_dtype()),
+                             persistent=False)
 
     @property
     def halo(self) -> int:
@@ -156,34 +172,44 @@ class U1PlaquetteCoupling(Bijection):
         return self.net.reach + 1
 
     def _params(self, plaq: torch.Tensor) -> torch.Tensor:
-        """Kernel parameters ``(*B, L0, L1, n_params)`` from frozen plaquettes only."""
+        """Kernel parameters ``(*B, rows, n_params)`` on the active rows, from frozen
+        plaquettes only."""
         batch = plaq.shape[:-2]
-        feats = torch.stack((torch.cos(plaq) * self.frozen, torch.sin(plaq) * self.frozen), -3)
+        feats = torch.stack((torch.cos(plaq), torch.sin(plaq)), -3) * self.frozen
         feats = feats.reshape(-1, *feats.shape[-3:])
         if self.checkpoint_activations and torch.is_grad_enabled():
-            out = checkpoint(self.net, feats, use_reentrant=False)
+            out = checkpoint(self.net, feats, self._rows, use_reentrant=False)
         else:
-            out = self.net(feats)
+            out = self.net(feats, self._rows)
         return out.movedim(-3, -1).reshape(*batch, *out.shape[-2:], out.shape[-3])
 
     def _update(self, theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        new_mu = torch.remainder(theta[..., self.mu, :, :] + self.sign * delta, TWO_PI)
-        parts = [theta[..., 0, :, :], theta[..., 1, :, :]]
+        """Add ``s * delta`` (given on the active rows) to the updated links, mod 2 pi."""
+        link = theta.select(-3, self.mu)
+        new = torch.remainder(link[self._sel] + self.sign * delta, TWO_PI)
+        new_mu = torch.slice_scatter(link, new, dim=self._axis - 2, start=self._start,
+                                     step=MASK_PERIOD)
+        parts = [theta.select(-3, 0), theta.select(-3, 1)]
         parts[self.mu] = new_mu
         return torch.stack(parts, dim=-3)
 
+    def _logdet(self, logj: torch.Tensor) -> torch.Tensor:
+        if not self._all_interior:
+            logj = logj * self.active_interior
+        return logj.sum(dim=(-2, -1))
+
     def forward(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plaq = torch.remainder(plaquette_angles(theta, self.lat), TWO_PI)
-        new, logj = self.kernel(plaq, self._params(plaq))
-        out = self._update(theta, (new - plaq) * self.active)
-        return out, self.lat.interior_sum(logj * self.active)
+        pa = plaq[self._sel]
+        new, logj = self.kernel(pa, self._params(plaq))
+        return self._update(theta, new - pa), self._logdet(logj)
 
     def inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # frozen plaquettes are unchanged by the layer, so the context is recomputed exactly
         plaq = torch.remainder(plaquette_angles(theta, self.lat), TWO_PI)
-        old, logj = self.kernel.inverse(plaq, self._params(plaq))
-        out = self._update(theta, (old - plaq) * self.active)
-        return out, -self.lat.interior_sum(logj * self.active)
+        pa = plaq[self._sel]
+        old, logj = self.kernel.inverse(pa, self._params(plaq))
+        return self._update(theta, old - pa), -self._logdet(logj)
 
 
 # ---- the flow ----------------------------------------------------------------------------
