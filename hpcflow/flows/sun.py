@@ -43,7 +43,8 @@ induced map on the group is a continuous bijection.
 ``Weyl = prod_{i<j} |e^{i theta_i} - e^{i theta_j}|^2``, hence
 ``log det = log|d theta'/d theta| + log Weyl(theta') - log Weyl(theta)``.
 
-**Masks in 4D** cycle over all ordered planes: layer ``i`` has ``mu = i % Nd``,
+**Masks** (period 4 across ``nu``; 2 for extents that are even but not multiples of 4) cycle
+over all ordered planes: layer ``i`` has ``mu = i % Nd``,
 ``off = (i // Nd) % 4`` and ``nu`` the ``((i // (4 Nd)) % (Nd-1))``-th direction other than ``mu``
 (2D: ``nu = 1 - mu``, the U(1) order). ``4 Nd`` layers update every link once; ``4 Nd (Nd-1)``
 (48 in 4D) use every plane orientation.
@@ -76,6 +77,7 @@ __all__ = [
     "build_sun_flow",
     "layer_plan",
     "make_interval_kernel",
+    "mask_period",
     "su2_spectral",
     "su3_alcove",
     "su3_n_params",
@@ -84,6 +86,13 @@ __all__ = [
 ]
 
 MASK_PERIOD = 4
+
+
+def mask_period(extent: int) -> int:
+    """Stripe period across ``nu``: 4 (frozen stripes in the active plane too) when the extent
+    allows it, else 2 (even extents such as 6: the context then comes from the other planes
+    only). 0 when the extent is odd (no valid pattern)."""
+    return MASK_PERIOD if extent % MASK_PERIOD == 0 else (2 if extent % 2 == 0 else 0)
 TWO_PI = 2.0 * math.pi
 # Fourier features of u on which the parameters of the SU(3) second-angle map depend
 N_U_FEATURES = 4
@@ -391,10 +400,13 @@ def sun_masks(lat: Lattice, mu: int, nu: int, offset: int) -> dict[str, torch.Te
     if not (0 <= mu < nd and 0 <= nu < nd) or mu == nu:
         raise ValueError(f"(mu, nu) must be two distinct directions in [0, {nd}), got ({mu}, {nu})")
     xnu = lat.global_coords()[nu]
+    period = mask_period(lat.global_shape[nu])
+    if period == 0:
+        raise ValueError(f"lattice extent {lat.global_shape[nu]} of direction nu={nu} must be even")
 
     def updated(shift_dir: int | None) -> torch.Tensor:
         step = 1 if shift_dir == nu else 0
-        return torch.remainder(xnu + step - offset, MASK_PERIOD) == 0
+        return torch.remainder(xnu + step - offset, period) == 0
 
     links = updated(None)
     frozen, passive = [], []
@@ -443,10 +455,10 @@ class SUNSpectralCoupling(Bijection):
         self.group = get_group(group) if isinstance(group, str) else group
         if self.group.name not in ("su2", "su3"):
             raise ValueError(f"group must be 'su2' or 'su3' for spectral layers, got {self.group.name!r}")
-        if lat.global_shape[nu] % MASK_PERIOD:
+        if mask_period(lat.global_shape[nu]) == 0:
             raise ValueError(
                 f"lattice.shape {list(lat.global_shape)}: extent {lat.global_shape[nu]} of direction "
-                f"nu={nu} must be a multiple of the mask period {MASK_PERIOD}"
+                f"nu={nu} must be even (mask period 4, or 2)"
             )
         self.lat, self.mu, self.nu, self.offset = lat, int(mu), int(nu), int(offset)
         self.kernel = kernel
@@ -686,11 +698,11 @@ def build_sun_flow(
     if n_layers < 1:
         raise ValueError(f"flow.n_layers must be >= 1, got {n_layers}")
     plan = layer_plan(lat.nd, n_layers)
-    bad = sorted({nu for _, nu, _ in plan if lat.global_shape[nu] % MASK_PERIOD})
+    bad = sorted({nu for _, nu, _ in plan if mask_period(lat.global_shape[nu]) == 0})
     if bad:
         raise ValueError(
             f"lattice.shape {list(lat.global_shape)} does not fit the SU(N) coupling masks: the "
-            f"extents of directions {bad} must be multiples of the mask period {MASK_PERIOD}"
+            f"extents of directions {bad} must be even (mask period 4, or 2)"
         )
     layers = [
         SUNSpectralCoupling(

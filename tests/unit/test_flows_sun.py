@@ -158,6 +158,7 @@ LAYER_CASES = [
     ("su3", (8, 4), 1, 0, 1, "ncp"),
     ("su3", (4, 2, 3, 4), 3, 0, 1, "spline"),
     ("su2", (2, 4, 3, 2), 0, 1, 2, "ncp"),
+    ("su3", (6, 6), 0, 1, 1, "spline"),  # mask period 2
 ]
 
 
@@ -213,6 +214,7 @@ def _algebra_jacobian_logdet(layer: SUNSpectralCoupling, U0: torch.Tensor) -> fl
     ("su3", (2, 4), 0, 1, 2, "ncp"),
     ("su3", (4, 2), 1, 0, 0, "spline"),
     ("su2", (2, 2, 2, 4), 0, 3, 1, "spline"),
+    ("su2", (2, 6), 0, 1, 1, "ncp"),  # mask period 2: context from no frozen loop of the plane
 ], ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}-mu{c[2]}nu{c[3]}-{c[5]}")
 def test_logdet_equals_autograd_jacobian(case) -> None:
     """The layer's log-det equals log|det| of the full autograd Jacobian of all links in Lie-algebra
@@ -336,8 +338,8 @@ def test_build_flow_dispatch_and_bad_input() -> None:
         build_flow(_cfg(), Lattice((4, 4)), "su4")
     with pytest.raises(TypeError, match="dtype"):
         build_flow(_cfg(), Lattice((4, 4)), "su2", torch.complex128)
-    with pytest.raises(ValueError, match="multiples of the mask period"):
-        build_flow(_cfg(), Lattice((4, 6)), "su2")
+    with pytest.raises(ValueError, match="must be even"):
+        build_flow(_cfg(), Lattice((4, 5)), "su2")
     with pytest.raises(ValueError, match="2D or 4D"):
         build_flow(_cfg(), Lattice((4, 4, 4)), "su3")
     with pytest.raises(ValueError, match="flow.kernel"):
