@@ -132,6 +132,10 @@ class HybridGrid:
         self.world.Allreduce(buf, out_buf, op=_mpi().MAX)
         return out.to(t.device)
 
+    def barrier(self) -> None:
+        """Wait for every world rank."""
+        self.world.Barrier()
+
     def free(self) -> None:
         """Release the communicators this object created."""
         self.domain.grid.free()

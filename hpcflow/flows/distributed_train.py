@@ -79,8 +79,13 @@ class DistributedTrainer(Trainer):
 
     def save_checkpoint(self) -> None:
         # no per-rank generator: the counter RNG state is (seed, step)
-        if not self.comm.is_root:
-            return
+        if self.comm.is_root:
+            self._write_checkpoint()
+        if self.hybrid is not None:
+            # committed for everybody: no rank can read an older checkpoint afterwards
+            self.hybrid.barrier()
+
+    def _write_checkpoint(self) -> None:
         from hpcflow.flows.train import atomic_torch_save
 
         atomic_torch_save(
