@@ -50,6 +50,9 @@ def build_model(cfg: Config, lat: Any) -> Any:
 def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
     from hpcflow.flows.train import Trainer
 
+    if getattr(comm, "hybrid", None) is not None:  # domain-decomposed flow (issue 7)
+        return _distributed_trainer(cfg, model, comm.hybrid)
+
     kwargs: dict[str, Any] = {}
     action = getattr(model, "action", None)
     if callable(action):  # SU(N) flows bring their own action on their own variables
@@ -91,6 +94,12 @@ def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[
 
 
 def train(cfg: Config, resume: bool = False) -> RunResult:
+    dist = _distributed_setup(cfg)
+    if dist is not None:
+        comm, lat, model = dist
+        _prepare_output(cfg, comm)
+        _, code = _train(cfg, comm, lat, model, resume)
+        return RunResult(code, {})
     comm = make_comm(cfg)
     _prepare_output(cfg, comm)
     lat = _flow_lattice(cfg)
@@ -121,20 +130,35 @@ def run(cfg: Config, resume: bool = False) -> RunResult:
     from hpcflow.cli import EXIT_OK
     from hpcflow.rng import CounterRNG
 
-    comm = make_comm(cfg)
-    if comm.size > 1 and not hasattr(comm, "local_lattice"):
-        raise ConfigError(f"{cfg.source}: flows run data-parallel only in training so far; "
-                          "sample with one rank")
+    dist = _distributed_setup(cfg)
+    if dist is not None:
+        if cfg.algorithm != "flow":
+            raise ConfigError(f"{cfg.source}: key 'algorithm': {cfg.algorithm!r} runs on one rank per "
+                              "chain; domain-decomposed sampling supports algorithm: flow")
+        comm, lat, model = dist
+    else:
+        comm = make_comm(cfg)
+        if comm.size > 1 and not hasattr(comm, "local_lattice"):
+            raise ConfigError(f"{cfg.source}: flows run data-parallel only in training so far; "
+                              "sample with one rank")
+        lat = _flow_lattice(cfg)
+        model = build_model(cfg, lat)
     out = _prepare_output(cfg, comm)
-    lat = _flow_lattice(cfg)
-    model = build_model(cfg, lat)
     tr, code = _train(cfg, comm, lat, model, resume)
     if code != EXIT_OK:
         return RunResult(code, {})
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
-        if cfg.algorithm == "flow":
+        if dist is not None:
+            # every replica group runs the same decomposition-independent chain (same seed,
+            # same proposal numbers as the one-rank chain); world rank 0 writes
+            from hpcflow.sampling.flow_chains import flow_chain
+
+            res = flow_chain(model, cfg.action.beta, cfg.sample.n_steps, cfg.sample.batch,
+                             rng=CounterRNG(cfg.seed, 0))
+            n_updates = cfg.sample.n_steps
+        elif cfg.algorithm == "flow":
             from hpcflow.sampling.metropolis import metropolis_chain
 
             res = metropolis_chain(model, lat, cfg.action.beta, cfg.sample.n_steps, cfg.sample.batch,
@@ -173,3 +197,59 @@ def run(cfg: Config, resume: bool = False) -> RunResult:
                      f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
         print(line)
     return result
+
+
+# ---- domain-decomposed flows (issue 7): world = train.replicas x domain grid -----------------
+class _HybridComm:
+    """What the flow driver needs of a communicator (``size``, ``is_root``) for a hybrid run."""
+
+    def __init__(self, hybrid: Any) -> None:
+        self.hybrid = hybrid
+        self.size = hybrid.world_size
+        self.rank = hybrid.world_rank
+        self.is_root = hybrid.is_root
+
+
+def _distributed_setup(cfg: Config) -> tuple[Any, Any, Any] | None:
+    """``(comm, local lattice, DistributedFlow)`` when the flow is decomposed, else ``None``.
+
+    Used under MPI with more than one rank when the config names a process grid or a replica
+    count (``train.replicas``, default 1): the world is split into ``replicas`` groups of
+    ``prod(grid)`` ranks, each training/sampling one copy of the model on its sub-lattices.
+    """
+    import dataclasses
+
+    replicas = getattr(cfg.train, "replicas", None)
+    if cfg.grid is None and replicas is None:
+        return None
+    try:
+        from hpcflow.comm import world_size
+    except ImportError:
+        return None
+    if world_size() <= 1:
+        return None
+    from hpcflow.comm.hybrid import HybridGrid
+    from hpcflow.flows.distributed import DistributedFlow
+    from hpcflow.lattice.geometry import Lattice
+
+    try:
+        hybrid = HybridGrid(cfg.lattice.shape, int(replicas or 1), cfg.grid)
+        template = build_model(cfg, Lattice(cfg.lattice.shape, backend=cfg.backend))
+        model = DistributedFlow(template, hybrid.domain,
+                                checkpoint_layers=bool(getattr(cfg.flow, "checkpoint_layers", False)))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: domain-decomposed flow: {e}") from None
+    return _HybridComm(hybrid), dataclasses.replace(model.lat), model
+
+
+def _distributed_trainer(cfg: Config, model: Any, hybrid: Any) -> Any:
+    from hpcflow.flows.distributed_train import DistributedTrainer
+
+    try:
+        return DistributedTrainer(model, cfg.action.beta, cfg.train, cfg.output.dir, hybrid=hybrid,
+                                  seed=cfg.seed, dtype=_real_dtype(cfg),
+                                  progress=cfg.run.progress and hybrid.is_root)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
