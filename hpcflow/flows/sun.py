@@ -501,11 +501,7 @@ class SUNSpectralCoupling(Bijection):
         nd = self.lat.nd
         feats = self.context_features(U)
         batch = feats.shape[: feats.dim() - nd - 1]
-        x = feats.reshape(-1, *feats.shape[-(nd + 1) :])
-        if self.checkpoint_activations and torch.is_grad_enabled():
-            out = checkpoint(self.net, x, use_reentrant=False)
-        else:
-            out = self.net(x)
+        out = self.net(feats.reshape(-1, *feats.shape[-(nd + 1) :]))
         return out.movedim(1, -1).reshape(*batch, -1, out.shape[1])  # (*B, V_local, n_out)
 
     def _couple(self, U: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,6 +522,10 @@ class SUNSpectralCoupling(Bijection):
         return out, (-logdet if inverse else logdet)
 
     def forward(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # keep only the layer's input for backward and recompute its insides (plaquettes,
+            # context CNN, eigen-decompositions): memory per layer ~ one link field
+            return checkpoint(self._couple, U, False, use_reentrant=False)
         return self._couple(U, False)
 
     def inverse(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
