@@ -126,6 +126,8 @@ class TrainConfig:
     grad_clip: float = field(default=10.0, metadata=_opt("max gradient norm, 0 = off", kind="float", ge=0.0))
     checkpoint_every: int = field(default=100, metadata=_opt("steps between checkpoints", kind="int", ge=1))
     log_every: int = field(default=10, metadata=_opt("steps between progress reports", kind="int", ge=1))
+    replicas: int = field(default=1, metadata=_opt(
+        "data-parallel replicas under MPI: world = replicas x prod(grid) ranks", kind="int", ge=1))
 
 
 @dataclass(frozen=True)

@@ -219,9 +219,7 @@ def _distributed_setup(cfg: Config) -> tuple[Any, Any, Any] | None:
     """
     import dataclasses
 
-    replicas = getattr(cfg.train, "replicas", None)
-    if cfg.grid is None and replicas is None:
-        return None
+    replicas = cfg.train.replicas
     try:
         from hpcflow.comm import world_size
     except ImportError:
@@ -233,10 +231,10 @@ def _distributed_setup(cfg: Config) -> tuple[Any, Any, Any] | None:
     from hpcflow.lattice.geometry import Lattice
 
     try:
-        hybrid = HybridGrid(cfg.lattice.shape, int(replicas or 1), cfg.grid)
+        hybrid = HybridGrid(cfg.lattice.shape, replicas, cfg.grid)
         template = build_model(cfg, Lattice(cfg.lattice.shape, backend=cfg.backend))
         model = DistributedFlow(template, hybrid.domain,
-                                checkpoint_layers=bool(getattr(cfg.flow, "checkpoint_layers", False)))
+                                checkpoint_layers=cfg.flow.checkpoint_activations)
     except ConfigError:
         raise
     except ValueError as e:
