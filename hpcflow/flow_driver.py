@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -30,17 +31,16 @@ def _real_dtype(cfg: Config) -> torch.dtype:
 
 def build_model(cfg: Config, lat: Any) -> Any:
     """The configured flow for ``cfg.group`` on ``lat``; architecture errors become config errors."""
-    from hpcflow import flows
+    from hpcflow.flows.build import build_flow
+    from hpcflow.lattice.groups import get_group
+    from hpcflow.rng import spawn_seed
 
     dtype = _real_dtype(cfg)
     try:
-        if hasattr(flows, "build_flow"):
-            from hpcflow.lattice.groups import get_group
-
-            return flows.build_flow(cfg.flow, lat, get_group(cfg.group), dtype)
-        if cfg.group != "u1":
-            raise ConfigError(f"{cfg.source}: key 'group': got {cfg.group}; allowed for flows: u1")
-        return flows.build_u1_flow(cfg.flow, lat, dtype)
+        # initial weights from the config seed, the same on every rank and every rerun
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spawn_seed(cfg.seed, zlib.crc32(b"model-init")) % 2**63)
+            return build_flow(cfg.flow, lat, get_group(cfg.group), dtype)
     except ConfigError:
         raise
     except ValueError as e:
@@ -165,12 +165,20 @@ def run(cfg: Config, resume: bool = False) -> RunResult:
                                    rng=CounterRNG(cfg.seed, 0), progress=cfg.run.progress and comm.is_root)
             n_updates = cfg.sample.n_steps
         else:
-            from hpcflow.sampling.mixed import mixed_chain
-
             n_cycles = max(1, cfg.sample.n_steps // len(cfg.mixed.pattern))
-            res = mixed_chain(model, lat, cfg.action.beta, list(cfg.mixed.pattern), n_cycles, cfg.seed,
-                              batch=cfg.sample.batch, hmc_cfg=cfg.hmc, n_overrelax=cfg.heatbath.n_overrelax,
-                              progress=cfg.run.progress and comm.is_root)
+            pattern = list(cfg.mixed.pattern)
+            if cfg.group == "u1":
+                from hpcflow.sampling.mixed import mixed_chain
+
+                res = mixed_chain(model, lat, cfg.action.beta, pattern, n_cycles, cfg.seed,
+                                  batch=cfg.sample.batch, hmc_cfg=cfg.hmc, n_overrelax=cfg.heatbath.n_overrelax,
+                                  progress=cfg.run.progress and comm.is_root)
+            else:  # SU(N) flows drive the chain through their model hooks
+                from hpcflow.sampling.flow_chains import flow_mixed_chain
+
+                res = flow_mixed_chain(model, cfg.action.beta, pattern, n_cycles, cfg.seed,
+                                       batch=cfg.sample.batch, hmc_cfg=cfg.hmc,
+                                       n_overrelax=cfg.heatbath.n_overrelax)
             n_updates = n_cycles * len(cfg.mixed.pattern)
     elapsed = time.perf_counter() - t0
     records = _records_from_chain(res, 1, cfg.sample.n_therm)
@@ -224,8 +232,8 @@ def _distributed_setup(cfg: Config) -> tuple[Any, Any, Any] | None:
         from hpcflow.comm import world_size
     except ImportError:
         return None
-    if world_size() <= 1:
-        return None
+    if world_size() <= 1 and cfg.algorithm != "flow":
+        return None  # mixed chains run on one rank with the plain flow
     from hpcflow.comm.hybrid import HybridGrid
     from hpcflow.flows.distributed import DistributedFlow
     from hpcflow.lattice.geometry import Lattice
