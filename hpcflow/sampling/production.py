@@ -17,8 +17,13 @@ Markov steps, independence Metropolis with aligned proposal batches, optionally 
 ``mixed.pattern`` with heat bath/HMC (:class:`_FlowUpdates`). Rows carry ``S``, ``log q``,
 ``log w = -S - log q``, the accepted flag and the plaquette. The chain checkpoint holds the
 Metropolis state (current configuration in the model's variables, ``S``, ``log q``,
-``log w``) and the next proposal number. Until the domain-decomposed flow (issue #7)
-exists, flow chains run on one rank per worker group (data-parallel chains).
+``log w``, gathered to the global field) and the next proposal number. The model runs as a
+:class:`hpcflow.flows.distributed.DistributedFlow`: a worker group of several ranks (grid
+from ``grid:``) runs one ``algorithm: flow`` chain with each rank holding its sub-lattice and
+writing its hyperslab; proposals are keyed on global link indices, so the ensemble equals the
+one-rank ensemble configuration for configuration. Chain 0 is the chain of ``hpcflow run``
+(:func:`hpcflow.sampling.flow_chains.flow_chain`: same proposal numbering and accept draws).
+Mixed chains run on one rank per worker group.
 
 Commit protocol (two phases, the rename of the segment is the commit point):
 
@@ -262,17 +267,27 @@ class _LocalUpdates:
 class _FlowUpdates:
     """Independence Metropolis with flow proposals, alone or in a mixed pattern with local updates.
 
-    Markov step ``s`` (1-based) is ``pattern[(s - 1) % len(pattern)]`` (``("flow",)`` for
-    ``algorithm: flow``). Flow step number ``p`` (0-based, over the chain) uses proposal
-    ``p``: prior draws keyed on (global link, ``p``) and the accept uniform at index ``p``,
-    step ``ACCEPT_STEP``, of ``CounterRNG(seed, stream=chain)``; it accepts with probability
-    ``min(1, w'/w)``, ``log w = -S - log q`` (ALGORITHMS.md). Proposals are drawn in batches
+    ``model`` is a :class:`hpcflow.flows.distributed.DistributedFlow` (one code path for one
+    rank and for a worker group of several ranks, each holding its sub-lattice with halos);
+    everything theory-specific goes through its hooks (``action``, ``observables``,
+    ``to_links``, ``from_links``), so U(1) and SU(N) flows run the same chain. Markov step
+    ``s`` (1-based) is ``pattern[(s - 1) % len(pattern)]`` (``("flow",)`` for ``algorithm:
+    flow``). Flow step number ``p`` (0-based, over the chain) uses proposal ``p``: prior draws
+    keyed on (global link, ``p``) and the accept uniform at index ``p``, step ``ACCEPT_STEP``,
+    of ``CounterRNG(seed, stream=chain)``; it accepts with probability ``min(1, w'/w)``,
+    ``log w = -S - log q`` (ALGORITHMS.md). This is the layout of
+    :func:`hpcflow.sampling.flow_chains.flow_chain` (``hpcflow run``), whose proposal and
+    accept code is shared here (:func:`theory_proposals`, :func:`metropolis_accept`), so chain 0
+    of ``hpcflow sample`` is the chain of ``hpcflow run``. Proposals are drawn in batches
     aligned to multiples of ``sample.batch`` (proposal ``p`` lies in batch ``p // batch``
     whatever the stop/resume history), so a resumed chain evaluates every proposal in the
-    same forward pass as an uninterrupted one: bit-identical. Heat bath/HMC steps use
+    same forward pass as an uninterrupted one: bit-identical. ``S`` and ``log q`` are global
+    sums (``comm.sum``, bitwise identical on every rank of the group), so the ranks of a group
+    always take the same decision. Heat bath/HMC steps (one rank per chain) use
     ``CounterRNG(seed, stream=LOCAL_STREAM_OFFSET + chain)`` keyed on ``s``; after them the
     state did not come from the flow, and its ``log q`` is recomputed by the inverse flow
-    (``model.log_prob``) when a row is stored or the next flow step needs it.
+    (``model.log_prob``) when a row is stored or the next flow step needs it. Checkpoints hold
+    the *global* state (gathered), so they do not depend on the decomposition.
     """
 
     def __init__(self, cfg: Config, chain: int, lat: Any, comm: Any, model: Any) -> None:
@@ -281,7 +296,6 @@ class _FlowUpdates:
 
         self.cfg, self.lat, self.comm, self.model = cfg, lat, comm, model
         self.group = get_group(cfg.group)
-        self.u1 = cfg.group == "u1"
         self.cdtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
         self.frng = CounterRNG(cfg.seed, stream=chain)
         self.lrng = CounterRNG(cfg.seed, stream=LOCAL_STREAM_OFFSET + chain)
@@ -292,7 +306,7 @@ class _FlowUpdates:
 
             self._hmc = HMC(lat, self.group, cfg.action.beta, cfg.hmc.n_steps, cfg.hmc.tau,
                             cfg.hmc.integrator, self.lrng, comm=comm, lam=cfg.hmc.lam)
-        self.x: torch.Tensor | None = None  # current state in the model's variables
+        self.x: torch.Tensor | None = None  # current state in the model's variables (local, halos valid)
         self.cur: dict[str, float] = {}
         self.p = 0  # next proposal number
         self._buf: dict[str, torch.Tensor] = {}
@@ -300,31 +314,26 @@ class _FlowUpdates:
 
     # -- variables -------------------------------------------------------------------------
     def links(self, x: torch.Tensor) -> torch.Tensor:
-        from hpcflow.flows.u1 import links_from_angles
-
-        return (links_from_angles(x) if self.u1 else x).to(self.cdtype)
+        return self.model.to_links(x).to(self.cdtype)
 
     def from_links(self, U: torch.Tensor) -> torch.Tensor:
-        from hpcflow.flows.u1 import angles_from_links
+        return self.model.from_links(U)
 
-        return angles_from_links(U).to(self.model.dtype) if self.u1 else U.to(self.model.cdtype)
-
-    def _measure(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from hpcflow.lattice.action import average_plaquette, wilson_action
-
-        beta = self.cfg.action.beta
-        return (wilson_action(U, self.lat, beta).to(torch.float64),
-                average_plaquette(U, self.lat).to(torch.float64))
+    def _measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = self.model.action(x, self.cfg.action.beta)
+        return S.to(torch.float64), self.model.observables(x)["plaquette"].to(torch.float64)
 
     # -- updates ---------------------------------------------------------------------------
     @torch.no_grad()
     def _proposal(self, p: int) -> int:
+        from hpcflow.sampling.flow_chains import theory_proposals
+
         first = p - p % self.batch
         if self._buf_first != first:
-            x, logq = self.model.sample_counter(self.frng, first, self.batch)
-            S, plaq = self._measure(self.links(x))
-            logq = logq.to(torch.float64)
-            self._buf = {"x": x, "S": S, "log_q": logq, "log_w": -S - logq, "plaquette": plaq}
+            prop = theory_proposals(self.model, self.cfg.action.beta, self.frng, first, self.batch)
+            self._buf = {"x": prop["U"], "S": prop["S"].to(torch.float64),
+                         "log_q": prop["logq"].to(torch.float64), "log_w": prop["logw"].to(torch.float64),
+                         "plaquette": prop["plaquette"].to(torch.float64)}
             self._buf_first = first
         return p - first
 
@@ -338,7 +347,14 @@ class _FlowUpdates:
 
     def start(self, st: dict[str, Any] | None) -> None:
         if st is not None:
-            self.x = None if st["x"] is None else st["x"].to(self.model.dtype if self.u1 else self.model.cdtype)
+            x = st["x"]
+            if x is not None:
+                x = x.to(self.model.cdtype)
+                if self.comm.size > 1:  # the checkpoint holds the global state
+                    from hpcflow.comm.fields import local_from_global
+
+                    x = local_from_global(x, self.lat, inner=self.model.inner)
+            self.x = x
             self.cur = {k: float(v) for k, v in st["cur"].items()}
             self.p = int(st["p"])
 
@@ -354,20 +370,22 @@ class _FlowUpdates:
     @torch.no_grad()
     def advance(self, step: int) -> bool:
         from hpcflow.sampling.heatbath import heatbath_or_sweep
-        from hpcflow.sampling.metropolis import ACCEPT_STEP
+        from hpcflow.sampling.metropolis import ACCEPT_STEP, metropolis_accept
 
         kind = self.pattern[(step - 1) % len(self.pattern)]
         if kind == "flow":
             j = self._proposal(self.p)
-            lw = float(self._buf["log_w"][j])
-            u = float(self.frng.uniform(torch.tensor([self.p]), ACCEPT_STEP, 1)[0, 0])
-            # the very first state of a pure flow chain is its first proposal (exact from there on)
-            acc = self.x is None or math.log(u) < lw - self._current_logw()
+            u = self.frng.uniform(torch.tensor([self.p]), ACCEPT_STEP, 1)[:, 0]
+            # the very first state of a pure flow chain is its first proposal (log w0 = -inf,
+            # as in flow_chain: exact from there on)
+            lw0 = -math.inf if self.x is None else self._current_logw()
+            _, accepted = metropolis_accept(self._buf["log_w"][j : j + 1], lw0, u)
+            acc = bool(accepted[0])
             if acc:
                 self.x = self._buf["x"][j].clone()
                 self.cur = {k: float(self._buf[k][j]) for k in ("S", "log_q", "log_w", "plaquette")}
             self.p += 1
-            return bool(acc)
+            return acc
         if self.x is None:
             self.x = self._start_field()
         U = self.links(self.x)
@@ -378,7 +396,7 @@ class _FlowUpdates:
         else:
             U, acc, _ = self._hmc.trajectory(U, step)
         self.x = self.from_links(U)
-        S, plaq = self._measure(self.links(self.x))
+        S, plaq = self._measure(self.x)
         self.cur = {"S": float(S), "log_q": math.nan, "log_w": math.nan, "plaquette": float(plaq)}
         return bool(acc)
 
@@ -388,7 +406,10 @@ class _FlowUpdates:
         return self.links(self.x), dict(self.cur)
 
     def state(self) -> dict[str, Any]:
-        return {"x": None if self.x is None else self.x.detach().cpu().clone(), "cur": dict(self.cur),
+        x = self.x
+        if x is not None and self.comm.size > 1:  # global state: decomposition-independent
+            x = self.comm.gather_field(x, self.lat, inner=self.model.inner)
+        return {"x": None if x is None else x.detach().cpu().clone(), "cur": dict(self.cur),
                 "p": self.p, "rng_local": self.lrng.state_dict()}
 
 
@@ -426,8 +447,8 @@ class ChainRunner:
 
     ``hmc``/``heatbath``: ``run.n_therm`` + ``run.n_steps`` steps on the group's process
     grid. ``flow``/``mixed``: ``sample.n_therm`` + ``sample.n_steps`` Markov steps with the
-    model of ``<output.dir>/train/checkpoint.pt`` (one rank per chain until the
-    domain-decomposed flow exists). Every ``run.measure_every``-th step after
+    model of ``<output.dir>/train/checkpoint.pt`` (``flow``: any number of ranks per chain,
+    domain-decomposed; ``mixed``: one rank per chain). Every ``run.measure_every``-th step after
     thermalisation is stored.
     """
 
@@ -455,18 +476,25 @@ class ChainRunner:
         self.model_sha256 = ""
         self.upd: _LocalUpdates | _FlowUpdates
         if self.flow:
-            if comm.size > 1:  # TODO(issue #7): run hpcflow.flows.distributed.DistributedFlow here
+            if comm.size > 1 and cfg.algorithm != "flow":
                 raise ConfigError(
                     f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers} with {comm.size} ranks "
-                    f"per chain; algorithm {cfg.algorithm} with several ranks per chain needs the "
-                    "domain-decomposed flow (issue #7), not wired into production sampling yet; allowed: "
-                    "one rank per chain (sample.n_workers = number of MPI ranks)")
+                    f"per chain; algorithm {cfg.algorithm} (flow steps mixed with heat bath/HMC) runs on one "
+                    "rank per chain; allowed: algorithm flow on several ranks per chain, or one rank per "
+                    "chain (sample.n_workers = number of MPI ranks)")
+            from hpcflow.flows.distributed import DistributedFlow
             from hpcflow.lattice.geometry import Lattice
 
-            flat = Lattice(cfg.lattice.shape, backend=cfg.backend)
-            model, self.model_sha256 = load_model(cfg, flat)
-            self.lat = flat  # one rank holds the whole lattice (no halos)
-            self.upd = _FlowUpdates(cfg, chain, flat, comm, model)
+            plain, self.model_sha256 = load_model(cfg, Lattice(cfg.lattice.shape, backend=cfg.backend))
+            try:
+                # the group's ranks each transform their sub-lattice (halo = the layers' reach);
+                # one rank: the same code on the whole lattice without halos
+                model = DistributedFlow(plain, comm if comm.size > 1 else None)
+            except ValueError as e:
+                raise ConfigError(f"{cfg.source}: domain-decomposed flow: {e}") from None
+            model.eval()
+            self.lat = model.lat
+            self.upd = _FlowUpdates(cfg, chain, model.lat, comm, model)
         else:
             self.upd = _LocalUpdates(cfg, lat, comm, self.rng, self.dtype, self.device)
 

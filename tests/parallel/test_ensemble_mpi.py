@@ -7,8 +7,17 @@ What is proven:
 * with ``sample.n_workers = 2`` worker groups (P >= 2) each group writes its own chain, and
   chain c equals the one-rank run of chain c alone (stream c), and the chains differ;
 * flow chains with one rank per worker group (``n_workers = P``) under mpirun equal the
-  one-rank runs of the same chains; more than one rank per flow chain is refused with one
-  clear error on every rank (until the domain-decomposed flow exists);
+  one-rank runs of the same chains;
+* one flow chain on a worker group spanning all P ranks (domain-decomposed flow, grid
+  ``[1, 1]``/``[2, 1]``/``[2, 2]``, every rank writing its hyperslab) stores the one-rank
+  ensemble configuration for configuration (same steps and accept decisions, fields within
+  1e-12, S/log q/log w/plaquette within 1e-10, every checksum that of its stored field; the
+  decomposed flow equals the one-rank flow to rounding, not bitwise: the CNN on a padded
+  sub-lattice sums in another order, so SciDAC checksums of P > 1 runs can differ in the last
+  bit), is the ``hpcflow run`` chain (``flow_chain`` with the decomposed model on the same
+  ranks), and a stop + resume on P ranks gives the uninterrupted P-rank ensemble bit for bit
+  (checksums equal); a mixed chain on several ranks per chain is refused with
+  one clear error on every rank, nothing written;
 * a reader sees only committed segments: rows appended collectively to an open segment are
   invisible until the commit (rename), and visible, with the right checksums, after it.
 """
@@ -132,8 +141,8 @@ def _train_tiny(cfg) -> None:  # type: ignore[no-untyped-def]
             progress=False).train()
 
 
-def _flow_cfg(out: str, n_workers: int, **kw):  # type: ignore[no-untyped-def]
-    return _cfg(out, "flow", n_workers=n_workers,
+def _flow_cfg(out: str, n_workers: int, algorithm: str = "flow", **kw):  # type: ignore[no-untyped-def]
+    return _cfg(out, algorithm, n_workers=n_workers,
                 flow={"n_layers": 2, "hidden": [4], "kernel_size": 3},
                 train={"steps": 2, "batch": 4, "lr": 0.01},
                 sample={"n_therm": 1, "n_steps": 5, "batch": 3, "checkpoint_every": 2,
@@ -163,15 +172,114 @@ def test_flow_chains_one_rank_per_group(collective) -> None:
             if ok and (len(sha) != 1 or len(next(iter(sha))) != 64):
                 ok, why = False, f"model_sha256 attribute {sha}"
         collective(ok, f"flow chains on {SIZE} ranks: {why}")
-        if SIZE > 1:  # several ranks per flow chain: refused everywhere, nothing written
+    finally:
+        _finish(base)
+
+
+DOMAIN_GRID = {1: [1, 1], 2: [2, 1], 4: [2, 2]}.get(SIZE, [SIZE, 1])  # local extents >= layer halo
+# weak coupling: the 2-step flow proposes well enough that the chain both accepts and rejects
+DECOMP = {"grid": DOMAIN_GRID, "action": {"beta": 0.2}}
+
+
+def _same_flow(a, b, what: str, tol: float = 1e-12) -> tuple[bool, str]:  # type: ignore[no-untyped-def]
+    """Same chain: steps and accept decisions exactly, fields to ``tol``, S/log q/log w/plaquette
+    to 1e-10, and every stored checksum is the SciDAC checksum of its stored field."""
+    (ra, ua), (rb, ub) = a, b
+    if len(ua) != len(ub) or len(ua) == 0:
+        return False, f"{what}: {len(ua)} vs {len(ub)} configurations"
+    for k in ("chain", "step", "accepted"):
+        if not np.array_equal(ra[k], rb[k]):
+            return False, f"{what}: {k} differs: {ra[k]} vs {rb[k]}"
+    if not all(torch.allclose(x, y, rtol=0, atol=tol) for x, y in zip(ua, ub)):
+        return False, f"{what}: configurations differ beyond {tol}"
+    for k in ("S", "log_q", "log_w", "plaquette"):
+        if not np.allclose(ra[k], rb[k], rtol=1e-10, atol=1e-10):
+            return False, f"{what}: {k} differs beyond 1e-10: {ra[k]} vs {rb[k]}"
+    one = Lattice(ua[0].shape[1:-2])
+    for r, u in ((ra, ua), (rb, ub)):
+        if [field_checksum(U, one) for U in u] != list(r["checksum"]):
+            return False, f"{what}: a stored checksum is not the checksum of its stored field"
+    if tol == 0 and not np.array_equal(ra["checksum"], rb["checksum"]):
+        return False, f"{what}: checksums differ: {ra['checksum']} vs {rb['checksum']}"
+    return True, ""
+
+
+class _StopAfter(StopFlag):
+    """'Receives a signal' after ``polls`` chain steps (the same on every rank)."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.left = polls
+
+    @property  # type: ignore[override]
+    def stop_requested(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+    @stop_requested.setter
+    def stop_requested(self, v: bool) -> None:
+        pass
+
+
+@pytest.mark.mpi
+def test_decomposed_flow_chain_equals_one_rank(collective) -> None:
+    """One flow chain on all P ranks (sub-lattice per rank) == the one-rank chain; == flow_chain."""
+    from hpcflow.sampling.production import EXIT_RESUMABLE
+
+    base = _tmpdir()
+    try:
+        cfg = _flow_cfg(f"{base}/par", 1, **DECOMP)
+        stopped = _flow_cfg(f"{base}/stop", 1, **DECOMP)
+        if RANK == 0:
+            _train_tiny(cfg)
+            for d in ("ser", "stop", "mixed"):
+                os.makedirs(f"{base}/{d}/train")
+                shutil.copy(f"{base}/par/train/checkpoint.pt", f"{base}/{d}/train/checkpoint.pt")
+        WORLD.Barrier()
+        code = sample(cfg, use_mpi=True)
+        ok, why = code == EXIT_OK, f"exit {code}"
+        # the decomposed chain of hpcflow run (flow_chain, stream 0) on the same ranks
+        from hpcflow.comm import LatticeComm, ProcessGrid
+        from hpcflow.flows.distributed import DistributedFlow
+        from hpcflow.rng import CounterRNG
+        from hpcflow.sampling.flow_chains import flow_chain
+        from hpcflow.sampling.production import load_model
+
+        plain, _ = load_model(cfg, Lattice(cfg.lattice.shape))
+        dist = DistributedFlow(plain, LatticeComm(ProcessGrid(cfg.lattice.shape, DOMAIN_GRID)))
+        n = cfg.sample.n_therm + cfg.sample.n_steps
+        run = flow_chain(dist, cfg.action.beta, n, cfg.sample.batch, CounterRNG(cfg.seed, 0))
+        # stop after steps 2 and 4 (mid-batch, mid-segment), then resume to the end
+        codes = [sample(stopped, use_mpi=True, stop=_StopAfter(k)) for k in (1, 1, 100)]
+        if RANK == 0 and ok:
+            attrs = open_ensemble(ensemble_dir(cfg)).attrs
+            par = _chain(ensemble_dir(cfg), 0)
+            ok, why = _same_flow(par, _serial_chain(_flow_cfg(f"{base}/ser", 1, action=DECOMP["action"]), 0), "decomposed flow chain")
+            if ok and int(attrs["ranks_per_chain"]) != SIZE:
+                ok, why = False, f"ranks_per_chain {attrs['ranks_per_chain']} != {SIZE}"
+            rec, sl = par[0], slice(cfg.sample.n_therm, n)
+            if ok and not (np.array_equal(rec["accepted"].astype(bool), run["accepted"][sl])
+                           and np.allclose(rec["S"], run["S"][sl], rtol=1e-10, atol=1e-10)
+                           and np.allclose(rec["log_q"], run["logq"][sl], rtol=1e-10, atol=1e-10)):
+                ok, why = False, (f"differs from flow_chain: accepted {rec['accepted']} vs "
+                                  f"{run['accepted'][sl]}, S {rec['S']} vs {run['S'][sl]}")
+            if ok and not 0 < rec["accepted"].sum() < len(rec["accepted"]):
+                ok, why = False, f"want accepts and rejects, got {rec['accepted']}"
+            if ok and codes != [EXIT_RESUMABLE, EXIT_RESUMABLE, EXIT_OK]:
+                ok, why = False, f"stop/resume exit codes {codes}"
+            if ok:
+                ok, why = _same_flow(_chain(ensemble_dir(stopped), 0), par, "stopped and resumed", tol=0)
+        collective(ok, f"flow chain on grid {DOMAIN_GRID}: {why}")
+        if SIZE > 1:  # mixed (flow + heat bath) on several ranks per chain: refused everywhere
             msg = ""
             try:
-                sample(_flow_cfg(f"{base}/bad", 1), use_mpi=True)
+                sample(_flow_cfg(f"{base}/mixed", 1, "mixed", **DECOMP,
+                                 mixed={"pattern": ["flow", "heatbath"]}), use_mpi=True)
             except ConfigError as e:
                 msg = str(e)
-            collective("domain-decomposed flow" in msg and "sample.n_workers" in msg,
+            collective("one rank per chain" in msg and "sample.n_workers" in msg,
                        f"expected a one-line refusal, got {msg!r}")
-            collective(not os.path.exists(f"{base}/bad/ensemble/chain000"), "refused run wrote files")
+            collective(not os.path.exists(f"{base}/mixed/ensemble/chain000"), "refused run wrote files")
     finally:
         _finish(base)
 
