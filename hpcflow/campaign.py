@@ -645,19 +645,23 @@ def submit(c: Campaign, dry_run: bool = False, run: Runner = subprocess.run,
 
 
 # ---- status -------------------------------------------------------------------------------
-def _chain_output(c: Campaign, ch: Chain) -> str:
-    """output.dir of the chain's last sampling stage (train-only campaigns: the last stage)."""
+def _chain_output(c: Campaign, ch: Chain) -> tuple[str, str]:
+    """(output.dir, ensemble folder) of the chain's last sampling stage (train-only campaigns:
+    the last stage); the ensemble folder is ``output.ensemble`` or ``<output.dir>/ensemble``,
+    as ``hpcflow sample`` writes it."""
     prod = [s for s in c.stages if s.command in ("sample", "run")] or list(c.stages)
-    return str(job_config(c, ch, prod[-1]).get("output", {}).get("dir", ch.dir))
+    out = job_config(c, ch, prod[-1]).get("output", {})
+    d = str(out.get("dir", ch.dir))
+    return d, str(out.get("ensemble") or os.path.join(d, "ensemble"))
 
 
-def _measure_output(out_dir: str) -> tuple[int | None, float | None]:
+def _measure_output(out_dir: str, ens_dir: str | None = None) -> tuple[int | None, float | None]:
     """(configurations committed, acceptance) of a chain's output directory.
 
-    The HDF5 ensemble (``<out>/ensemble``) when there is one; otherwise the measurement
-    history (one JSON line per measured configuration) and ``summary.json``.
+    The HDF5 ensemble (``ens_dir``, default ``<out>/ensemble``) when there is one; otherwise
+    the measurement history (one JSON line per measured configuration) and ``summary.json``.
     """
-    ens_dir = os.path.join(out_dir, "ensemble")
+    ens_dir = ens_dir or os.path.join(out_dir, "ensemble")
     if os.path.isdir(ens_dir):
         try:
             from hpcflow.io import open_ensemble
@@ -723,7 +727,7 @@ def campaign_status(c: Campaign, run: Runner = subprocess.run) -> list[dict[str,
             else:
                 s = "not submitted" if jid is None else "lost"
             row["stages"][st.name] = {"job_id": jid, "state": s, "restarts": mark.get("restarts", 0)}
-        row["configs"], row["acceptance"] = _measure_output(_chain_output(c, ch))
+        row["configs"], row["acceptance"] = _measure_output(*_chain_output(c, ch))
         rows.append(row)
     return rows
 

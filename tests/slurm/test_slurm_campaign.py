@@ -1,8 +1,12 @@
 """Campaigns through a real Slurm: slurmctld + slurmd on localhost (scripts/slurm_test_cluster.sh).
 
 What these tests prove, with the real ``sbatch``/``squeue``/``scontrol`` of Debian's slurm-wlm:
-* a campaign (scan x chains, stages train -> sample) runs every stage to completion, and each
-  chain's sampling job starts only after its training job ended (Slurm's job-completion log);
+* a flow campaign (scan x chains; ``hpcflow train`` trains a 2D U(1) flow, then ``hpcflow
+  sample`` runs one domain-decomposed flow chain on 2 ranks with that model) runs every stage to
+  completion, each chain's sampling job starts only after its training job ended (Slurm's
+  job-completion log), the sample stage's HDF5 ensemble holds the expected configurations
+  (made with the trained model: its sha256 is in the file attributes), and ``hpcflow campaign
+  status`` reports the committed count and acceptance read from that ensemble;
 * a campaign submitted again submits nothing once everything is done;
 * a job stopped by ``scontrol requeue`` runs again under the same job id and the campaign
   completes, with the dependent stage waiting for the rerun;
@@ -59,6 +63,16 @@ def _base(n_steps: int) -> dict:
             "measure": {"wilson_loops": [[1, 1]]}}
 
 
+def _flow_base(n_steps: int) -> dict:
+    """2D U(1) 8x8 flow (2 layers, hidden [4]), a few training steps and a short chain (8x8 so
+    the 2-rank grid [2, 1] of the sample stage has local extents >= the layers' halo)."""
+    return {"lattice.shape": [8, 8], "group": "u1", "algorithm": "flow",
+            "flow": {"n_layers": 2, "hidden": [4], "kernel_size": 3},
+            "train": {"steps": 4, "batch": 8, "lr": 0.01, "checkpoint_every": 2},
+            "sample": {"n_therm": 2, "n_steps": n_steps, "batch": 8, "checkpoint_every": 4},
+            "run": {"measure_every": 1, "progress": False}}
+
+
 def _write(tmp: Path, raw: dict) -> Path:
     p = tmp / "campaign.yaml"
     p.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -104,13 +118,17 @@ def _release_when_pending(jid: str, slurm_dir: Path) -> None:
 
 
 def test_campaign_train_then_sample(slurm: Path, tmp_path: Path) -> None:
-    """Two chains, train then sample (2 MPI ranks via srun --mpi=pmix): all finish, in order."""
+    """Two chains: hpcflow train (1 rank), then hpcflow sample (2 ranks via srun --mpi=pmix,
+    one decomposed flow chain): all finish, in order, ensembles complete, status from HDF5."""
+    from hpcflow.io import open_ensemble
+    from hpcflow.io.checkpoint import file_sha256
+
     n = 12
     path = _write(tmp_path, {
-        "name": "order", "seed": 11, "dir": "camp", "config": _base(n), "beta": [1.5], "chains": 2,
+        "name": "order", "seed": 11, "dir": "camp", "config": _flow_base(n), "beta": [1.0], "chains": 2,
         "hpcflow": HPCFLOW,
-        "stages": {"train": {"command": "run", "set": {"output.dir": "{chain_dir}/train"}, "resume": False},
-                   "sample": {"command": "run", "after": ["train"], "resume": False,
+        "stages": {"train": {"resume": False},
+                   "sample": {"after": ["train"], "set": {"grid": [2, 1]},
                               "resources": {"ntasks_per_node": 2}}}})
     assert cp.main([str(path)]) == 0
     c = cp.load_campaign(path)
@@ -122,18 +140,28 @@ def test_campaign_train_then_sample(slurm: Path, tmp_path: Path) -> None:
     for row in rows:
         for st in ("train", "sample"):
             assert row["stages"][st]["state"] == "done", (row, _status(c, row["chain"], st))
-        assert row["configs"] == n  # one measurement per measured trajectory of the sample stage
-        assert 0.0 <= row["acceptance"] <= 1.0
         tj = state["jobs"][f"{row['chain']}/train"]["job_id"]
         sj = state["jobs"][f"{row['chain']}/sample"]["job_id"]
         assert comp[tj]["JobState"] == "COMPLETED" and comp[sj]["JobState"] == "COMPLETED"
         # ISO timestamps compare as strings; afterok: sampling starts after training ended
         assert comp[sj]["StartTime"] >= comp[tj]["EndTime"], (comp[tj], comp[sj])
-        assert comp[sj]["ProcCnt"] == "2"
-        train_sum = json.loads((Path(c.dir) / "chains" / row["chain"] / "train" / "summary.json").read_text())
-        assert train_sum["seed"] == row["seed"]  # the chain seed derived by the campaign reached hpcflow
+        assert comp[tj]["ProcCnt"] == "1" and comp[sj]["ProcCnt"] == "2"
+        out = Path(c.dir) / "chains" / row["chain"]
+        model = out / "train" / "checkpoint.pt"
+        assert model.stat().st_mtime <= (out / "ensemble").stat().st_mtime
+        ens = open_ensemble(str(out / "ensemble"))
+        rec = ens.records(0)
+        assert ens.n_committed() == n and list(rec["step"]) == list(range(3, n + 3))
+        attrs = ens.attrs
+        assert attrs["algorithm"] == "flow" and int(attrs["ranks_per_chain"]) == 2
+        assert attrs["model_sha256"] == file_sha256(str(model))  # sampled with the trained flow
+        assert int(attrs["seed"]) == row["seed"]  # the chain seed derived by the campaign reached hpcflow
+        # hpcflow campaign status: configurations and acceptance from the HDF5 ensemble
+        assert row["configs"] == n
+        assert row["acceptance"] == float(rec["accepted"].mean())
     table = cp.format_status(c, rows)
     assert "2/2 chains finished" in table
+    assert f"{rows[0]['acceptance']:.3f}" in table
     # nothing left to do: a second submission submits no job
     before = state["jobs"]
     assert cp.main([str(path)]) == 0
