@@ -59,7 +59,7 @@ def test_console_script_installed():
 
 def test_run_hmc_writes_history_and_summary(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["run", str(EXAMPLES / "demo.yaml"), "--set", "algorithm=hmc", "--set", f"output.dir={out}", "--set", "run.n_therm=2",
+    rc = main(["run", str(EXAMPLES / "u1_2d_hmc.yaml"), "--set", "algorithm=hmc", "--set", f"output.dir={out}", "--set", "run.n_therm=2",
                "--set", "run.n_steps=6", "--set", "run.progress=false", "--set", "lattice.shape=[4,4]"])
     assert rc == 0
     lines = (out / "history.jsonl").read_text().splitlines()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hpcflow.cli import EXIT_BAD_INPUT, EXIT_RESUMABLE, main
 
-DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "u1_2d_hmc.yaml")
 TINY = [DEMO, "--set", "algorithm=flow", "--set", "flow.n_layers=2", "--set", "flow.hidden=[4]",
         "--set", "train.steps=4", "--set", "train.batch=4", "--set", "train.checkpoint_every=2",
         "--set", "sample.n_steps=32", "--set", "sample.batch=8", "--set", "run.progress=false"]
@@ -59,7 +59,7 @@ def test_architecture_that_does_not_fit_is_one_line_error(tmp_path, capsys):
     rc = main(["run", *TINY, "--set", "lattice.shape=[6,6]", "--set", f"output.dir={tmp_path}"])
     assert rc == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "6" in err and "demo.yaml" in err
+    assert len(err.splitlines()) == 1 and "6" in err and "u1_2d_hmc.yaml" in err
 
 
 def test_sigterm_during_training_exits_3_and_resume_finishes(tmp_path):

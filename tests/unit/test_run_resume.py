@@ -15,7 +15,7 @@ import pytest
 
 from hpcflow.cli import EXIT_RESUMABLE, main
 
-DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "u1_2d_hmc.yaml")
 BASE = [DEMO, "--set", "algorithm=hmc", "--set", "lattice.shape=[4,4]", "--set", "run.n_therm=3", "--set", "run.progress=false",
         "--set", "sample.checkpoint_every=2"]
 
