@@ -158,10 +158,12 @@ class CircularSplineKernel(CircularKernel):
         return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(-1, keepdim=True)
 
     def _gather(self, xk, yk, d, idx):
-        g = lambda a: torch.gather(a, -1, idx).squeeze(-1)
-        x0, x1 = g(xk), torch.gather(xk, -1, idx + 1).squeeze(-1)
-        y0, y1 = g(yk), torch.gather(yk, -1, idx + 1).squeeze(-1)
-        d0, d1 = g(d), torch.gather(d, -1, idx + 1).squeeze(-1)
+        def g(a: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return torch.gather(a, -1, i).squeeze(-1)
+
+        x0, x1 = g(xk, idx), g(xk, idx + 1)
+        y0, y1 = g(yk, idx), g(yk, idx + 1)
+        d0, d1 = g(d, idx), g(d, idx + 1)
         return x0, x1 - x0, y0, y1 - y0, d0, d1
 
     def _logderiv(self, xi, s, d0, d1):
