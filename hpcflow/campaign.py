@@ -515,13 +515,10 @@ esac
 
 # ---- state and submission -----------------------------------------------------------------
 def _atomic_write(path: str, text: str) -> None:
+    from hpcflow.io.checkpoint import atomic_write_bytes
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _state_path(c: Campaign) -> str:
