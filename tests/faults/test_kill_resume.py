@@ -1,7 +1,7 @@
 """Fault injection: a 2-rank sampling run is SIGKILLed at random moments, then resumed.
 
 What is proven (crash rule, ARCHITECTURE.md): after each SIGKILL of the whole ``mpirun``
-job (ranks included), at random moments, most of them while a segment is open for
+job (mpirun and every rank: the whole session), at random moments, most of them while a segment is open for
 parallel HDF5 writing, every committed file opens and reads, the committed count never
 decreases, no configuration checksum appears twice, and the final ensemble equals the
 uninterrupted reference run (same seed, same 2-rank grid) configuration for
@@ -32,7 +32,7 @@ import pytest
 import torch
 import yaml
 
-from hpcflow.io.ensemble import open_ensemble
+from hpcflow.io.ensemble import committed_segments, open_ensemble
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N_KILLS = 5
@@ -50,7 +50,7 @@ def _env() -> dict:
             "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
-# long enough that a kill 0-0.2 s after the first commit lands mid-chain even on an idle machine
+# 50 segments of 3: three kills, each 1-4 segments after the last, land well before the end
 N_FLOW = 150
 
 
@@ -85,6 +85,34 @@ def _assert_same(got, ref) -> None:  # type: ignore[no-untyped-def]
     for k in ref[0]:
         np.testing.assert_array_equal(got[0][k], ref[0][k], err_msg=k)
     assert len(got[1]) == len(ref[1]) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Every live process of session ``sid`` (field 6 of /proc/PID/stat)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            out.append(int(d))
+    return out
+
+
+def _kill_job(sid: int) -> None:
+    """SIGKILL the whole mpirun job: mpirun and every rank. Open MPI puts each rank in a
+    process group of its own, so killpg(mpirun) alone leaves the ranks running (and
+    committing) until they notice mpirun is gone; the ranks share mpirun's session, so kill
+    the session, ranks first."""
+    for pid in sorted(_session_pids(sid), key=lambda q: q == sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _require_mpirun() -> None:
@@ -124,7 +152,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference) -> None:
         time.sleep(rng.uniform(0.0, 1.0))
         if p.poll() is None:
             during_write += any(n.endswith(".tmp") for n in os.listdir(chain_dir))
-            os.killpg(p.pid, signal.SIGKILL)
+            _kill_job(p.pid)
         p.wait(timeout=30)
         time.sleep(0.2)  # let the killed ranks go
         recs, Us = _read_all(root)
@@ -195,16 +223,21 @@ def test_flow_chains_sigkill_then_resume(tmp_path) -> None:
     for _ in range(3):
         p = subprocess.Popen(_cmd(cfgs["run"]), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
+        # Kill on progress, not on a wall-clock delay: a tiny flow chain commits a segment
+        # every few ms on an idle machine, so "0.2 s after the first file" can already be past
+        # the end of the chain (seen in CI). Wait until this run has committed 1-4 segments
+        # more than the last one left (so the kill lands after resume, mid-chain), then a
+        # random 0-10 ms, which puts it inside or between HDF5 writes.
+        target = len(committed_segments(root, 0)) + rng.randint(1, 4)
         t0 = time.time()
-        d0 = os.path.join(root, "chain000")
-        while p.poll() is None and time.time() - t0 < 60:
-            if os.path.isdir(d0) and os.listdir(d0):
+        while p.poll() is None and time.time() - t0 < 120:
+            if len(committed_segments(root, 0)) >= target:
                 break
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.2))
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.01))
         if p.poll() is None:
             landed += 1
-            os.killpg(p.pid, signal.SIGKILL)
+            _kill_job(p.pid)
         p.wait(timeout=30)
         time.sleep(0.2)
         for ch in (0, 1):
@@ -215,7 +248,7 @@ def test_flow_chains_sigkill_then_resume(tmp_path) -> None:
             assert n >= last[ch], f"chain {ch}: committed count decreased from {last[ch]} to {n}"
             assert list(recs["step"]) == list(range(3, 3 + n))
             last[ch] = n
-    assert landed >= 1 and min(last) < N_FLOW, f"no kill landed mid-chain (kills {landed}, counts {last})"
+    assert landed == 3 and min(last) < N_FLOW, f"not every kill landed mid-chain (kills {landed}, counts {last})"
     r = subprocess.run(_cmd(cfgs["run"]), env=_env(), cwd=REPO, capture_output=True, text=True,
                        timeout=170, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
