@@ -6,6 +6,11 @@ their flop rate as a fraction of a large float64 matrix product (the compute lim
 their effective bandwidth (minimal bytes: every link read once, the output written once)
 as a fraction of a STREAM-style triad ``a = b + s c``.
 
+Two torch versions of the plaquette are timed: the project's reference (two products and a
+Frobenius dot per plane, ``plaquette_re_tr_torch``) and the plain one the issue's target is
+stated against (three batched 3x3 products and a trace per plane). The speed-up target
+(>= 20x) is over the plain version, the flop-rate target (>= 20% of GEMM) is absolute.
+
 Flop counts (PHYSICS.md, QUDA's): plaquette 3582 flops/site (4D SU(3)), staple sum about
 2574 flops per link, i.e. 4 x 2574 per site. The kernels do fewer real flops for the
 plaquette (2592: the last product is a trace), so its rate here is the nominal one.
@@ -69,6 +74,20 @@ def triad_gbs(n: int = 1 << 25, reps: int = 5) -> float:
     return 24.0 * n / t / 1e9
 
 
+def plaquette_plain_torch(U: torch.Tensor) -> torch.Tensor:
+    """The plain torch plaquette the issue's speed target is stated against: per plane the
+    full product ``U_mu(x) U_nu(x+mu) U_mu(x+nu)^dag U_nu(x)^dag`` by three batched 3x3
+    matrix products (``torch.roll`` for the shifts), then the real trace. Checked against
+    the reference in main() before it is timed."""
+    nd = U.shape[0]
+    out = []
+    for mu in range(nd):
+        for nu in range(mu + 1, nd):
+            p = (U[mu] @ torch.roll(U[nu], -1, mu) @ torch.roll(U[mu], -1, nu).mH @ U[nu].mH)
+            out.append(p.diagonal(dim1=-2, dim2=-1).sum(-1).real)
+    return torch.stack(out)
+
+
 def random_su3_like(lat: Lattice, seed: int) -> torch.Tensor:
     """Unitary 3x3 links (QR of Gaussians); the kernels' cost does not depend on values."""
     g = torch.Generator().manual_seed(seed)
@@ -83,10 +102,16 @@ def bench_size(L: int, reps: int, gemm: float, triad: float) -> dict:
     link_bytes = 9 * 16
     res: dict = {"L": L, "sites": V}
     # plaquette: read 4 links per site, write 6 reals per site
+    ref = plaquette_re_tr_torch(U, lat)
+    err = float((plaquette_plain_torch(U) - ref).abs().max())
+    assert err < 1e-12, f"plain torch plaquette differs from the reference by {err}"
+    t_plain = best_time(lambda: plaquette_plain_torch(U), max(1, reps - 1))
     t_ref = best_time(lambda: plaquette_re_tr_torch(U, lat), max(1, reps - 1))
     t_host = best_time(lambda: host.plaquette_re_tr(U, lat), reps)
     bytes_min = V * (4 * link_bytes + 6 * 8)
     res["plaquette"] = _row(t_ref, t_host, V, PLAQ_FLOPS, bytes_min, gemm, triad)
+    res["plaquette"]["plain_ns_per_site"] = t_plain / V * 1e9
+    res["plaquette"]["speedup_vs_plain"] = t_plain / t_host
     # staple: read 4 links per site, write 4 matrices per site
     t_ref = best_time(lambda: staple_sum_torch(U, lat), max(1, reps - 1))
     t_host = best_time(lambda: host.staple_sum(U, lat), reps)
@@ -139,9 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{x['speedup']:>7.1f}x {x['host_gflops']:>8.2f} {x['fraction_of_matmul']:>6.1%} "
                   f"{x['host_gbs']:>6.2f} {x['fraction_of_triad']:>7.1%}")
     p = [r["plaquette"] for r in out["sizes"]]
-    ok_speed = all(x["speedup"] >= TARGET_SPEEDUP for x in p)
+    for L, x in zip(args.sizes, p):
+        print(f"{L:>3} plaquette, plain torch (3 products + trace): {x['plain_ns_per_site']:.0f} ns/site;"
+              f" host kernel {x['speedup_vs_plain']:.1f}x faster")
+    ok_speed = all(x["speedup_vs_plain"] >= TARGET_SPEEDUP for x in p)
     ok_flops = all(x["fraction_of_matmul"] >= TARGET_MATMUL_FRACTION for x in p)
-    print(f"targets (plaquette): speed-up >= {TARGET_SPEEDUP:.0f}x: {'met' if ok_speed else 'MISSED'};"
+    print(f"targets (plaquette): speed-up over the plain torch version >= {TARGET_SPEEDUP:.0f}x: {'met' if ok_speed else 'MISSED'};"
           f" >= {TARGET_MATMUL_FRACTION:.0%} of GEMM: {'met' if ok_flops else 'MISSED'}")
     if args.json:
         with open(args.json, "w") as f:
