@@ -76,7 +76,8 @@ def _one(args: argparse.Namespace) -> dict:
 
 
 def _fit(v: list[float], y: list[float]) -> float:
-    lx, ly = [math.log(a) for a in v], [math.log(max(b, 1.0)) for b in y]
+    """Least-squares slope of log y against log V (y: seconds or bytes, all > 0)."""
+    lx, ly = [math.log(a) for a in v], [math.log(b) for b in y]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
     den = sum((a - mx) ** 2 for a in lx)
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den else float("nan")
