@@ -146,10 +146,15 @@ def main() -> None:
     at = {r["algorithm"]: r for r in rows if r["beta"] == bmax}
     c = {k: r["cost_per_indep_s"] for k, r in at.items()}
     ratio = {"hmc_over_flow": c["hmc"] / c["flow"], "heatbath_over_flow": c["heatbath"] / c["flow"]}
-    # a lower-bounded baseline tau makes the ratio a lower bound; a lower-bounded flow tau
-    # would make it an upper bound (not the case when the flow decorrelates quickly)
-    kind = {k: ("upper bound" if at["flow"]["tau_lower_bound"] else
-                "lower bound" if at[k]["tau_lower_bound"] else "estimate") for k in ("hmc", "heatbath")}
+    # a lower-bounded baseline tau makes the ratio a lower bound, a lower-bounded flow tau an
+    # upper bound; with both bounded the ratio is not determined by these chains
+    def _kind(k: str) -> str:
+        flow_b, base_b = at["flow"]["tau_lower_bound"], at[k]["tau_lower_bound"]
+        if flow_b and base_b:
+            return "undetermined: both chains shorter than 50 tau_int"
+        return "upper bound" if flow_b else "lower bound" if base_b else "estimate"
+
+    kind = {k: _kind(k) for k in ("hmc", "heatbath")}
     ratio["hmc_over_flow_kind"], ratio["heatbath_over_flow_kind"] = kind["hmc"], kind["heatbath"]
     print(f"\nbeta = {bmax}: HMC / flow cost per independent Q sample = {ratio['hmc_over_flow']:.1f} "
           f"({kind['hmc']}; target >= 100); heat bath / flow = {ratio['heatbath_over_flow']:.1f} "
