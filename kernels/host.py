@@ -40,6 +40,7 @@ from ._common import (
 __all__ = [
     "HOST_FLAGS",
     "build_host_library",
+    "build_library",
     "cache_dir",
     "load_host_library",
     "plaquette_re_tr",
@@ -79,15 +80,41 @@ def _cpu_id() -> str:
         return os.uname().machine
 
 
-def _build_key(cxx: str, defines: tuple[str, ...]) -> str:
+def _build_key(cxx: str, defines: tuple[str, ...], sources: tuple[str, ...] = _SOURCES) -> str:
     h = hashlib.sha256()
-    for name in _SOURCES:
+    for name in sources:
         h.update(name.encode())
         h.update((KERNEL_DIR / name).read_bytes())
     ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
     for part in (cxx, ver.stdout, " ".join(HOST_FLAGS), " ".join(defines), _cpu_id()):
         h.update(part.encode())
     return h.hexdigest()[:20]
+
+
+def build_library(main: str, sources: tuple[str, ...], defines: tuple[str, ...], name: str,
+                  root: Path | None = None) -> Path:
+    """Compile ``main`` (a file of this folder) with :data:`HOST_FLAGS` and ``defines`` into
+    ``<cache>/<hash>/name`` unless it is there; ``sources``: every file the hash covers."""
+    cxx = _cxx()
+    key = _build_key(cxx, defines, sources)
+    folder = (root if root is not None else cache_dir()) / key
+    lib = folder / name
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; others wait, then reuse
+        if lib.exists():
+            return lib
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        cmd = [cxx, *HOST_FLAGS, *defines, "-I", str(KERNEL_DIR), str(KERNEL_DIR / main), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"host kernel build failed: {' '.join(cmd)}\n{res.stderr}")
+        os.replace(tmp, lib)  # atomic publish
+    return lib
 
 
 def build_host_library(n: int, real: str, nd: int, root: Path | None = None) -> Path:
@@ -98,28 +125,9 @@ def build_host_library(n: int, real: str, nd: int, root: Path | None = None) -> 
         raise ValueError(f"real must be 'double' or 'float', got {real!r}")
     if nd not in (2, 4):
         raise ValueError(f"nd must be 2 or 4, got {nd}")
-    cxx = _cxx()
     defines = (f"-DHPCFLOW_N={n}", f"-DHPCFLOW_REAL={real}", f"-DHPCFLOW_ND={nd}")
-    key = _build_key(cxx, defines)
-    folder = (root if root is not None else cache_dir()) / key
-    lib = folder / f"libhpcflow_kernels_n{n}_{real}_{nd}d.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; others wait, then reuse
-        if lib.exists():
-            return lib
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        cmd = [cxx, *HOST_FLAGS, *defines, "-I", str(KERNEL_DIR),
-               str(KERNEL_DIR / "host_lib.cpp"), "-o", tmp]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"host kernel build failed: {' '.join(cmd)}\n{res.stderr}")
-        os.replace(tmp, lib)  # atomic publish
-    return lib
+    return build_library("host_lib.cpp", _SOURCES, defines,
+                         f"libhpcflow_kernels_n{n}_{real}_{nd}d.so", root)
 
 
 @functools.cache

@@ -14,7 +14,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ContextCNN", "circular_pad"]
+__all__ = ["CNN_BACKENDS", "ContextCNN", "circular_pad"]
+
+#: ``torch``: ``nn.Conv2d`` after :func:`circular_pad` (any device); ``host``: the C++
+#: kernels of :mod:`hpcflow.kernels.conv` (CPU, float32/float64, batch-last layout).
+CNN_BACKENDS = ("torch", "host")
 
 PadFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -41,8 +45,13 @@ class ContextCNN(torch.nn.Module):
         out_channels: int,
         kernel_size: int,
         pad_fn: PadFn = circular_pad,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
+        if backend not in CNN_BACKENDS:
+            raise ValueError(f"context CNN backend must be one of {list(CNN_BACKENDS)}, got {backend!r}")
+        if backend == "host" and pad_fn is not circular_pad:
+            raise ValueError("context CNN backend 'host' implies circular padding; got a custom pad_fn")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"flow.kernel_size must be a positive odd int, got {kernel_size}")
         if any(int(h) < 1 for h in hidden):
@@ -53,6 +62,7 @@ class ContextCNN(torch.nn.Module):
         )
         self.kernel_size = int(kernel_size)
         self.pad_fn = pad_fn
+        self.backend = backend
 
     @property
     def reach(self) -> int:
@@ -81,3 +91,14 @@ class ContextCNN(torch.nn.Module):
             else:
                 x = conv(x)
         return x
+
+    def forward_cf(self, x: torch.Tensor, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The same network on the channel-first, batch-last layout ``x[C, L0, L1, N]``
+        (result ``[C_out, R0, R1, N]``): the native layout of the ``host`` backend, whose
+        SIMD lanes run over the batch; the ``torch`` backend permutes to NCHW and back."""
+        if self.backend == "host" and x.device.type == "cpu":
+            from hpcflow.kernels.conv import circular_cnn
+
+            return circular_cnn(x, [c.weight for c in self.convs], [c.bias for c in self.convs],
+                                rows, slope=0.01)
+        return self.forward(x.permute(3, 0, 1, 2), rows).permute(1, 2, 3, 0)

@@ -144,7 +144,11 @@ class U1PlaquetteCoupling(Bijection):
         # sign of the updated link in its active plaquette (module docstring)
         self.sign = 1.0 if self.mu == 0 else -1.0
         self.kernel = kernel
-        self.net = ContextCNN(2, hidden, kernel.n_params, kernel_size, pad_fn=pad_fn)
+        # backend 'host' (config ``backend: host``): the C++ convolutions on the batch-last
+        # layout; otherwise torch's Conv2d (any device)
+        cnn_backend = "host" if getattr(lat, "backend", "torch") == "host" else "torch"
+        self.net = ContextCNN(2, hidden, kernel.n_params, kernel_size, pad_fn=pad_fn,
+                              backend=cnn_backend)
         self.checkpoint_activations = bool(checkpoint_activations)
         m = plaquette_masks(lat, self.mu, self.offset)
         self.register_buffer("active", m["active"].to(torch.get_default_dtype()), persistent=False)
@@ -175,6 +179,15 @@ class U1PlaquetteCoupling(Bijection):
         """Kernel parameters ``(*B, rows, n_params)`` on the active rows, from frozen
         plaquettes only."""
         batch = plaq.shape[:-2]
+        if self.net.backend == "host":
+            # channel-first, batch-last [2, L0, L1, N]: the host kernels' layout
+            p = plaq.reshape(-1, *plaq.shape[-2:]).permute(1, 2, 0)
+            feats = torch.stack((torch.cos(p), torch.sin(p))) * self.frozen[..., None]
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                out = checkpoint(self.net.forward_cf, feats, self._rows, use_reentrant=False)
+            else:
+                out = self.net.forward_cf(feats, self._rows)
+            return out.permute(3, 1, 2, 0).reshape(*batch, *out.shape[1:3], out.shape[0])
         feats = torch.stack((torch.cos(plaq), torch.sin(plaq)), -3) * self.frozen
         feats = feats.reshape(-1, *feats.shape[-3:])
         if self.checkpoint_activations and torch.is_grad_enabled():
