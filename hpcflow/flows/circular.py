@@ -57,6 +57,11 @@ class CircularKernel(torch.nn.Module):
         """``(x, log|dy/dx| at x)`` with ``forward(x, p)[0] == y``."""
         raise NotImplementedError
 
+    def forward_cf(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with the parameter axis **first**: ``p[n_params, *S]`` (the layout of
+        the host context CNN's output)."""
+        return self.forward(x, p.movedim(0, -1))
+
 
 class NCPMixtureKernel(CircularKernel):
     """``h(x) = sum_k softmax(a)_k g_{s_k}(x) + t mod 2 pi``; params ``(s_1..K, a_1..K, t)``.
@@ -73,6 +78,16 @@ class NCPMixtureKernel(CircularKernel):
         self.n_components = int(n_components)
         self.n_params = 2 * self.n_components + 1
         self.newton_steps = 20
+        #: ``torch`` or ``host`` (set by the coupling layer from the lattice's backend):
+        #: ``host`` runs :meth:`forward_cf` as the C++ kernel of ``kernels/flow_ncp.cpp``
+        self.backend = "torch"
+
+    def forward_cf(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend == "host" and x.device.type == "cpu":
+            from hpcflow.kernels.flow import ncp_mixture
+
+            return ncp_mixture(x, p, self.n_components)
+        return self.forward(x, p.movedim(0, -1))
 
     def _split(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.n_components

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 __all__ = ["CNN_BACKENDS", "ContextCNN", "circular_pad"]
 
 #: ``torch``: ``nn.Conv2d`` after :func:`circular_pad` (any device); ``host``: the C++
-#: kernels of :mod:`hpcflow.kernels.conv` (CPU, float32/float64, batch-last layout).
+#: kernels of :mod:`hpcflow.kernels.flow` (CPU, float32/float64, batch-last layout).
 CNN_BACKENDS = ("torch", "host")
 
 PadFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -97,7 +97,7 @@ class ContextCNN(torch.nn.Module):
         (result ``[C_out, R0, R1, N]``): the native layout of the ``host`` backend, whose
         SIMD lanes run over the batch; the ``torch`` backend permutes to NCHW and back."""
         if self.backend == "host" and x.device.type == "cpu":
-            from hpcflow.kernels.conv import circular_cnn
+            from hpcflow.kernels.flow import circular_cnn
 
             return circular_cnn(x, [c.weight for c in self.convs], [c.bias for c in self.convs],
                                 rows, slope=0.01)

@@ -149,6 +149,8 @@ class U1PlaquetteCoupling(Bijection):
         cnn_backend = "host" if getattr(lat, "backend", "torch") == "host" else "torch"
         self.net = ContextCNN(2, hidden, kernel.n_params, kernel_size, pad_fn=pad_fn,
                               backend=cnn_backend)
+        if hasattr(kernel, "backend"):
+            kernel.backend = cnn_backend
         self.checkpoint_activations = bool(checkpoint_activations)
         m = plaquette_masks(lat, self.mu, self.offset)
         self.register_buffer("active", m["active"].to(torch.get_default_dtype()), persistent=False)
@@ -179,15 +181,6 @@ class U1PlaquetteCoupling(Bijection):
         """Kernel parameters ``(*B, rows, n_params)`` on the active rows, from frozen
         plaquettes only."""
         batch = plaq.shape[:-2]
-        if self.net.backend == "host":
-            # channel-first, batch-last [2, L0, L1, N]: the host kernels' layout
-            p = plaq.reshape(-1, *plaq.shape[-2:]).permute(1, 2, 0)
-            feats = torch.stack((torch.cos(p), torch.sin(p))) * self.frozen[..., None]
-            if self.checkpoint_activations and torch.is_grad_enabled():
-                out = checkpoint(self.net.forward_cf, feats, self._rows, use_reentrant=False)
-            else:
-                out = self.net.forward_cf(feats, self._rows)
-            return out.permute(3, 1, 2, 0).reshape(*batch, *out.shape[1:3], out.shape[0])
         feats = torch.stack((torch.cos(plaq), torch.sin(plaq)), -3) * self.frozen
         feats = feats.reshape(-1, *feats.shape[-3:])
         if self.checkpoint_activations and torch.is_grad_enabled():
@@ -211,10 +204,31 @@ class U1PlaquetteCoupling(Bijection):
             logj = logj * self.active_interior
         return logj.sum(dim=(-2, -1))
 
+    def _forward_host(self, plaq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel output and log-derivative on the active rows, ``(*B, rows)`` each, with the
+        context CNN (and an NCP kernel) on the host kernels' channel-first, batch-last layout
+        ``[C, L0, L1, N]``: no NCHW round trip, two C++ calls per CNN and per kernel."""
+        batch, sites = plaq.shape[:-2], plaq.shape[-2:]
+        p = plaq.reshape(-1, *sites).permute(1, 2, 0)  # [L0, L1, N] view
+        feats = torch.stack((torch.cos(p), torch.sin(p))) * self.frozen[..., None]
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            out = checkpoint(self.net.forward_cf, feats, self._rows, use_reentrant=False)
+        else:
+            out = self.net.forward_cf(feats, self._rows)  # [n_params, R0, R1, N]
+        x = p[self._sel[1:]]  # active plaquettes [R0, R1, N]
+        new, logj = self.kernel.forward_cf(x, out)
+        rows = x.shape[:2]
+        new = new.permute(2, 0, 1).reshape(*batch, *rows)
+        logj = logj.permute(2, 0, 1).reshape(*batch, *rows)
+        return new, logj
+
     def forward(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plaq = torch.remainder(plaquette_angles(theta, self.lat), TWO_PI)
         pa = plaq[self._sel]
-        new, logj = self.kernel(pa, self._params(plaq))
+        if self.net.backend == "host" and theta.device.type == "cpu":
+            new, logj = self._forward_host(plaq)
+        else:
+            new, logj = self.kernel(pa, self._params(plaq))
         return self._update(theta, new - pa), self._logdet(logj)
 
     def inverse(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""Host (CPU) kernels for the 2D context CNN of the U(1) flows: circular convolutions with
-the batch as the innermost axis (``flow_conv.cpp``).
+"""Host (CPU) kernels of the U(1) flows: the context CNN's circular convolutions with the
+batch as the innermost axis (``flow_conv.cpp``) and the NCP-mixture bijection with its
+analytic backward (``flow_ncp.cpp``).
 
 :func:`circular_cnn` runs ``conv -> leaky ReLU -> ... -> conv`` (the layers of
 :class:`hpcflow.flows.context.ContextCNN`) as one autograd node whose backward calls the
@@ -8,6 +9,10 @@ needs for the same convolutions (bench/RESULTS.md). Fields are ``[C, L0, L1, N]`
 (channel-first, batch-last) contiguous; the result equals the torch path to rounding
 (tests/kernels/test_flow_conv.py). The library is built at first use with the flags and the
 cache of :mod:`.host`. Threads: torch's intra-op thread count (``torch.get_num_threads``).
+
+:func:`ncp_mixture` is :meth:`hpcflow.flows.circular.NCPMixtureKernel.forward` with the
+parameters channel-first (``p[2K + 1, *S]``, the CNN's output layout) in two calls (forward,
+backward) instead of ~80 small autograd ops.
 """
 
 from __future__ import annotations
@@ -21,9 +26,7 @@ import torch
 
 from .host import build_library
 
-__all__ = ["circular_cnn", "conv_library", "host_conv_available"]
-
-_SOURCES = ("flow_conv.cpp",)
+__all__ = ["circular_cnn", "conv_library", "host_conv_available", "ncp_library", "ncp_mixture"]
 _SUFFIX = {torch.float32: "f", torch.float64: "d"}
 
 
@@ -37,7 +40,8 @@ def host_conv_available() -> bool:
 @functools.cache
 def conv_library() -> ctypes.CDLL:
     """Build if needed and load ``flow_conv.cpp`` (once per process)."""
-    lib = ctypes.CDLL(str(build_library("flow_conv.cpp", _SOURCES, (), "libhpcflow_flow_conv.so")))
+    lib = ctypes.CDLL(str(build_library("flow_conv.cpp", ("flow_conv.cpp",), (),
+                                        "libhpcflow_flow_conv.so")))
     vp, ci, cd = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for s in _SUFFIX.values():
         f = getattr(lib, f"hpcflow_conv2d_fwd_{s}")
@@ -157,3 +161,72 @@ def circular_cnn(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seque
     r = _rows_args(rows, x.shape[1:3])
     wb = [t for pair in zip(weights, biases, strict=True) for t in pair]
     return _CircularCNN.apply(x, r, float(slope), *wb)
+
+
+@functools.cache
+def ncp_library() -> ctypes.CDLL:
+    """Build if needed and load ``flow_ncp.cpp`` (once per process)."""
+    lib = ctypes.CDLL(str(build_library("flow_ncp.cpp", ("flow_ncp.cpp",), (),
+                                        "libhpcflow_flow_ncp.so")))
+    vp, ci, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.hpcflow_ncp_max_components.restype = ci
+    lib.hpcflow_ncp_aux_rows.argtypes = [ci]
+    lib.hpcflow_ncp_aux_rows.restype = ci
+    for s in _SUFFIX.values():
+        f = getattr(lib, f"hpcflow_ncp_fwd_{s}")
+        f.argtypes = [vp, vp, vp, vp, vp, i64, ci, ci]
+        f.restype = None
+        f = getattr(lib, f"hpcflow_ncp_bwd_{s}")
+        f.argtypes = [vp, vp, vp, vp, vp, i64, ci, ci]
+        f.restype = None
+    return lib
+
+
+class _NCPMixture(torch.autograd.Function):
+    """``(x[M], p[2K + 1, M]) -> (y[M], logj[M])``, contiguous CPU float32/float64."""
+
+    @staticmethod
+    def forward(ctx, x, p, k):
+        lib = ncp_library()
+        y, logj = torch.empty_like(x), torch.empty_like(x)
+        # the forward's per-site derivatives, for the backward (none when no grad is needed)
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        aux = torch.empty(lib.hpcflow_ncp_aux_rows(k), x.numel(), dtype=x.dtype) if need else None
+        getattr(lib, f"hpcflow_ncp_fwd_{_SUFFIX[x.dtype]}")(
+            x.data_ptr(), p.data_ptr(), y.data_ptr(), logj.data_ptr(),
+            None if aux is None else aux.data_ptr(), x.numel(), k, torch.get_num_threads())
+        ctx.save_for_backward(aux)
+        ctx.k = k
+        return y, logj
+
+    @staticmethod
+    def backward(ctx, gy, gl):
+        (aux,) = ctx.saved_tensors
+        k, m = ctx.k, aux.shape[1]
+        gx = torch.empty(m, dtype=aux.dtype)
+        gp = torch.empty(2 * k + 1, m, dtype=aux.dtype)
+        gy = None if gy is None else gy.contiguous()
+        gl = None if gl is None else gl.contiguous()
+        getattr(ncp_library(), f"hpcflow_ncp_bwd_{_SUFFIX[aux.dtype]}")(
+            aux.data_ptr(), None if gy is None else gy.data_ptr(),
+            None if gl is None else gl.data_ptr(), gx.data_ptr(), gp.data_ptr(), m, k,
+            torch.get_num_threads())
+        return gx, gp, None
+
+
+def ncp_mixture(x: torch.Tensor, p: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NCP mixture ``(y, log h'(x))`` of ``x[*S]`` with channel-first parameters
+    ``p[2K + 1, *S]`` (``s_1..K``, softmax logits ``a_1..K``, rotation ``t``)."""
+    k = int(n_components)
+    if x.device.type != "cpu" or p.device.type != "cpu":
+        raise ValueError(f"host NCP kernel needs CPU tensors, got {x.device} and {p.device}")
+    if x.dtype not in _SUFFIX or p.dtype != x.dtype:
+        raise TypeError(f"host NCP kernel supports float32 and float64, got {x.dtype} and {p.dtype}")
+    if tuple(p.shape) != (2 * k + 1, *x.shape):
+        raise ValueError(f"NCP parameters of shape {tuple(p.shape)} do not fit x of shape "
+                         f"{tuple(x.shape)} with {k} components (wanted {(2 * k + 1, *x.shape)})")
+    kmax = ncp_library().hpcflow_ncp_max_components()
+    if not 1 <= k <= kmax:
+        raise ValueError(f"host NCP kernel supports 1..{kmax} components, got {k}")
+    y, logj = _NCPMixture.apply(x.contiguous().reshape(-1), p.contiguous().reshape(2 * k + 1, -1), k)
+    return y.view(x.shape), logj.view(x.shape)

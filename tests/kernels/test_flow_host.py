@@ -1,6 +1,6 @@
 """Host convolutions of the U(1) flows' context CNN (``kernels/flow_conv.cpp``) equal torch.
 
-What this proves: :func:`hpcflow.kernels.conv.circular_cnn` (one autograd node, C++ forward and
+What this proves: :func:`hpcflow.kernels.flow.circular_cnn` (one autograd node, C++ forward and
 backward on the batch-last layout) computes the same network as
 :class:`hpcflow.flows.context.ContextCNN` on the torch path (``nn.Conv2d`` after circular
 padding), for the output and for the gradients with respect to the input and every weight and
@@ -20,7 +20,7 @@ import torch
 
 from hpcflow.flows import build_u1_flow
 from hpcflow.flows.context import ContextCNN
-from hpcflow.kernels.conv import circular_cnn
+from hpcflow.kernels.flow import circular_cnn
 from hpcflow.lattice.geometry import Lattice
 
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -130,3 +130,73 @@ def test_bad_inputs_have_clear_errors() -> None:
         circular_cnn(torch.zeros(2, 4, 4, 3), w, b, rows=(2, 0, 4))
     with pytest.raises(ValueError, match="backend must be one of"):
         ContextCNN(2, (), 3, 3, backend="gpu")
+
+
+# ---- the NCP-mixture kernel (kernels/flow_ncp.cpp) ------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("k", [1, 2, 6])
+def test_host_ncp_equals_torch_kernel(k: int, dtype) -> None:
+    """ncp_mixture(x, p[2K+1, ...]) == NCPMixtureKernel.forward(x, p[..., 2K+1]): values and the
+    gradients of a random linear function of (y, log h') with respect to x and every parameter.
+    x covers the whole circle, including points next to 0, pi and 2 pi (tan(x/2) at the pole)."""
+    from hpcflow.flows.circular import NCPMixtureKernel
+    from hpcflow.kernels.flow import ncp_mixture
+
+    g = torch.Generator().manual_seed(10 + k)
+    x = 2 * torch.pi * torch.rand(7, 3, 5, generator=g, dtype=torch.float64)
+    x[0, 0, :3] = torch.tensor([1e-7, torch.pi - 1e-4, 2 * torch.pi - 1e-7], dtype=torch.float64)
+    x = x.to(dtype).requires_grad_()
+    p = (1.5 * torch.randn(2 * k + 1, 7, 3, 5, generator=g, dtype=torch.float64)).to(dtype)
+    p.requires_grad_()
+    ker = NCPMixtureKernel(k)
+    y0, l0 = ker(x, p.movedim(0, -1))
+    y1, l1 = ncp_mixture(x, p, k)
+    # outputs are angles in [0, 2 pi): compare on the circle
+    dy = torch.remainder(y1 - y0 + torch.pi, 2 * torch.pi) - torch.pi
+    assert float(dy.detach().abs().max()) <= RTOL[dtype] * 2 * torch.pi
+    _close(l1, l0, dtype)
+    wy, wl = torch.randn_like(y0), torch.randn_like(l0)
+    g0 = torch.autograd.grad((y0 * wy + l0 * wl).sum(), (x, p))
+    g1 = torch.autograd.grad((y1 * wy + l1 * wl).sum(), (x, p))
+    tol = 1e-10 if dtype == torch.float64 else 1e-4  # autograd through tan near the pole
+    for a, b in zip(g1, g0, strict=True):
+        assert float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+    # only one of the two outputs used: the other gradient arrives as None
+    (gy_only,) = torch.autograd.grad(ncp_mixture(x, p, k)[0].sum(), (p,))
+    (gy_ref,) = torch.autograd.grad(ker(x, p.movedim(0, -1))[0].sum(), (p,))
+    assert float((gy_only - gy_ref).abs().max()) <= tol * max(1.0, float(gy_ref.abs().max()))
+
+
+def test_host_ncp_gradcheck() -> None:
+    from hpcflow.kernels.flow import ncp_mixture
+
+    g = torch.Generator().manual_seed(3)
+    x = (0.2 + 5.8 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_()
+    p = torch.randn(5, 6, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, p: ncp_mixture(x, p, 2), (x, p), eps=1e-6, atol=1e-7)
+
+
+def test_host_flow_inverse_is_identity() -> None:
+    """With backend host the forward runs the C++ kernels, the inverse the torch path: the two
+    agree to rounding, so inverse(forward(z)) = z and the log-dets cancel (1e-10, float64)."""
+    f = _flow("host", torch.float64)
+    z = 2 * torch.pi * torch.rand(3, 2, 8, 4, generator=torch.Generator().manual_seed(6),
+                                  dtype=torch.float64)
+    with torch.no_grad():
+        th, ld = f(z)
+        back, ld_inv = f.inverse(th)
+    err = torch.remainder(back - z + torch.pi, 2 * torch.pi) - torch.pi
+    assert float(err.abs().max()) < 1e-10
+    assert float((ld + ld_inv).abs().max()) < 1e-10
+    assert float(ld.abs().max()) > 1e-3  # the layers are not the identity
+
+
+def test_host_ncp_bad_inputs() -> None:
+    from hpcflow.kernels.flow import ncp_mixture
+
+    with pytest.raises(ValueError, match="do not fit x of shape"):
+        ncp_mixture(torch.zeros(4), torch.zeros(4, 4), 2)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        ncp_mixture(torch.zeros(4, dtype=torch.float16), torch.zeros(5, 4, dtype=torch.float16), 2)
+    with pytest.raises(ValueError, match="components"):
+        ncp_mixture(torch.zeros(4), torch.zeros(201, 4), 100)
