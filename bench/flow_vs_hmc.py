@@ -9,7 +9,9 @@ Flow training time is reported separately (it is paid once per ensemble).
 A tau_int estimate is honest only for chains much longer than tau: where ``n < 50 tau_int``
 the estimate is flagged and printed as a lower bound (``>=``), and so is every ratio built on it.
 ``--clock cpu`` times in process CPU seconds (with ``--threads 1``: the wall time on an idle
-core), for shared machines.
+core), for shared machines. ``--backend`` (config ``backend:``) applies to every algorithm:
+``host`` (default) runs the flow's context CNN and NCP kernels and HMC's plaquette/staple as
+the C++ host kernels, ``torch`` the pure-torch paths.
 
     python bench/flow_vs_hmc.py --L 8 --betas 2 3 4 --train-steps 1000 --n 4000 --n-local 20000 \
         --threads 1 --clock cpu --out bench_out/flow_vs_hmc
@@ -122,13 +124,15 @@ def main() -> None:
     ap.add_argument("--hmc-steps", type=int, default=5)
     ap.add_argument("--hmc-tau", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", choices=["host", "torch"], default="host",
+                    help="kernels for every algorithm: host (C++) or torch")
     ap.add_argument("--out", type=Path, default=Path("bench_out/flow_vs_hmc"))
     args = ap.parse_args()
     args.n_local = args.n if args.n_local is None else args.n_local
     args.clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    lat = Lattice((args.L, args.L))
+    lat = Lattice((args.L, args.L), backend=args.backend)
     rows = []
     for beta in args.betas:
         for name, fn in (("flow", lambda b: run_flow(lat, b, args, args.out)),
