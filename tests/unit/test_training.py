@@ -32,10 +32,12 @@ def _flow(lat: Lattice, n_layers: int = 4, dtype=torch.float64, seed: int = 0):
     return build_u1_flow(cfg, lat, dtype)
 
 
-def test_training_lowers_loss_and_raises_ess(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["torch", "host"])
+def test_training_lowers_loss_and_raises_ess(tmp_path, backend: str) -> None:
     """On 4x4 at beta = 1.5, 80 Adam steps lower the mean loss of the last 10 steps below the
-    first 10 by more than their scatter and raise the batch ESS (a CI-sized budget)."""
-    lat = Lattice((4, 4))
+    first 10 by more than their scatter and raise the batch ESS (a CI-sized budget); on the
+    torch path and with the host kernels of the U(1) flows."""
+    lat = Lattice((4, 4), backend=backend)
     cfg = _Train(steps=80, batch=64, lr=5e-3, checkpoint_every=100, log_every=10)
     rows = Trainer(_flow(lat, 8), lat, 1.5, cfg, tmp_path, seed=3, progress=False).train()
     loss = torch.tensor([r["loss"] for r in rows])
@@ -55,11 +57,13 @@ def _params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.parametrize("backend", ["torch", "host"])
 @pytest.mark.parametrize("stop_at", [3, 4])
-def test_resume_continues_bit_for_bit(tmp_path, stop_at: int) -> None:
+def test_resume_continues_bit_for_bit(tmp_path, stop_at: int, backend: str) -> None:
     """Stop after step 3 or 4 (with checkpoint_every = 2), resume: the weights, optimizer and
-    every metric equal those of an uninterrupted run exactly."""
-    lat = Lattice((4, 4))
+    every metric equal those of an uninterrupted run exactly (the host kernels are
+    deterministic: fixed reduction order for a given thread count)."""
+    lat = Lattice((4, 4), backend=backend)
     cfg = _Train()
     full = Trainer(_flow(lat), lat, 1.0, cfg, tmp_path / "a", seed=9, progress=False)
     rows_full = full.train()
