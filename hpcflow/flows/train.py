@@ -45,12 +45,23 @@ def ess_fraction(logw: torch.Tensor) -> float:
 
 
 def acceptance_estimate(logw: torch.Tensor) -> float:
-    """Expected independence-Metropolis acceptance walking the batch in order:
-    mean over ``i`` of ``min(1, w_i / w_{i-1})`` (no random numbers drawn)."""
-    logw = logw.detach().to(torch.float64)
-    if len(logw) < 2:
+    """Estimated acceptance of the independence-Metropolis chain with these proposals.
+
+    At equilibrium the chain's state ``x`` follows ``p`` and a proposal ``y`` follows ``q``,
+    so the acceptance is ``E_{x~p} E_{y~q} min(1, w(y) / w(x))`` with ``w = p / q``. The
+    batch estimates it by self-normalised importance weights for ``x`` and the other batch
+    members for ``y``: ``sum_i W_i mean_{j != i} min(1, w_j / w_i)``, ``W = softmax(log w)``
+    (no random numbers, independent of the batch order; consistent, biased for tiny batches).
+    Comparing each proposal with the previous one instead (as if every proposal were
+    accepted) overestimates the acceptance of a poorly trained model several times.
+    """
+    logw = logw.detach().to(torch.float64).reshape(-1)
+    n = len(logw)
+    if n < 2:
         return float("nan")
-    return float(torch.exp(torch.clamp(logw[1:] - logw[:-1], max=0.0)).mean())
+    a = torch.exp(torch.clamp(logw[None, :] - logw[:, None], max=0.0))  # a[i, j] = min(1, w_j/w_i)
+    a.fill_diagonal_(0.0)
+    return float((torch.softmax(logw, 0) * a.sum(1) / (n - 1)).sum())
 
 
 def make_scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int):

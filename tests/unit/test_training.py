@@ -114,3 +114,31 @@ def test_bad_train_config(tmp_path) -> None:
     lat = Lattice((4, 4))
     with pytest.raises(ValueError, match=r"train.schedule must be one of .* got 'linear'"):
         Trainer(_flow(lat), lat, 1.0, replace(_Train(), schedule="linear"), tmp_path)
+
+
+def test_acceptance_estimate_matches_the_chain_acceptance() -> None:
+    """The training metric 'acceptance' estimates the independence-Metropolis acceptance.
+
+    For log-normal weights (log w ~ N(0, s^2) under the proposal) the exact acceptance of the
+    chain is 2 Phi(-s / sqrt 2) (the state follows p: log w tilted to N(s^2, s^2)). At s = 1,
+    400 batches of 256 (fixed seed): the mean estimate agrees with 0.4795 within 4 standard
+    errors. At s = 2 (a poorly trained model) it stays within 0.05 of the exact 0.157, where
+    comparing consecutive proposals would read 0.63."""
+    import math
+
+    from hpcflow.flows.train import acceptance_estimate
+
+    g = torch.Generator().manual_seed(0)
+    phi = lambda z: 0.5 * math.erfc(-z / math.sqrt(2))  # noqa: E731
+    est = torch.tensor([acceptance_estimate(torch.randn(256, generator=g, dtype=torch.float64))
+                        for _ in range(400)])
+    exact = 2 * phi(-1 / math.sqrt(2))
+    se = float(est.std()) / math.sqrt(len(est))
+    assert abs(float(est.mean()) - exact) < 4 * se
+    est2 = torch.tensor([acceptance_estimate(2 * torch.randn(256, generator=g, dtype=torch.float64))
+                         for _ in range(400)])
+    assert abs(float(est2.mean()) - 2 * phi(-2 / math.sqrt(2))) < 0.05
+    # order-independent, and undefined for a single proposal
+    lw = torch.randn(50, generator=g, dtype=torch.float64)
+    assert acceptance_estimate(lw) == pytest.approx(acceptance_estimate(lw.flip(0)), abs=1e-12)
+    assert math.isnan(acceptance_estimate(lw[:1]))
