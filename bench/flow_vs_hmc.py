@@ -69,7 +69,7 @@ def run_flow(lat, beta, args, out: Path) -> dict:
     torch.manual_seed(0)
     model = build_u1_flow(arch, lat, torch.float32)
     t0 = args.clock()
-    Trainer(model, lat, beta, TrainCfg(args.train_steps, batch=args.batch), out / f"flow_b{beta}", seed=1,
+    Trainer(model, lat, beta, TrainCfg(args.train_steps, batch=args.batch, lr=args.lr), out / f"flow_b{beta}", seed=1,
             dtype=torch.float32, progress=False).train()
     t_train = args.clock() - t0
     model = model.double().eval()  # sample in float64: the chain's exactness bookkeeping
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--therm", type=int, default=200)
     ap.add_argument("--train-steps", type=int, default=500)
     ap.add_argument("--batch", type=int, default=64, help="flow training batch")
+    ap.add_argument("--lr", type=float, default=1e-3, help="flow training learning rate (cosine-annealed)")
     ap.add_argument("--baselines", nargs="+", choices=["hmc", "heatbath"], default=["hmc", "heatbath"],
                     help="which baselines to run (the ratios need hmc)")
     ap.add_argument("--layers", type=int, default=16)
