@@ -29,16 +29,21 @@ TOL = 1e-10
 CASES = {  # group -> (global shape, grid for this rank count, flow config)
     "u1": ((8, 8), {1: (1, 1), 2: (1, 2), 4: (2, 2)}[SIZE],
            FlowConfig(n_layers=3, hidden=(3,), kernel_size=3, kernel="ncp")),
+    # the same U(1) flow with backend host: C++ context CNN and NCP kernels on the padded
+    # local arrays of every rank (they wrap periodically like circular_pad)
+    "u1_host": ((8, 8), {1: (1, 1), 2: (1, 2), 4: (2, 2)}[SIZE],
+                FlowConfig(n_layers=3, hidden=(3,), kernel_size=3, kernel="ncp")),
     # one 3^4 convolution: reach 1, halo 2 = the local extent on the (1,1,2,2) grid
     "su3": ((4, 4, 4, 4), {1: (1, 1, 1, 1), 2: (1, 1, 1, 2), 4: (1, 1, 2, 2)}[SIZE],
             FlowConfig(n_layers=2, hidden=(), kernel_size=3, kernel="spline", n_knots=4)),
 }
 
 
-def _flow(group: str) -> torch.nn.Module:
-    gs, _, cfg = CASES[group]
+def _flow(case: str) -> torch.nn.Module:
+    gs, _, cfg = CASES[case]
     torch.manual_seed(11)
-    flow = build_flow(cfg, Lattice(gs), group)
+    backend = "host" if case.endswith("_host") else "torch"
+    flow = build_flow(cfg, Lattice(gs, backend=backend), case.removesuffix("_host"))
     with torch.no_grad():
         for p in flow.parameters():
             # fan-in-sized random weights: the SU(N) output layer starts at zero (identity map)
@@ -69,11 +74,14 @@ def _loss_and_grads(model: DistributedFlow, beta: float, sum_fn=None):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("group", ["u1", "su3"])
-def test_decomposed_flow_equals_single_rank(group, collective):
-    """x, log q, log det, loss and every gradient on the grid == the global-lattice flow."""
-    gs, grid, _ = CASES[group]
-    flow = _flow(group)
+@pytest.mark.parametrize("case", ["u1", "u1_host", "su3"])
+def test_decomposed_flow_equals_single_rank(case, collective):
+    """x, log q, log det, loss and every gradient on the grid == the global-lattice flow
+    (u1_host: with the host kernels on every rank's padded sub-lattice, against the same
+    host-kernel flow on the global lattice)."""
+    gs, grid, _ = CASES[case]
+    flow = _flow(case)
+    group = case.removesuffix("_host")
     beta = 1.3 if group == "u1" else 5.0
     # reference: the unwrapped flow on the global lattice, on every rank
     z_ref = flow.prior.sample_counter(CounterRNG(5, FLOW_STREAM), 3, 2)
@@ -121,7 +129,7 @@ def test_decomposed_flow_equals_single_rank(group, collective):
             z1 = ref.prior.sample_counter(CounterRNG(5, FLOW_STREAM), 3, 2, dtype=ref.cdtype)
             check("log q by the inverse", model.log_prob(x), ref.log_prob(ref.push(z1)[0]))
     ok = not bad
-    collective(ok, f"{group} decomposed flow on grid {grid}: {bad}")
+    collective(ok, f"{case} decomposed flow on grid {grid}: {bad}")
 
 
 @pytest.mark.mpi
