@@ -2,7 +2,10 @@
 
 The very same ``plaquette.cu``/``staple.cu`` are compiled as C++ through
 ``host_harness.h`` (CUDA qualifiers mapped to host ones, the grid looped over with one
-OpenMP-parallel iteration per CUDA block). One shared library per (N, real type, Nd) is
+OpenMP-parallel iteration per CUDA block): the *harness* build, which verifies the CUDA
+sources and runs the staple. The plaquette field runs by default as ``host_simd.cpp``, the
+same SU(N) algebra (``su_n.cuh``) with SIMD lanes across sites (``variant="simd"``; see
+that file). One shared library per (N, real type, Nd) [and lane width] is
 built at first use into ``$HPCFLOW_CACHE/kernels/<hash>/`` (default
 ``~/.cache/hpcflow/kernels``); the hash covers the sources, the flags, the compiler
 version and the CPU (``-march=native`` code must not run on another CPU model). Concurrent
@@ -39,10 +42,14 @@ from ._common import (
 
 __all__ = [
     "HOST_FLAGS",
+    "PLAQUETTE_VARIANTS",
     "build_host_library",
+    "build_simd_library",
     "build_library",
     "cache_dir",
     "load_host_library",
+    "load_simd_library",
+    "simd_bytes",
     "plaquette_re_tr",
     "staple_sum",
 ]
@@ -50,6 +57,10 @@ __all__ = [
 #: Optimisation flags: templates on N unroll the SU(3) products at -O3.
 HOST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 _SOURCES = ("su_n.cuh", "host_harness.h", "plaquette.cu", "staple.cu", "host_lib.cpp")
+_SIMD_SOURCES = ("su_n.cuh", "host_harness.h", "host_simd.cpp")
+#: ``simd``: host_simd.cpp (SIMD lanes across sites, the default); ``harness``: plaquette.cu
+#: compiled through host_harness.h (one loop iteration per CUDA thread).
+PLAQUETTE_VARIANTS = ("simd", "harness")
 
 
 def cache_dir() -> Path:
@@ -117,14 +128,18 @@ def build_library(main: str, sources: tuple[str, ...], defines: tuple[str, ...],
     return lib
 
 
-def build_host_library(n: int, real: str, nd: int, root: Path | None = None) -> Path:
-    """Compile (or find in the cache) the host library for ``(n, real, nd)``; its path."""
+def _check_config(n: int, real: str, nd: int) -> None:
     if n not in (1, 2, 3):
         raise ValueError(f"n must be 1, 2 or 3, got {n}")
     if real not in ("double", "float"):
         raise ValueError(f"real must be 'double' or 'float', got {real!r}")
     if nd not in (2, 4):
         raise ValueError(f"nd must be 2 or 4, got {nd}")
+
+
+def build_host_library(n: int, real: str, nd: int, root: Path | None = None) -> Path:
+    """Compile (or find in the cache) the host library for ``(n, real, nd)``; its path."""
+    _check_config(n, real, nd)
     defines = (f"-DHPCFLOW_N={n}", f"-DHPCFLOW_REAL={real}", f"-DHPCFLOW_ND={nd}")
     return build_library("host_lib.cpp", _SOURCES, defines,
                          f"libhpcflow_kernels_n{n}_{real}_{nd}d.so", root)
@@ -148,6 +163,59 @@ def load_host_library(n: int, real: str, nd: int) -> ctypes.CDLL:
     return lib
 
 
+def simd_bytes() -> int:
+    """Vector width of the SIMD kernels on this CPU: ``$HPCFLOW_SIMD_BYTES`` if set, else
+    64 with AVX-512, 32 with AVX/AVX2, 16 otherwise (SSE2, NEON)."""
+    env = os.environ.get("HPCFLOW_SIMD_BYTES")
+    if env is not None:
+        if env not in ("8", "16", "32", "64"):
+            raise ValueError(f"HPCFLOW_SIMD_BYTES={env!r}: allowed 8, 16, 32, 64")
+        return int(env)
+    flags = set(_cpu_id().split())
+    if "avx512f" in flags:
+        return 64
+    if "avx" in flags:
+        return 32
+    return 16
+
+
+def build_simd_library(n: int, real: str, nd: int, nbytes: int | None = None,
+                       root: Path | None = None) -> Path:
+    """Compile (or find in the cache) ``host_simd.cpp`` for ``(n, real, nd)`` with vectors
+    of ``nbytes`` (default :func:`simd_bytes`); its path."""
+    _check_config(n, real, nd)
+    nbytes = simd_bytes() if nbytes is None else nbytes
+    size = 8 if real == "double" else 4
+    if nbytes not in (8, 16, 32, 64) or nbytes < size:
+        raise ValueError(f"SIMD width must be 8, 16, 32 or 64 bytes (>= one {real}), got {nbytes}")
+    defines = (f"-DHPCFLOW_N={n}", f"-DHPCFLOW_REAL={real}", f"-DHPCFLOW_ND={nd}",
+               f"-DHPCFLOW_SIMD_BYTES={nbytes}")
+    return build_library("host_simd.cpp", _SIMD_SOURCES, defines,
+                         f"libhpcflow_simd_n{n}_{real}_{nd}d_{nbytes}b.so", root)
+
+
+def load_simd_library(n: int, real: str, nd: int, nbytes: int | None = None) -> ctypes.CDLL:
+    """Build if needed and load ``host_simd.cpp`` for ``(n, real, nd, nbytes)`` (default
+    width: :func:`simd_bytes`, read at every call); each library loads once per process."""
+    return _load_simd_library(n, real, nd, simd_bytes() if nbytes is None else nbytes)
+
+
+@functools.cache
+def _load_simd_library(n: int, real: str, nd: int, nbytes: int) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_simd_library(n, real, nd, nbytes)))
+    cfg = [ctypes.c_int() for _ in range(4)]
+    lib.hpcflow_simd_config(*(ctypes.byref(c) for c in cfg))
+    size = 8 if real == "double" else 4
+    got = tuple(c.value for c in cfg)
+    want = (n, nd, size, nbytes // size)
+    if got != want:
+        raise RuntimeError(f"SIMD kernel library reports (N, Nd, bytes, lanes) = {got}, wanted {want}")
+    vp, i64, ip = ctypes.c_void_p, ctypes.c_longlong, ctypes.POINTER(ctypes.c_int)
+    lib.hpcflow_plaquette_re_tr_simd.argtypes = [vp, vp, i64, ip, ip]
+    lib.hpcflow_plaquette_re_tr_simd.restype = None
+    return lib
+
+
 def _geom(info: FieldInfo) -> tuple[ctypes.Array, ctypes.Array]:
     arr = ctypes.c_int * info.nd
     return arr(*info.ext), arr(*info.halo)
@@ -160,14 +228,24 @@ def _host_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
     return info
 
 
-def plaquette_re_tr(U: torch.Tensor, lat: Lattice) -> torch.Tensor:
-    """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites."""
+def plaquette_re_tr(U: torch.Tensor, lat: Lattice, variant: str = "simd") -> torch.Tensor:
+    """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites.
+
+    ``variant``: ``simd`` (``host_simd.cpp``, default) or ``harness`` (``plaquette.cu``
+    through the host harness); both give the same values.
+    """
+    if variant not in PLAQUETTE_VARIANTS:
+        raise ValueError(f"plaquette variant {variant!r}: allowed {', '.join(PLAQUETTE_VARIANTS)}")
     info = _host_info(U, lat)
     u = as_kernel_input(U)
     out = torch.empty((*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype))
-    lib = load_host_library(info.n, info.real, info.nd)
     ext, halo = _geom(info)
-    lib.hpcflow_plaquette_re_tr(u.data_ptr(), out.data_ptr(), info.nbatch, ext, halo)
+    if variant == "simd":
+        lib = load_simd_library(info.n, info.real, info.nd)
+        lib.hpcflow_plaquette_re_tr_simd(u.data_ptr(), out.data_ptr(), info.nbatch, ext, halo)
+    else:
+        lib = load_host_library(info.n, info.real, info.nd)
+        lib.hpcflow_plaquette_re_tr(u.data_ptr(), out.data_ptr(), info.nbatch, ext, halo)
     return out
 
 

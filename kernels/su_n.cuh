@@ -73,7 +73,7 @@ HPCFLOW_UNROLL
 template <typename T, int N>
 __device__ __forceinline__ void set_zero(Mat<T, N>& a) {
 HPCFLOW_UNROLL
-    for (int k = 0; k < N * N; ++k) a.m[k] = {T(0), T(0)};
+    for (int k = 0; k < N * N; ++k) a.m[k] = {T{}, T{}};
 }
 
 // c = a b
@@ -84,7 +84,7 @@ HPCFLOW_UNROLL
     for (int i = 0; i < N; ++i)
 HPCFLOW_UNROLL
         for (int j = 0; j < N; ++j) {
-            T re = T(0), im = T(0);
+            T re = T{}, im = T{};
 HPCFLOW_UNROLL
             for (int k = 0; k < N; ++k) {
                 const cplx<T> x = a.m[i * N + k], y = b.m[k * N + j];
@@ -104,7 +104,7 @@ HPCFLOW_UNROLL
     for (int i = 0; i < N; ++i)
 HPCFLOW_UNROLL
         for (int j = 0; j < N; ++j) {
-            T re = T(0), im = T(0);
+            T re = T{}, im = T{};
 HPCFLOW_UNROLL
             for (int k = 0; k < N; ++k) {
                 const cplx<T> x = a.m[i * N + k], y = b.m[j * N + k];
@@ -124,7 +124,7 @@ HPCFLOW_UNROLL
     for (int i = 0; i < N; ++i)
 HPCFLOW_UNROLL
         for (int j = 0; j < N; ++j) {
-            T re = T(0), im = T(0);
+            T re = T{}, im = T{};
 HPCFLOW_UNROLL
             for (int k = 0; k < N; ++k) {
                 const cplx<T> x = a.m[k * N + i], y = b.m[k * N + j];
@@ -150,7 +150,7 @@ HPCFLOW_UNROLL
 // without forming the third matrix (4 N^2 flops instead of 8 N^3).
 template <typename T, int N>
 __device__ __forceinline__ T re_tr_nd(const Mat<T, N>& a, const Mat<T, N>& b) {
-    T s = T(0);
+    T s = T{};
 HPCFLOW_UNROLL
     for (int k = 0; k < N * N; ++k) s += a.m[k].re * b.m[k].re + a.m[k].im * b.m[k].im;
     return s;

@@ -1,6 +1,7 @@
 """Host-compiled CUDA kernels equal the torch reference of hpcflow.lattice.action.
 
-Same ``.cu`` sources as the GPU build, compiled with g++ through ``host_harness.h``.
+Same ``.cu`` sources as the GPU build, compiled with g++ through ``host_harness.h``, and
+the SIMD plaquette of ``host_simd.cpp`` (the default host plaquette; every lane width).
 Tolerances: 1e-13 (float64) and 1e-5 (float32), absolute, on O(1) unitary links.
 Comparisons are on interior sites (the kernels write 0 on halo sites, where the reference
 holds wrapped values); with halo 0 that is every site, which checks the periodic wrap.
@@ -49,10 +50,15 @@ def test_plaquette_and_staple_equal_reference(host_libs, random_links, n, nd, gs
     lat = _lattice(gs, halo, dims)
     U = random_links((2, nd, *lat.shape), n, dtype, seed=n * 10 + nd)
     tol = TOL[dtype]
-    p, p_ref = host.plaquette_re_tr(U, lat), plaquette_re_tr_torch(U, lat)
+    p_ref = plaquette_re_tr_torch(U, lat)
+    p = host.plaquette_re_tr(U, lat, variant="harness")
     assert p.shape == p_ref.shape and p.dtype == p_ref.dtype
     inner = lat.interior_slices(0)
     torch.testing.assert_close(p[inner], p_ref[inner], atol=tol, rtol=0)
+    p_simd = host.plaquette_re_tr(U, lat)  # default variant: simd
+    assert p_simd.shape == p_ref.shape and p_simd.dtype == p_ref.dtype
+    torch.testing.assert_close(p_simd[inner], p_ref[inner], atol=tol, rtol=0)
+    assert torch.all(p_simd[..., ~lat.interior()] == 0)
     s, s_ref = host.staple_sum(U, lat), staple_sum_torch(U, lat)
     assert s.shape == s_ref.shape and s.dtype == s_ref.dtype
     inner2 = lat.interior_slices(2)
@@ -60,6 +66,64 @@ def test_plaquette_and_staple_equal_reference(host_libs, random_links, n, nd, gs
     halo_mask = ~lat.interior()
     assert torch.all(p[..., halo_mask] == 0)
     assert torch.all(s.movedim((-2, -1), (1, 2))[..., halo_mask] == 0)
+
+
+# Rows (the last, SIMD-lane dimension) longer than every lane count, not multiples of it,
+# with and without a halo in that dimension, and a halo only in the first (slab) dimension.
+SIMD_GEOMETRIES = {
+    2: [((3, 21), 0, None), ((4, 19), 1, None), ((5, 17), 2, (0,))],
+    4: [((2, 3, 2, 19), 0, None), ((3, 2, 2, 17), 1, None), ((3, 2, 3, 9), 1, (0,))],
+}
+
+
+def _simd_cases():
+    for nbytes in (8, 16, 32, 64):
+        for n in (1, 3):
+            for nd in (2, 4):
+                for gi, (gs, halo, dims) in enumerate(SIMD_GEOMETRIES[nd]):
+                    for dtype in (torch.complex128, torch.complex64):
+                        if nbytes == 8 and n == 1:
+                            continue  # (the 8-byte libraries are checked for SU(3))
+                        yield pytest.param(nbytes, n, nd, gs, halo, dims, dtype,
+                                           id=f"{nbytes}B-N{n}-{nd}d-g{gi}-h{halo}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("nbytes, n, nd, gs, halo, dims, dtype", list(_simd_cases()))
+def test_simd_plaquette_every_lane_width(monkeypatch, random_links, nbytes, n, nd, gs, halo,
+                                         dims, dtype):
+    """host_simd.cpp at every vector width (1 to 16 lanes) equals the reference on interior
+    sites and is exactly 0 on halo sites: row tails shorter than a vector, the periodic
+    wrap of the last dimension across tiles, halos in the lane and in the slab dimension."""
+    monkeypatch.setenv("HPCFLOW_SIMD_BYTES", str(nbytes))
+    lat = _lattice(gs, halo, dims)
+    U = random_links((2, nd, *lat.shape), n, dtype, seed=nbytes + n)
+    p = host.plaquette_re_tr(U, lat, variant="simd")
+    p_ref = plaquette_re_tr_torch(U, lat)
+    inner = lat.interior_slices(0)
+    torch.testing.assert_close(p[inner], p_ref[inner], atol=TOL[dtype], rtol=0)
+    assert torch.all(p[..., ~lat.interior()] == 0)
+
+
+def test_simd_plaquette_reuses_scratch_across_sizes(random_links):
+    """The SIMD kernel's scratch (kept between calls) gives right answers when a large call
+    follows a small one and vice versa (stale data of the larger call must not leak)."""
+    for gs in ((4, 4, 4, 6), (6, 4, 6, 10), (2, 2, 2, 3), (6, 4, 6, 10)):
+        lat = Lattice(gs)
+        U = random_links((lat.nd, *lat.shape), 3, torch.complex128, seed=sum(gs))
+        torch.testing.assert_close(host.plaquette_re_tr(U, lat), plaquette_re_tr_torch(U, lat),
+                                   atol=1e-13, rtol=0)
+
+
+def test_bad_variant_and_width_are_rejected(monkeypatch, random_links):
+    lat = Lattice((4, 4))
+    U = random_links((2, *lat.shape), 1, torch.complex128)
+    with pytest.raises(ValueError, match="plaquette variant 'fast': allowed simd, harness"):
+        host.plaquette_re_tr(U, lat, variant="fast")
+    monkeypatch.setenv("HPCFLOW_SIMD_BYTES", "48")
+    with pytest.raises(ValueError, match="HPCFLOW_SIMD_BYTES='48': allowed 8, 16, 32, 64"):
+        host.plaquette_re_tr(U, lat)
+    with pytest.raises(ValueError, match="SIMD width"):
+        host.build_simd_library(1, "double", 2, nbytes=4)
 
 
 def test_no_batch_and_multi_batch(host_libs, random_links):
@@ -71,6 +135,10 @@ def test_no_batch_and_multi_batch(host_libs, random_links):
     torch.testing.assert_close(p[1, 2], host.plaquette_re_tr(U[1, 2], lat), atol=0, rtol=0)
     torch.testing.assert_close(s[1, 2], host.staple_sum(U[1, 2], lat), atol=0, rtol=0)
     torch.testing.assert_close(p, plaquette_re_tr_torch(U, lat), atol=1e-13, rtol=0)
+    ph = host.plaquette_re_tr(U, lat, variant="harness")
+    torch.testing.assert_close(ph[1, 2], host.plaquette_re_tr(U[1, 2], lat, variant="harness"),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(p, ph, atol=1e-13, rtol=0)
 
 
 def test_noncontiguous_and_conj_views(host_libs, random_links):
