@@ -1,5 +1,9 @@
 """Benchmark: plaquette and staple kernels, torch reference vs host (g++/OpenMP) build.
 
+Host kernels: the plaquette as ``host_simd.cpp`` (SIMD lanes across sites, the default
+host plaquette; row ``plaquette``) and as ``plaquette.cu`` through the host harness (one
+loop iteration per CUDA thread; row ``plaq-harn``); the staple through the harness.
+
 Everything is measured in one run on the same threads, so the ratios are meaningful even
 on a busy machine: ns per site of each implementation, the speed-up of the host kernels,
 their flop rate as a fraction of a large float64 matrix product (the compute limit) and
@@ -107,11 +111,16 @@ def bench_size(L: int, reps: int, gemm: float, triad: float) -> dict:
     assert err < 1e-12, f"plain torch plaquette differs from the reference by {err}"
     t_plain = best_time(lambda: plaquette_plain_torch(U), max(1, reps - 1))
     t_ref = best_time(lambda: plaquette_re_tr_torch(U, lat), max(1, reps - 1))
+    for variant in host.VARIANTS:
+        err = float((host.plaquette_re_tr(U, lat, variant=variant) - ref).abs().max())
+        assert err < 1e-12, f"host plaquette ({variant}) differs from the reference by {err}"
     t_host = best_time(lambda: host.plaquette_re_tr(U, lat), reps)
+    t_harn = best_time(lambda: host.plaquette_re_tr(U, lat, variant="harness"), reps)
     bytes_min = V * (4 * link_bytes + 6 * 8)
     res["plaquette"] = _row(t_ref, t_host, V, PLAQ_FLOPS, bytes_min, gemm, triad)
     res["plaquette"]["plain_ns_per_site"] = t_plain / V * 1e9
     res["plaquette"]["speedup_vs_plain"] = t_plain / t_host
+    res["plaq-harn"] = _row(t_ref, t_harn, V, PLAQ_FLOPS, bytes_min, gemm, triad)
     # staple: read 4 links per site, write 4 matrices per site
     t_ref = best_time(lambda: staple_sum_torch(U, lat), max(1, reps - 1))
     t_host = best_time(lambda: host.staple_sum(U, lat), reps)
@@ -148,17 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     host.load_host_library(3, "double", 4)  # build outside the timings
+    host.load_simd_library(3, "double", 4)
     gemm = matmul_gflops()
     triad = triad_gbs()
-    out = {"threads": threads, "clock": args.clock, "matmul_gflops": gemm, "triad_gbs": triad, "sizes": []}
-    print(f"threads {threads}   clock {args.clock}   float64 GEMM {gemm:.1f} GFLOP/s   triad {triad:.1f} GB/s")
+    out = {"threads": threads, "clock": args.clock, "simd_bytes": host.simd_bytes(), "matmul_gflops": gemm, "triad_gbs": triad, "sizes": []}
+    print(f"threads {threads}   clock {args.clock}   SIMD {host.simd_bytes()} B   float64 GEMM {gemm:.1f} GFLOP/s   triad {triad:.1f} GB/s")
     hdr = (f"{'L':>3} {'kernel':<9} {'torch ns/site':>13} {'host ns/site':>12} {'speedup':>8} "
            f"{'GFLOP/s':>8} {'/GEMM':>6} {'GB/s':>6} {'/triad':>7}")
     print(hdr)
     for L in args.sizes:
         r = bench_size(L, args.reps, gemm, triad)
         out["sizes"].append(r)
-        for k in ("plaquette", "staple"):
+        for k in ("plaquette", "plaq-harn", "staple"):
             x = r[k]
             print(f"{L:>3} {k:<9} {x['torch_ns_per_site']:>13.0f} {x['host_ns_per_site']:>12.1f} "
                   f"{x['speedup']:>7.1f}x {x['host_gflops']:>8.2f} {x['fraction_of_matmul']:>6.1%} "

@@ -3,9 +3,9 @@
 The very same ``plaquette.cu``/``staple.cu`` are compiled as C++ through
 ``host_harness.h`` (CUDA qualifiers mapped to host ones, the grid looped over with one
 OpenMP-parallel iteration per CUDA block): the *harness* build, which verifies the CUDA
-sources and runs the staple. The plaquette field runs by default as ``host_simd.cpp``, the
-same SU(N) algebra (``su_n.cuh``) with SIMD lanes across sites (``variant="simd"``; see
-that file). One shared library per (N, real type, Nd) [and lane width] is
+sources. By default both kernels run as ``host_simd.cpp``: the same SU(N) algebra
+(``su_n.cuh``) with SIMD lanes across sites (``variant="simd"``; see that file; the
+``harness`` variant gives the same values). One shared library per (N, real type, Nd) [and lane width] is
 built at first use into ``$HPCFLOW_CACHE/kernels/<hash>/`` (default
 ``~/.cache/hpcflow/kernels``); the hash covers the sources, the flags, the compiler
 version and the CPU (``-march=native`` code must not run on another CPU model). Concurrent
@@ -42,7 +42,7 @@ from ._common import (
 
 __all__ = [
     "HOST_FLAGS",
-    "PLAQUETTE_VARIANTS",
+    "VARIANTS",
     "build_host_library",
     "build_simd_library",
     "build_library",
@@ -58,9 +58,9 @@ __all__ = [
 HOST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 _SOURCES = ("su_n.cuh", "host_harness.h", "plaquette.cu", "staple.cu", "host_lib.cpp")
 _SIMD_SOURCES = ("su_n.cuh", "host_harness.h", "host_simd.cpp")
-#: ``simd``: host_simd.cpp (SIMD lanes across sites, the default); ``harness``: plaquette.cu
-#: compiled through host_harness.h (one loop iteration per CUDA thread).
-PLAQUETTE_VARIANTS = ("simd", "harness")
+#: ``simd``: host_simd.cpp (SIMD lanes across sites, the default); ``harness``: the .cu
+#: kernels compiled through host_harness.h (one loop iteration per CUDA thread).
+VARIANTS = ("simd", "harness")
 
 
 def cache_dir() -> Path:
@@ -213,6 +213,8 @@ def _load_simd_library(n: int, real: str, nd: int, nbytes: int) -> ctypes.CDLL:
     vp, i64, ip = ctypes.c_void_p, ctypes.c_longlong, ctypes.POINTER(ctypes.c_int)
     lib.hpcflow_plaquette_re_tr_simd.argtypes = [vp, vp, i64, ip, ip]
     lib.hpcflow_plaquette_re_tr_simd.restype = None
+    lib.hpcflow_staple_sum_simd.argtypes = [vp, vp, vp, i64, ctypes.c_int, ctypes.c_int, ip, ip]
+    lib.hpcflow_staple_sum_simd.restype = None
     return lib
 
 
@@ -228,14 +230,18 @@ def _host_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
     return info
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"host kernel variant {variant!r}: allowed {', '.join(VARIANTS)}")
+
+
 def plaquette_re_tr(U: torch.Tensor, lat: Lattice, variant: str = "simd") -> torch.Tensor:
     """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites.
 
     ``variant``: ``simd`` (``host_simd.cpp``, default) or ``harness`` (``plaquette.cu``
     through the host harness); both give the same values.
     """
-    if variant not in PLAQUETTE_VARIANTS:
-        raise ValueError(f"plaquette variant {variant!r}: allowed {', '.join(PLAQUETTE_VARIANTS)}")
+    _check_variant(variant)
     info = _host_info(U, lat)
     u = as_kernel_input(U)
     out = torch.empty((*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype))
@@ -255,21 +261,25 @@ def staple_sum(
     weights: torch.Tensor | None = None,
     all_sites: bool = False,
     dagger: bool = False,
+    variant: str = "simd",
 ) -> torch.Tensor:
     """Staple sum ``A_mu(x)`` (shape of U), see ``staple.cu``.
 
     ``weights[*B, plane, *shape]`` weights each plaquette's staple (the backward of the
     plaquette field); ``all_sites`` computes halo sites too (else they are 0); ``dagger``
-    returns ``A^dag`` (torch's gradient convention).
+    returns ``A^dag`` (torch's gradient convention). ``variant``: ``simd``
+    (``host_simd.cpp``, default) or ``harness`` (``staple.cu`` through the host harness).
     """
+    _check_variant(variant)
     info = _host_info(U, lat)
     u = as_kernel_input(U)
     w = check_weights(weights, U, info) if weights is not None else None
     out = torch.empty_like(u)
-    lib = load_host_library(info.n, info.real, info.nd)
     ext, halo = _geom(info)
-    lib.hpcflow_staple_sum(
-        u.data_ptr(), None if w is None else w.data_ptr(), out.data_ptr(), info.nbatch,
-        int(all_sites), int(dagger), ext, halo,
-    )
+    if variant == "simd":
+        fn = load_simd_library(info.n, info.real, info.nd).hpcflow_staple_sum_simd
+    else:
+        fn = load_host_library(info.n, info.real, info.nd).hpcflow_staple_sum
+    fn(u.data_ptr(), None if w is None else w.data_ptr(), out.data_ptr(), info.nbatch,
+       int(all_sites), int(dagger), ext, halo)
     return out

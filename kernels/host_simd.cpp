@@ -1,24 +1,28 @@
-// host_simd.cpp -- CPU-only plaquette field with SIMD lanes across sites (the production
-// host backend of the plaquette; the harness build of plaquette.cu stays the verification
-// of the CUDA source).
+// host_simd.cpp -- CPU-only plaquette field and staple sum with SIMD lanes across sites: the
+// production host backend (the harness build of plaquette.cu / staple.cu stays the
+// verification of the CUDA sources, and gives the same values).
 //
-// The harness build runs plaquette.cu as scalar code: one CUDA thread = one site, links read
-// as interleaved (re, im) records of N*N complex numbers (array of structures). A CPU core
-// then does ~3 flops per cycle. Here the same SU(N) algebra of su_n.cuh is instantiated with
-// T = a GCC vector of W reals (W = HPCFLOW_SIMD_BYTES / sizeof(real)), so one instruction
-// advances W sites along the fastest lattice dimension x_{ND-1}:
+// The harness build runs the CUDA kernels as scalar code: one CUDA thread = one site, links
+// read as interleaved (re, im) records of N*N complex numbers (array of structures); a CPU
+// core then does ~3 flops per cycle. Here the same SU(N) algebra of su_n.cuh is instantiated
+// with T = a GCC vector of W reals (W = HPCFLOW_SIMD_BYTES / sizeof(real)), so one
+// instruction advances W sites along the fastest lattice dimension x_{ND-1}:
 //
-//  1. transpose: the links are copied into a structure-of-arrays scratch
-//     S[b][mu][row][k][re|im][j], row = the site's coordinates x_0 .. x_{ND-2}, k the matrix
-//     element, j = x_{ND-1} (each row is padded and filled periodically on the padded array,
-//     S[..][j] = U at x_{ND-1} = j mod ext, so the +1 neighbour along x_{ND-1} of any lane
-//     is the next element: an unaligned vector load);
-//  2. compute: per row, W lanes at a time over the interior x_{ND-1} range: for each plane,
-//     Re tr[(U_mu(x) U_nu(x+mu)) (U_nu(x) U_mu(x+nu))^dag], the formula of plaquette.cu.
+//  1. transpose: each x_0 slab of the links is copied into a scratch of tiles
+//     S[mu][row][c][k][re|im][l], row = the coordinates x_1 .. x_{ND-2}, c the tile,
+//     k the matrix element, l the lane; tile c holds x_{ND-1} = j0 + c W + l taken
+//     periodically on the padded array (mod ext), one extra tile after the last (the +1
+//     neighbour along x_{ND-1}) and, for the staple, one before the first (the -1
+//     neighbour). A neighbour along x_{ND-1} is one two-source permute of adjacent tiles.
+//     Slabs go through a window of 2 (plaquette) or 3 (staple: x_0 - 1, x_0, x_0 + 1)
+//     scratch slabs, so the field is read from memory once and the window stays in the
+//     last-level cache (one slab of a 24^3 x L SU(3) float64 lattice: ~9 MB);
+//  2. compute: per row, W lanes at a time, the formulas of plaquette.cu and staple.cu.
 //
-// Same output as plaquette.cu: out[b, plane, x_0 .. x_{ND-1}], exact value on interior sites,
-// 0 on halo sites; neighbours wrap on the padded array. The transposition is one extra pass
-// over the field (read once, write once); the scratch is kept between calls (grow only).
+// Same outputs as the CUDA kernels: plaquette out[b, plane, x_0 .. x_{ND-1}] (real), staple
+// out[b, mu, x_0 .. x_{ND-1}, i, j] (complex, interleaved); values on the computed sites,
+// 0 on halo sites (unless all_sites); neighbours wrap on the padded array. The scratch is
+// kept between calls (grow only); calls are serialised by a mutex.
 //
 // Build (hpcflow.kernels.host, cached like host_lib.cpp):
 //   g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC -DHPCFLOW_N=3
@@ -52,6 +56,7 @@ constexpr int N = HPCFLOW_N;
 constexpr int ND = HPCFLOW_ND;
 constexpr int NN = N * N;
 constexpr int NP = ND * (ND - 1) / 2;
+constexpr int LAST = ND - 1;
 constexpr int W = HPCFLOW_SIMD_BYTES / (int)sizeof(real_t);
 static_assert(W >= 1 && W * (int)sizeof(real_t) == HPCFLOW_SIMD_BYTES, "bad HPCFLOW_SIMD_BYTES");
 
@@ -61,25 +66,30 @@ typedef real_t vec_u __attribute__((vector_size(HPCFLOW_SIMD_BYTES), aligned(siz
 
 using VMat = hpcflow::Mat<vec, N>;
 
+// Geometry of the padded local array and of the scratch. Lanes cover x_{ND-1} in [j0, j1)
+// (the interior, or every site for the all-sites staple) in nchunk vectors; a scratch block
+// (mu, row) holds tiles c = -lead .. nchunk.
 struct Layout {
     long long nbatch;
     int ext[ND], halo[ND];
     long long slab_rows;  // rows per slab: prod_{0 < d < ND-1} ext[d] (1 for ND = 2)
     long long nsites;     // sites of the padded local array
     int len;              // ext[ND-1]: sites per row
-    int h;                // halo[ND-1]
-    int nchunk;           // vectors per row over the interior x_{ND-1} range
-    long long row_stride[ND];  // row_stride[d]: rows between neighbours in dimension d < ND-1
+    int j0, j1;           // lane range of the computed x_{ND-1}
+    int nchunk;           // vectors per row over [j0, j1)
+    int lead;             // tiles before the first chunk (0 or 1)
+    long long row_stride[ND];  // rows between neighbours in dimension 0 < d < ND-1
 
     static constexpr long long tile = 2 * NN * W;  // one tile: [k][re|im][W lanes]
-    // one (mu, row) block: nchunk tiles + one for the +1 neighbour of the last lanes
-    long long block() const { return (nchunk + 1) * tile; }
+    long long block() const { return (lead + nchunk + 1) * tile; }  // one (mu, row) block
     long long slab_size() const { return ND * slab_rows * block(); }
-    // offset of block (mu, row) in a scratch slab
-    long long off(int mu, long long row) const { return (mu * slab_rows + row) * block(); }
+    // tile c (>= -lead) of block (mu, row) of a scratch slab
+    const real_t* tile_at(const real_t* slab, int mu, long long row, int c) const {
+        return slab + (mu * slab_rows + row) * block() + (c + lead) * tile;
+    }
 };
 
-Layout make_layout(long long nbatch, const int* ext, const int* halo) {
+Layout make_layout(long long nbatch, const int* ext, const int* halo, bool all_lanes, int lead) {
     Layout l;
     l.nbatch = nbatch;
     for (int d = 0; d < ND; ++d) {
@@ -92,75 +102,99 @@ Layout make_layout(long long nbatch, const int* ext, const int* halo) {
         rows *= ext[d];
     }
     l.slab_rows = rows / ext[0];
-    l.len = ext[ND - 1];
+    l.len = ext[LAST];
     l.nsites = rows * l.len;
-    l.h = halo[ND - 1];
-    const int interior = l.len - 2 * l.h;
-    l.nchunk = interior > 0 ? (interior + W - 1) / W : 0;
+    l.j0 = all_lanes ? 0 : halo[LAST];
+    l.j1 = all_lanes ? l.len : l.len - halo[LAST];
+    l.nchunk = l.j1 > l.j0 ? (l.j1 - l.j0 + W - 1) / W : 0;
+    l.lead = lead;
     return l;
 }
 
-// Coordinate d (0 < d < ND-1) of a row of a slab, and the row one step up in d (periodic
-// on the padded array, like neighbour() in su_n.cuh).
+inline int wrap(long long x, int n) { return (int)(((x % n) + n) % n); }
+
+// Coordinate d (0 < d < ND-1) of a row of a slab, and the rows one step up / down in d
+// (periodic on the padded array, like neighbour() in su_n.cuh).
 inline int row_coord(const Layout& l, long long row, int d) {
     return (int)((row / l.row_stride[d]) % l.ext[d]);
 }
 
-inline long long row_up(const Layout& l, long long row, int d) {
-    return row_coord(l, row, d) + 1 < l.ext[d] ? row + l.row_stride[d]
-                                               : row - (long long)(l.ext[d] - 1) * l.row_stride[d];
+inline long long row_step(const Layout& l, long long row, int d, int step) {
+    const int x = row_coord(l, row, d);
+    return row + (long long)(wrap(x + step, l.ext[d]) - x) * l.row_stride[d];
 }
 
-inline bool interior(const Layout& l, int d, int x) { return x >= l.halo[d] && x < l.ext[d] - l.halo[d]; }
+inline bool interior(const Layout& l, int d, int x) {
+    return x >= l.halo[d] && x < l.ext[d] - l.halo[d];
+}
+
+inline bool row_interior(const Layout& l, int t, long long row) {
+    bool in = interior(l, 0, t);
+    for (int d = 1; d < LAST; ++d) in = in && interior(l, d, row_coord(l, row, d));
+    return in;
+}
 
 inline vec loadu(const real_t* p) { return *reinterpret_cast<const vec_u*>(p); }
 inline void storeu(real_t* p, vec v) { *reinterpret_cast<vec_u*>(p) = v; }
 
-// The matrix of tile c of a scratch block (lanes j = h + c W + l).
-inline VMat load_mat(const real_t* __restrict__ blk, int c) {
-    const real_t* t = blk + c * Layout::tile;
-    VMat a;
-HPCFLOW_UNROLL
-    for (int k = 0; k < NN; ++k) {
-        a.m[k].re = loadu(t + (2 * k) * W);
-        a.m[k].im = loadu(t + (2 * k + 1) * W);
-    }
-    return a;
-}
-
-// Lanes shifted by one (j + 1): the +1 neighbour along x_{ND-1}, from tiles c and c + 1
-// (one two-source permute per vector: lanes 1..W of the concatenation a|b).
+// Lanes shifted by +1 (j + 1, from tiles c and c + 1) or -1 (j - 1, from tiles c - 1 and
+// c): one two-source permute of the concatenation a|b per vector.
 typedef std::conditional_t<sizeof(real_t) == 8, long long, int> lane_int;
 typedef lane_int lane_mask __attribute__((vector_size(HPCFLOW_SIMD_BYTES)));
 
-template <std::size_t... I>
+template <int OFFSET, std::size_t... I>
 constexpr lane_mask shift_mask(std::index_sequence<I...>) {
-    return lane_mask{(lane_int)(I + 1)...};
+    return lane_mask{(lane_int)(I + OFFSET)...};
 }
 
-inline vec shift1(vec a, vec b) {
-    constexpr lane_mask m = shift_mask(std::make_index_sequence<W>{});
-    return __builtin_shuffle(a, b, m);
-}
-
-inline VMat load_mat_shift(const real_t* __restrict__ blk, int c) {
-    const real_t* t = blk + c * Layout::tile;
-    const real_t* u = t + Layout::tile;
+template <int STEP>
+inline VMat load_tiles(const real_t* __restrict__ t) {
     VMat a;
+    if constexpr (STEP == 0) {
 HPCFLOW_UNROLL
-    for (int k = 0; k < NN; ++k) {
-        a.m[k].re = shift1(loadu(t + (2 * k) * W), loadu(u + (2 * k) * W));
-        a.m[k].im = shift1(loadu(t + (2 * k + 1) * W), loadu(u + (2 * k + 1) * W));
+        for (int k = 0; k < NN; ++k) {
+            a.m[k].re = loadu(t + (2 * k) * W);
+            a.m[k].im = loadu(t + (2 * k + 1) * W);
+        }
+    } else {
+        // +1: lanes 1..W of (tile c | tile c+1); -1: lanes W-1..2W-2 of (tile c-1 | tile c)
+        constexpr lane_mask m = shift_mask<STEP == 1 ? 1 : W - 1>(std::make_index_sequence<W>{});
+        const real_t* lo = STEP == 1 ? t : t - Layout::tile;
+        const real_t* hi = lo + Layout::tile;
+HPCFLOW_UNROLL
+        for (int k = 0; k < NN; ++k) {
+            a.m[k].re = __builtin_shuffle(loadu(lo + (2 * k) * W), loadu(hi + (2 * k) * W), m);
+            a.m[k].im = __builtin_shuffle(loadu(lo + (2 * k + 1) * W), loadu(hi + (2 * k + 1) * W), m);
+        }
     }
     return a;
 }
 
-inline VMat load_nbr(const real_t* __restrict__ blk, int c, bool shifted) {
-    return shifted ? load_mat_shift(blk, c) : load_mat(blk, c);
+// A lattice position relative to the lanes of a row: a scratch slab of the window, a row
+// of it, and a lane shift along x_{ND-1}.
+struct Loc {
+    const real_t* slab;
+    int dslab;  // x_0 offset (-1, 0, +1)
+    long long row;
+    int shift;  // x_{ND-1} offset (-1, 0, +1)
+};
+
+// x + sum_d dx[d] d_hat for the lanes of (slab window[1], row).
+inline Loc locate(const Layout& l, const real_t* const window[3], long long row, const int* dx) {
+    Loc p{window[1 + dx[0]], dx[0], row, dx[LAST]};
+    for (int d = 1; d < LAST; ++d)
+        if (dx[d] != 0) p.row = row_step(l, p.row, d, dx[d]);
+    return p;
 }
 
-// Slab x_0 = t of batch entry b of U (interleaved AoS) into scratch slab S (tiles, lanes
-// j = h + c W + l taken periodically mod ext). Work-shared: call inside a parallel region.
+// Link U_mu at position p, lanes of chunk c.
+inline VMat link(const Layout& l, const Loc& p, int mu, int c) {
+    const real_t* t = l.tile_at(p.slab, mu, p.row, c);
+    return p.shift == 0 ? load_tiles<0>(t) : p.shift > 0 ? load_tiles<1>(t) : load_tiles<-1>(t);
+}
+
+// Slab x_0 = t of batch entry b of U (interleaved AoS) into scratch slab S. Work-shared:
+// call inside a parallel region (implicit barrier at the end).
 void transpose_slab(const real_t* __restrict__ U, real_t* __restrict__ S, const Layout& l,
                     long long b, int t) {
 #pragma omp for collapse(2) schedule(static)
@@ -168,58 +202,48 @@ void transpose_slab(const real_t* __restrict__ U, real_t* __restrict__ S, const 
         for (long long row = 0; row < l.slab_rows; ++row) {
             const long long site0 = ((long long)t * l.slab_rows + row) * l.len;
             const real_t* src = U + ((b * ND + mu) * l.nsites + site0) * (2 * NN);
-            real_t* dst = S + l.off(mu, row);
-            for (int c = 0; c <= l.nchunk; ++c)
+            for (int c = -l.lead; c <= l.nchunk; ++c) {
+                real_t* d = const_cast<real_t*>(l.tile_at(S, mu, row, c));
                 for (int q = 0; q < W; ++q) {
-                    const int j = l.h + c * W + q;
-                    const real_t* s = src + (long long)(j < l.len ? j : j % l.len) * (2 * NN);
-                    real_t* d = dst + c * Layout::tile + q;
+                    const real_t* s = src + (long long)wrap(l.j0 + (long long)c * W + q, l.len) * (2 * NN);
 HPCFLOW_UNROLL
-                    for (int k = 0; k < 2 * NN; ++k) d[k * W] = s[k];
+                    for (int k = 0; k < 2 * NN; ++k) d[k * W + q] = s[k];
                 }
+            }
         }
 }
 
-// Re tr P for every site of slab t (interior rows; halo x_{ND-1} lanes zeroed) from the
-// scratch slabs `cur` (x_0 = t) and `nxt` (x_0 = t + 1). Work-shared.
-void plaquette_slab(const real_t* __restrict__ cur, const real_t* __restrict__ nxt,
-                    real_t* __restrict__ out, const Layout& l, long long b, int t) {
-    constexpr int last = ND - 1;
+// ---------------------------------------------------------------------------- plaquette
+
+void plaquette_slab(const real_t* const window[3], real_t* __restrict__ out, const Layout& l,
+                    long long b, int t) {
 #pragma omp for schedule(static)
     for (long long row = 0; row < l.slab_rows; ++row) {
         real_t* o = out + b * NP * l.nsites + ((long long)t * l.slab_rows + row) * l.len;
-        bool in = interior(l, 0, t);
-        for (int d = 1; d < last; ++d) in = in && interior(l, d, row_coord(l, row, d));
-        if (!in) {
-            for (int p = 0; p < NP; ++p)
-                for (int j = 0; j < l.len; ++j) o[p * l.nsites + j] = real_t(0);
-            continue;
-        }
+        const int lo = row_interior(l, t, row) ? l.j0 : l.len;  // halo rows: all zero
         for (int p = 0; p < NP; ++p) {
-            for (int j = 0; j < l.h; ++j) o[p * l.nsites + j] = real_t(0);
-            for (int j = l.len - l.h; j < l.len; ++j) o[p * l.nsites + j] = real_t(0);
+            for (int j = 0; j < lo; ++j) o[p * l.nsites + j] = real_t(0);
+            for (int j = l.j1 > lo ? l.j1 : lo; j < l.len; ++j) o[p * l.nsites + j] = real_t(0);
         }
-        const real_t* at_up[ND];  // slab of x + d_hat
-        for (int d = 0; d < ND; ++d) at_up[d] = d == 0 ? nxt : cur;
-        long long row_of[ND];
-        row_of[0] = row;
-        for (int d = 1; d < last; ++d) row_of[d] = row_up(l, row, d);
-        row_of[last] = row;  // the last dimension moves along the lanes (shift)
+        if (lo == l.len) continue;
+        Loc here{window[1], 0, row, 0}, up[ND];
+        for (int d = 0; d < ND; ++d) {
+            int dx[ND] = {};
+            dx[d] = 1;
+            up[d] = locate(l, window, row, dx);
+        }
         for (int c = 0; c < l.nchunk; ++c) {
-            const int j = l.h + c * W;
-            const int count = l.len - l.h - j < W ? l.len - l.h - j : W;
+            const int j = l.j0 + c * W;
+            const int count = l.j1 - j < W ? l.j1 - j : W;
             vec res[NP];
 HPCFLOW_UNROLL_DIRS
             for (int mu = 0; mu < ND; ++mu) {
-                const VMat umu = load_mat(cur + l.off(mu, row), c);
+                const VMat umu = link(l, here, mu, c);
 HPCFLOW_UNROLL_DIRS
                 for (int nu = mu + 1; nu < ND; ++nu) {
-                    const VMat unu = load_mat(cur + l.off(nu, row), c);
-                    // U_nu(x + mu) and U_mu(x + nu)
-                    const VMat a = hpcflow::mul_nn<vec, N>(
-                        umu, load_nbr(at_up[mu] + l.off(nu, row_of[mu]), c, mu == last));
-                    const VMat cm = hpcflow::mul_nn<vec, N>(
-                        unu, load_nbr(at_up[nu] + l.off(mu, row_of[nu]), c, nu == last));
+                    // Re tr[(U_mu(x) U_nu(x+mu)) (U_nu(x) U_mu(x+nu))^dag], as plaquette.cu
+                    const VMat a = hpcflow::mul_nn<vec, N>(umu, link(l, up[mu], nu, c));
+                    const VMat cm = hpcflow::mul_nn<vec, N>(link(l, here, nu, c), link(l, up[nu], mu, c));
                     res[hpcflow::plane_index<ND>(mu, nu)] = hpcflow::re_tr_nd<vec, N>(a, cm);
                 }
             }
@@ -233,27 +257,167 @@ HPCFLOW_UNROLL_DIRS
     }
 }
 
-// The whole field: slabs in x_0 order through a window of two scratch slabs (kept in the
-// last-level cache for lattices up to ~24^3 x L SU(3) float64), so the field is read from
-// memory once; slab 0 is transposed again at the wrap (x_0 = ext-1 needs x_0 = 0).
+// ------------------------------------------------------------------------------- staple
+
+// Per-thread weights of one row, lanes of every chunk: w(plane, x) and w(plane, x - nu).
+struct RowWeights {
+    std::vector<real_t> at;  // [NP][nchunk W]
+    std::vector<real_t> dn;  // [nu][NP][nchunk W]
+};
+
+void gather_weights(const real_t* __restrict__ w, const Layout& l, long long b, int t,
+                    const Loc& p, real_t* __restrict__ dst) {
+    const int span = l.nchunk * W;
+    const long long site_row = ((long long)wrap(t + p.dslab, l.ext[0]) * l.slab_rows + p.row) * l.len;
+    for (int pl = 0; pl < NP; ++pl) {
+        const real_t* src = w + (b * NP + pl) * l.nsites + site_row;
+        for (int q = 0; q < span; ++q) dst[pl * span + q] = src[wrap((long long)l.j0 + q + p.shift, l.len)];
+    }
+}
+
+void staple_slab(const real_t* const window[3], const real_t* __restrict__ w,
+                 real_t* __restrict__ out, const Layout& l, long long b, int t, bool all_sites,
+                 bool dagger, RowWeights& rw) {
+    const int span = l.nchunk * W;
+#pragma omp for schedule(static)
+    for (long long row = 0; row < l.slab_rows; ++row) {
+        const long long site_row = ((long long)t * l.slab_rows + row) * l.len;
+        const bool in = all_sites || row_interior(l, t, row);
+        const int lo = in ? l.j0 : l.len;
+        const int hi = in ? l.j1 : l.len;
+        for (int mu = 0; mu < ND; ++mu) {
+            real_t* o = out + ((b * ND + mu) * l.nsites + site_row) * (2 * NN);
+            for (int j = 0; j < l.len; ++j)
+                if (j < lo || j >= hi)
+                    for (int k = 0; k < 2 * NN; ++k) o[(long long)j * 2 * NN + k] = real_t(0);
+        }
+        if (!in || l.nchunk == 0) continue;
+        // positions x + mu, x + nu, x - nu, x + mu - nu of the lanes of this row
+        const Loc here{window[1], 0, row, 0};
+        Loc up[ND], dn[ND], up_dn[ND][ND];
+        for (int d = 0; d < ND; ++d) {
+            int dx[ND] = {};
+            dx[d] = 1;
+            up[d] = locate(l, window, row, dx);
+            dx[d] = -1;
+            dn[d] = locate(l, window, row, dx);
+            for (int e = 0; e < ND; ++e) {
+                if (e == d) continue;
+                int dy[ND] = {};
+                dy[d] = 1;
+                dy[e] = -1;
+                up_dn[d][e] = locate(l, window, row, dy);
+            }
+        }
+        if (w) {
+            gather_weights(w, l, b, t, here, rw.at.data());
+            for (int nu = 0; nu < ND; ++nu) gather_weights(w, l, b, t, dn[nu], rw.dn.data() + nu * NP * span);
+        }
+        for (int c = 0; c < l.nchunk; ++c) {
+            const int j = l.j0 + c * W;
+            const int count = l.j1 - j < W ? l.j1 - j : W;
+HPCFLOW_UNROLL_DIRS
+            for (int mu = 0; mu < ND; ++mu) {
+                VMat acc;
+                hpcflow::set_zero<vec, N>(acc);
+HPCFLOW_UNROLL_DIRS
+                for (int nu = 0; nu < ND; ++nu) {
+                    if (nu == mu) continue;
+                    const int p = mu < nu ? hpcflow::plane_index<ND>(mu, nu) : hpcflow::plane_index<ND>(nu, mu);
+                    // as staple.cu: U_nu(x+mu) U_mu(x+nu)^dag U_nu(x)^dag
+                    //             + U_nu(x+mu-nu)^dag U_mu(x-nu)^dag U_nu(x-nu)
+                    const VMat upper = hpcflow::mul_nd<vec, N>(
+                        hpcflow::mul_nd<vec, N>(link(l, up[mu], nu, c), link(l, up[nu], mu, c)),
+                        link(l, here, nu, c));
+                    const VMat lower = hpcflow::mul_dn<vec, N>(
+                        hpcflow::mul_nn<vec, N>(link(l, dn[nu], mu, c), link(l, up_dn[mu][nu], nu, c)),
+                        link(l, dn[nu], nu, c));
+                    vec wu, wl;
+                    if (w) {
+                        wu = loadu(rw.at.data() + p * span + c * W);
+                        wl = loadu(rw.dn.data() + (nu * NP + p) * span + c * W);
+                    } else {
+                        wu = vec{} + real_t(1);
+                        wl = wu;
+                    }
+                    hpcflow::axpy<vec, N>(acc, wu, upper);
+                    hpcflow::axpy<vec, N>(acc, wl, lower);
+                }
+                real_t* o = out + ((b * ND + mu) * l.nsites + site_row + j) * (2 * NN);
+                for (int q = 0; q < count; ++q)
+HPCFLOW_UNROLL
+                    for (int r = 0; r < N; ++r)
+HPCFLOW_UNROLL
+                        for (int s = 0; s < N; ++s) {
+                            real_t* e = o + (long long)q * 2 * NN + 2 * (r * N + s);
+                            if (dagger) {
+                                e[0] = acc.m[s * N + r].re[q];
+                                e[1] = -acc.m[s * N + r].im[q];
+                            } else {
+                                e[0] = acc.m[r * N + s].re[q];
+                                e[1] = acc.m[r * N + s].im[q];
+                            }
+                        }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ drivers
+
+// Slabs in x_0 order through a window of scratch slabs: slot(t) holds slab t (mod ext).
+template <int SLOTS>
+struct Window {
+    real_t* base;
+    long long size;
+    real_t* slot(int t) const { return base + (long long)(((t % SLOTS) + SLOTS) % SLOTS) * size; }
+};
+
 void plaquette_field(const real_t* __restrict__ U, real_t* __restrict__ out, real_t* S,
                      const Layout& l) {
-    real_t* slot[2] = {S, S + l.slab_size()};
+    const Window<2> win{S, l.slab_size()};
 #pragma omp parallel
     for (long long b = 0; b < l.nbatch; ++b) {
-        transpose_slab(U, slot[0], l, b, 0);
+        transpose_slab(U, win.slot(0), l, b, 0);
         for (int t = 0; t < l.ext[0]; ++t) {
-            const int tn = t + 1 < l.ext[0] ? t + 1 : 0;
-            real_t* cur = slot[t & 1];
-            real_t* nxt = slot[(t + 1) & 1];
-            transpose_slab(U, nxt, l, b, tn);  // implicit barrier: nxt is complete
-            plaquette_slab(cur, nxt, out, l, b, t);  // implicit barrier: cur is free
+            // slab t + 1 (0 at the wrap) into the other slot; implicit barriers between
+            transpose_slab(U, win.slot(t + 1), l, b, wrap(t + 1, l.ext[0]));
+            const real_t* const window[3] = {nullptr, win.slot(t), win.slot(t + 1)};
+            plaquette_slab(window, out, l, b, t);
+        }
+    }
+}
+
+void staple_field(const real_t* __restrict__ U, const real_t* __restrict__ w,
+                  real_t* __restrict__ out, real_t* S, const Layout& l, bool all_sites,
+                  bool dagger) {
+    const Window<3> win{S, l.slab_size()};
+#pragma omp parallel
+    {
+        RowWeights rw;
+        if (w) {
+            rw.at.resize((size_t)NP * l.nchunk * W);
+            rw.dn.resize((size_t)ND * NP * l.nchunk * W);
+        }
+        for (long long b = 0; b < l.nbatch; ++b) {
+            transpose_slab(U, win.slot(-1), l, b, wrap(-1, l.ext[0]));
+            transpose_slab(U, win.slot(0), l, b, 0);
+            for (int t = 0; t < l.ext[0]; ++t) {
+                transpose_slab(U, win.slot(t + 1), l, b, wrap(t + 1, l.ext[0]));
+                const real_t* const window[3] = {win.slot(t - 1), win.slot(t), win.slot(t + 1)};
+                staple_slab(window, w, out, l, b, t, all_sites, dagger, rw);  // barrier: t-1 free
+            }
         }
     }
 }
 
 std::mutex scratch_mutex;
 std::vector<real_t> scratch;  // grow only: no page faults on repeated calls
+
+real_t* scratch_for(long long size) {
+    if ((long long)scratch.size() < size) scratch.resize((size_t)size);
+    return scratch.data();
+}
 
 }  // namespace
 
@@ -269,11 +433,21 @@ void hpcflow_simd_config(int* n, int* nd, int* real_bytes, int* lanes) {
 // U: complex [nbatch, ND, sites...] interleaved; out: real [nbatch, NP, sites...].
 void hpcflow_plaquette_re_tr_simd(const void* U, void* out, long long nbatch, const int* ext,
                                   const int* halo) {
-    const Layout l = make_layout(nbatch, ext, halo);
+    const Layout l = make_layout(nbatch, ext, halo, false, 0);
     std::lock_guard<std::mutex> guard(scratch_mutex);
-    const long long size = 2 * l.slab_size();
-    if ((long long)scratch.size() < size) scratch.resize((size_t)size);
-    plaquette_field(static_cast<const real_t*>(U), static_cast<real_t*>(out), scratch.data(), l);
+    real_t* S = scratch_for(2 * l.slab_size());
+    plaquette_field(static_cast<const real_t*>(U), static_cast<real_t*>(out), S, l);
+}
+
+// The arguments of hpcflow_staple_sum (host_lib.cpp): w real [nbatch, NP, sites...] or
+// null; out complex, the layout of U.
+void hpcflow_staple_sum_simd(const void* U, const void* w, void* out, long long nbatch,
+                             int all_sites, int dagger, const int* ext, const int* halo) {
+    const Layout l = make_layout(nbatch, ext, halo, all_sites != 0, 1);
+    std::lock_guard<std::mutex> guard(scratch_mutex);
+    real_t* S = scratch_for(3 * l.slab_size());
+    staple_field(static_cast<const real_t*>(U), static_cast<const real_t*>(w),
+                 static_cast<real_t*>(out), S, l, all_sites != 0, dagger != 0);
 }
 
 }  // extern "C"

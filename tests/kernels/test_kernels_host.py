@@ -1,7 +1,7 @@
 """Host-compiled CUDA kernels equal the torch reference of hpcflow.lattice.action.
 
 Same ``.cu`` sources as the GPU build, compiled with g++ through ``host_harness.h``, and
-the SIMD plaquette of ``host_simd.cpp`` (the default host plaquette; every lane width).
+the SIMD kernels of ``host_simd.cpp`` (the default host variant; every lane width).
 Tolerances: 1e-13 (float64) and 1e-5 (float32), absolute, on O(1) unitary links.
 Comparisons are on interior sites (the kernels write 0 on halo sites, where the reference
 holds wrapped values); with halo 0 that is every site, which checks the periodic wrap.
@@ -59,13 +59,15 @@ def test_plaquette_and_staple_equal_reference(host_libs, random_links, n, nd, gs
     assert p_simd.shape == p_ref.shape and p_simd.dtype == p_ref.dtype
     torch.testing.assert_close(p_simd[inner], p_ref[inner], atol=tol, rtol=0)
     assert torch.all(p_simd[..., ~lat.interior()] == 0)
-    s, s_ref = host.staple_sum(U, lat), staple_sum_torch(U, lat)
-    assert s.shape == s_ref.shape and s.dtype == s_ref.dtype
+    s_ref = staple_sum_torch(U, lat)
     inner2 = lat.interior_slices(2)
-    torch.testing.assert_close(s[inner2], s_ref[inner2], atol=tol, rtol=0)
     halo_mask = ~lat.interior()
     assert torch.all(p[..., halo_mask] == 0)
-    assert torch.all(s.movedim((-2, -1), (1, 2))[..., halo_mask] == 0)
+    for variant in host.VARIANTS:
+        s = host.staple_sum(U, lat, variant=variant)
+        assert s.shape == s_ref.shape and s.dtype == s_ref.dtype
+        torch.testing.assert_close(s[inner2], s_ref[inner2], atol=tol, rtol=0)
+        assert torch.all(s.movedim((-2, -1), (1, 2))[..., halo_mask] == 0)
 
 
 # Rows (the last, SIMD-lane dimension) longer than every lane count, not multiples of it,
@@ -89,36 +91,55 @@ def _simd_cases():
 
 
 @pytest.mark.parametrize("nbytes, n, nd, gs, halo, dims, dtype", list(_simd_cases()))
-def test_simd_plaquette_every_lane_width(monkeypatch, random_links, nbytes, n, nd, gs, halo,
+def test_simd_kernels_every_lane_width(monkeypatch, random_links, nbytes, n, nd, gs, halo,
                                          dims, dtype):
-    """host_simd.cpp at every vector width (1 to 16 lanes) equals the reference on interior
-    sites and is exactly 0 on halo sites: row tails shorter than a vector, the periodic
-    wrap of the last dimension across tiles, halos in the lane and in the slab dimension."""
+    """host_simd.cpp at every vector width (1 to 16 lanes) equals the reference: the
+    plaquette and the staple on interior sites (exactly 0 on halo sites), and the weighted,
+    all-sites, dagger staple on every site against the harness build (the gradient mode,
+    whose halo sites use wrapped neighbours). Covers row tails shorter than a vector, the
+    periodic wrap of the last dimension across tiles in both directions, halos in the lane
+    and in the slab dimension."""
     monkeypatch.setenv("HPCFLOW_SIMD_BYTES", str(nbytes))
     lat = _lattice(gs, halo, dims)
     U = random_links((2, nd, *lat.shape), n, dtype, seed=nbytes + n)
+    tol = TOL[dtype]
+    halo_mask = ~lat.interior()
     p = host.plaquette_re_tr(U, lat, variant="simd")
     p_ref = plaquette_re_tr_torch(U, lat)
     inner = lat.interior_slices(0)
-    torch.testing.assert_close(p[inner], p_ref[inner], atol=TOL[dtype], rtol=0)
-    assert torch.all(p[..., ~lat.interior()] == 0)
+    torch.testing.assert_close(p[inner], p_ref[inner], atol=tol, rtol=0)
+    assert torch.all(p[..., halo_mask] == 0)
+    s = host.staple_sum(U, lat, variant="simd")
+    s_ref = staple_sum_torch(U, lat)
+    inner2 = lat.interior_slices(2)
+    torch.testing.assert_close(s[inner2], s_ref[inner2], atol=tol, rtol=0)
+    assert torch.all(s.movedim((-2, -1), (1, 2))[..., halo_mask] == 0)
+    w = torch.rand((2, lat.n_planes, *lat.shape), dtype=p.dtype,
+                   generator=torch.Generator().manual_seed(nbytes))
+    kw = dict(weights=w, all_sites=True, dagger=True)
+    torch.testing.assert_close(host.staple_sum(U, lat, variant="simd", **kw),
+                               host.staple_sum(U, lat, variant="harness", **kw), atol=tol, rtol=0)
 
 
-def test_simd_plaquette_reuses_scratch_across_sizes(random_links):
-    """The SIMD kernel's scratch (kept between calls) gives right answers when a large call
+def test_simd_kernels_reuse_scratch_across_sizes(random_links):
+    """The SIMD kernels' scratch (kept between calls) gives right answers when a large call
     follows a small one and vice versa (stale data of the larger call must not leak)."""
     for gs in ((4, 4, 4, 6), (6, 4, 6, 10), (2, 2, 2, 3), (6, 4, 6, 10)):
         lat = Lattice(gs)
         U = random_links((lat.nd, *lat.shape), 3, torch.complex128, seed=sum(gs))
         torch.testing.assert_close(host.plaquette_re_tr(U, lat), plaquette_re_tr_torch(U, lat),
                                    atol=1e-13, rtol=0)
+        torch.testing.assert_close(host.staple_sum(U, lat), staple_sum_torch(U, lat),
+                                   atol=1e-13, rtol=0)
 
 
 def test_bad_variant_and_width_are_rejected(monkeypatch, random_links):
     lat = Lattice((4, 4))
     U = random_links((2, *lat.shape), 1, torch.complex128)
-    with pytest.raises(ValueError, match="plaquette variant 'fast': allowed simd, harness"):
+    with pytest.raises(ValueError, match="host kernel variant 'fast': allowed simd, harness"):
         host.plaquette_re_tr(U, lat, variant="fast")
+    with pytest.raises(ValueError, match="host kernel variant 'fast': allowed simd, harness"):
+        host.staple_sum(U, lat, variant="fast")
     monkeypatch.setenv("HPCFLOW_SIMD_BYTES", "48")
     with pytest.raises(ValueError, match="HPCFLOW_SIMD_BYTES='48': allowed 8, 16, 32, 64"):
         host.plaquette_re_tr(U, lat)
@@ -162,8 +183,9 @@ def test_weighted_staple_is_gradient_of_weighted_sum(host_libs, random_links):
                    generator=torch.Generator().manual_seed(3))
     Ug = U.clone().requires_grad_(True)
     (w * plaquette_re_tr_torch(Ug, lat)).sum().backward()
-    got = host.staple_sum(U, lat, weights=w, all_sites=True, dagger=True)
-    torch.testing.assert_close(got, Ug.grad, atol=1e-13, rtol=0)
+    for variant in host.VARIANTS:
+        got = host.staple_sum(U, lat, weights=w, all_sites=True, dagger=True, variant=variant)
+        torch.testing.assert_close(got, Ug.grad, atol=1e-13, rtol=0)
 
 
 @pytest.mark.parametrize(
