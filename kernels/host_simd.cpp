@@ -204,8 +204,11 @@ void transpose_slab(const real_t* __restrict__ U, real_t* __restrict__ S, const 
             const real_t* src = U + ((b * ND + mu) * l.nsites + site0) * (2 * NN);
             for (int c = -l.lead; c <= l.nchunk; ++c) {
                 real_t* d = const_cast<real_t*>(l.tile_at(S, mu, row, c));
-                for (int q = 0; q < W; ++q) {
-                    const real_t* s = src + (long long)wrap(l.j0 + (long long)c * W + q, l.len) * (2 * NN);
+                int x = l.j0 + c * W;  // periodic, without a division per lane
+                while (x < 0) x += l.len;
+                while (x >= l.len) x -= l.len;
+                for (int q = 0; q < W; ++q, x = x + 1 < l.len ? x + 1 : 0) {
+                    const real_t* s = src + (long long)x * (2 * NN);
 HPCFLOW_UNROLL
                     for (int k = 0; k < 2 * NN; ++k) d[k * W + q] = s[k];
                 }
@@ -271,7 +274,8 @@ void gather_weights(const real_t* __restrict__ w, const Layout& l, long long b, 
     const long long site_row = ((long long)wrap(t + p.dslab, l.ext[0]) * l.slab_rows + p.row) * l.len;
     for (int pl = 0; pl < NP; ++pl) {
         const real_t* src = w + (b * NP + pl) * l.nsites + site_row;
-        for (int q = 0; q < span; ++q) dst[pl * span + q] = src[wrap((long long)l.j0 + q + p.shift, l.len)];
+        int x = wrap((long long)l.j0 + p.shift, l.len);
+        for (int q = 0; q < span; ++q, x = x + 1 < l.len ? x + 1 : 0) dst[pl * span + q] = src[x];
     }
 }
 
