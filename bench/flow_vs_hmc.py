@@ -4,7 +4,9 @@ one run: tau_int of Q (Gamma method), cost per step, cost per independent Q samp
 (= cost per step x 2 tau_int). Prints a table, writes JSON and a PNG plot.
 
 Target: at the largest beta, the flow is >= 100x cheaper than HMC per independent Q sample.
-Flow training time is reported separately (it is paid once per ensemble).
+Flow training time is reported separately (it is paid once per ensemble). ``--init-from``
+starts the training from an earlier flow's checkpoint (beta annealing: train at beta 6,
+continue at 7); the earlier training's time is then not included.
 
 A tau_int estimate is honest only for chains much longer than tau: where ``n < 50 tau_int``
 the estimate is flagged and printed as a lower bound (``>=``), and so is every ratio built on it.
@@ -68,6 +70,8 @@ def run_flow(lat, beta, args, out: Path) -> dict:
                            n_knots=8, hidden=tuple(args.hidden), kernel_size=3)
     torch.manual_seed(0)
     model = build_u1_flow(arch, lat, torch.float32)
+    if args.init_from is not None:
+        _init_from(model, arch, lat, args.init_from)
     t0 = args.clock()
     Trainer(model, lat, beta, TrainCfg(args.train_steps, batch=args.batch, lr=args.lr), out / f"flow_b{beta}", seed=1,
             dtype=torch.float32, progress=False).train()
@@ -78,6 +82,28 @@ def run_flow(lat, beta, args, out: Path) -> dict:
     t = (args.clock() - t0) / args.n
     return {"cost_s": t, **_tau(np.asarray(res["Q"])), "acceptance": float(res["accepted"].mean()),
             "train_s": t_train}
+
+
+def _init_from(model, arch, lat, path: Path) -> None:
+    """Start training from the weights of a flow trained before (e.g. at a lower beta)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        meta, state = ckpt["meta"], ckpt["model"]
+    except (OSError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"--init-from {path}: not a training checkpoint ({e})") from None
+    want = {"lattice": list(lat.shape), "n_layers": arch.n_layers, "kernel": arch.kernel,
+            "n_components": arch.n_components, "hidden": list(arch.hidden),
+            "kernel_size": arch.kernel_size}
+    got = {k: meta.get("arch", {}).get(k) for k in want}
+    got["lattice"] = meta.get("lattice")
+    got["hidden"] = list(got["hidden"] or [])
+    bad = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    if bad:
+        raise SystemExit(f"--init-from {path}: architecture differs from this run's "
+                         + ", ".join(f"{k} {g} != {w}" for k, (g, w) in bad.items()))
+    model.load_state_dict(state)
+    print(f"flow initialised from {path} (trained at beta {meta.get('beta')}, "
+          f"{ckpt.get('step')} steps; that training time is not counted here)")
 
 
 def run_local(lat, beta, args, kind: str) -> dict:
@@ -130,6 +156,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", choices=["host", "torch"], default="host",
                     help="kernels for every algorithm: host (C++) or torch")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start flow training from this checkpoint.pt (same architecture; e.g. a "
+                         "flow trained at a lower beta: beta annealing)")
     ap.add_argument("--out", type=Path, default=Path("bench_out/flow_vs_hmc"))
     args = ap.parse_args()
     args.n_local = args.n if args.n_local is None else args.n_local
