@@ -68,17 +68,17 @@ def _tau(q: np.ndarray) -> dict:
 def run_flow(lat, beta, args, out: Path) -> dict:
     arch = SimpleNamespace(n_layers=args.layers, kernel="ncp", n_components=args.components,
                            n_knots=8, hidden=tuple(args.hidden), kernel_size=3)
-    torch.manual_seed(0)
+    torch.manual_seed(10 * args.seed)
     model = build_u1_flow(arch, lat, torch.float32)
     if args.init_from is not None:
         _init_from(model, arch, lat, args.init_from)
     t0 = args.clock()
-    Trainer(model, lat, beta, TrainCfg(args.train_steps, batch=args.batch, lr=args.lr), out / f"flow_b{beta}", seed=1,
+    Trainer(model, lat, beta, TrainCfg(args.train_steps, batch=args.batch, lr=args.lr), out / f"flow_b{beta}", seed=10 * args.seed + 1,
             dtype=torch.float32, progress=False).train()
     t_train = args.clock() - t0
     model = model.double().eval()  # sample in float64: the chain's exactness bookkeeping
     t0 = args.clock()
-    res = metropolis_chain(model, lat, beta, args.n, 500, CounterRNG(2))
+    res = metropolis_chain(model, lat, beta, args.n, 500, CounterRNG(10 * args.seed + 2))
     t = (args.clock() - t0) / args.n
     return {"cost_s": t, **_tau(np.asarray(res["Q"])), "acceptance": float(res["accepted"].mean()),
             "train_s": t_train}
@@ -108,8 +108,8 @@ def _init_from(model, arch, lat, path: Path) -> None:
 
 def run_local(lat, beta, args, kind: str) -> dict:
     group = get_group("u1")
-    rng = CounterRNG(3)
-    theta = 2 * np.pi * torch.rand((2, *lat.shape), generator=torch.Generator().manual_seed(4),
+    rng = CounterRNG(10 * args.seed + 3)
+    theta = 2 * np.pi * torch.rand((2, *lat.shape), generator=torch.Generator().manual_seed(10 * args.seed + 4),
                                    dtype=torch.float64)
     U = links_from_angles(theta)
     hmc = HMC(lat, group, beta, args.hmc_steps, args.hmc_tau, "leapfrog", rng=rng)
@@ -156,6 +156,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", choices=["host", "torch"], default="host",
                     help="kernels for every algorithm: host (C++) or torch")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="offset of every seed (flow init, training, chains): independent repeats")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start flow training from this checkpoint.pt (same architecture; e.g. a "
                          "flow trained at a lower beta: beta annealing)")
