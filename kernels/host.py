@@ -3,9 +3,11 @@
 The very same ``plaquette.cu``/``staple.cu`` are compiled as C++ through
 ``host_harness.h`` (CUDA qualifiers mapped to host ones, the grid looped over with one
 OpenMP-parallel iteration per CUDA block): the *harness* build, which verifies the CUDA
-sources. By default both kernels run as ``host_simd.cpp``: the same SU(N) algebra
-(``su_n.cuh``) with SIMD lanes across sites (``variant="simd"``; see that file; the
-``harness`` variant gives the same values). One shared library per (N, real type, Nd) [and lane width] is
+sources. ``host_simd.cpp`` runs the same SU(N) algebra (``su_n.cuh``) with SIMD lanes
+across sites (``variant="simd"``; see that file); both variants give the same values, and
+the default ``auto`` picks ``simd`` for 4D local arrays of >= 1024 sites (where it is
+faster: measured in bench/RESULTS.md) and ``harness`` otherwise (2D lattices and tiny 4D
+ones, where the SIMD kernels' per-call transposition costs more than it saves). One shared library per (N, real type, Nd) [and lane width] is
 built at first use into ``$HPCFLOW_CACHE/kernels/<hash>/`` (default
 ``~/.cache/hpcflow/kernels``); the hash covers the sources, the flags, the compiler
 version and the CPU (``-march=native`` code must not run on another CPU model). Concurrent
@@ -58,9 +60,12 @@ __all__ = [
 HOST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 _SOURCES = ("su_n.cuh", "host_harness.h", "plaquette.cu", "staple.cu", "host_lib.cpp")
 _SIMD_SOURCES = ("su_n.cuh", "host_harness.h", "host_simd.cpp")
-#: ``simd``: host_simd.cpp (SIMD lanes across sites, the default); ``harness``: the .cu
-#: kernels compiled through host_harness.h (one loop iteration per CUDA thread).
-VARIANTS = ("simd", "harness")
+#: ``simd``: host_simd.cpp (SIMD lanes across sites); ``harness``: the .cu kernels compiled
+#: through host_harness.h (one loop iteration per CUDA thread); ``auto`` (default): simd
+#: for 4D local arrays of >= SIMD_MIN_SITES_4D sites, harness otherwise.
+VARIANTS = ("auto", "simd", "harness")
+#: ``auto`` uses ``simd`` for Nd = 4 and at least this many sites per local array.
+SIMD_MIN_SITES_4D = 1024
 
 
 def cache_dir() -> Path:
@@ -81,6 +86,7 @@ def _cxx() -> str:
     return path
 
 
+@functools.cache
 def _cpu_id() -> str:
     # -march=native code is specific to the CPU model; key the cache on it.
     try:
@@ -171,6 +177,11 @@ def simd_bytes() -> int:
         if env not in ("8", "16", "32", "64"):
             raise ValueError(f"HPCFLOW_SIMD_BYTES={env!r}: allowed 8, 16, 32, 64")
         return int(env)
+    return _cpu_simd_bytes()
+
+
+@functools.cache
+def _cpu_simd_bytes() -> int:
     flags = set(_cpu_id().split())
     if "avx512f" in flags:
         return 64
@@ -230,19 +241,22 @@ def _host_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
     return info
 
 
-def _check_variant(variant: str) -> None:
+def _resolve_variant(variant: str, info: FieldInfo) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"host kernel variant {variant!r}: allowed {', '.join(VARIANTS)}")
+    if variant == "auto":
+        return "simd" if info.nd == 4 and info.nsites >= SIMD_MIN_SITES_4D else "harness"
+    return variant
 
 
-def plaquette_re_tr(U: torch.Tensor, lat: Lattice, variant: str = "simd") -> torch.Tensor:
+def plaquette_re_tr(U: torch.Tensor, lat: Lattice, variant: str = "auto") -> torch.Tensor:
     """``Re tr P_{mu nu}(x)``, shape ``(*B, n_planes, *lat.shape)``; 0 on halo sites.
 
-    ``variant``: ``simd`` (``host_simd.cpp``, default) or ``harness`` (``plaquette.cu``
-    through the host harness); both give the same values.
+    ``variant``: ``simd`` (``host_simd.cpp``), ``harness`` (``plaquette.cu`` through the
+    host harness) or ``auto`` (see :data:`VARIANTS`); all give the same values.
     """
-    _check_variant(variant)
     info = _host_info(U, lat)
+    variant = _resolve_variant(variant, info)
     u = as_kernel_input(U)
     out = torch.empty((*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype))
     ext, halo = _geom(info)
@@ -261,17 +275,17 @@ def staple_sum(
     weights: torch.Tensor | None = None,
     all_sites: bool = False,
     dagger: bool = False,
-    variant: str = "simd",
+    variant: str = "auto",
 ) -> torch.Tensor:
     """Staple sum ``A_mu(x)`` (shape of U), see ``staple.cu``.
 
     ``weights[*B, plane, *shape]`` weights each plaquette's staple (the backward of the
     plaquette field); ``all_sites`` computes halo sites too (else they are 0); ``dagger``
     returns ``A^dag`` (torch's gradient convention). ``variant``: ``simd``
-    (``host_simd.cpp``, default) or ``harness`` (``staple.cu`` through the host harness).
+    (``host_simd.cpp``), ``harness`` (``staple.cu`` through the host harness) or ``auto``.
     """
-    _check_variant(variant)
     info = _host_info(U, lat)
+    variant = _resolve_variant(variant, info)
     u = as_kernel_input(U)
     w = check_weights(weights, U, info) if weights is not None else None
     out = torch.empty_like(u)

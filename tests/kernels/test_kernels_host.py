@@ -55,7 +55,7 @@ def test_plaquette_and_staple_equal_reference(host_libs, random_links, n, nd, gs
     assert p.shape == p_ref.shape and p.dtype == p_ref.dtype
     inner = lat.interior_slices(0)
     torch.testing.assert_close(p[inner], p_ref[inner], atol=tol, rtol=0)
-    p_simd = host.plaquette_re_tr(U, lat)  # default variant: simd
+    p_simd = host.plaquette_re_tr(U, lat, variant="simd")
     assert p_simd.shape == p_ref.shape and p_simd.dtype == p_ref.dtype
     torch.testing.assert_close(p_simd[inner], p_ref[inner], atol=tol, rtol=0)
     assert torch.all(p_simd[..., ~lat.interior()] == 0)
@@ -63,7 +63,7 @@ def test_plaquette_and_staple_equal_reference(host_libs, random_links, n, nd, gs
     inner2 = lat.interior_slices(2)
     halo_mask = ~lat.interior()
     assert torch.all(p[..., halo_mask] == 0)
-    for variant in host.VARIANTS:
+    for variant in host.VARIANTS:  # auto, simd, harness
         s = host.staple_sum(U, lat, variant=variant)
         assert s.shape == s_ref.shape and s.dtype == s_ref.dtype
         torch.testing.assert_close(s[inner2], s_ref[inner2], atol=tol, rtol=0)
@@ -127,24 +127,44 @@ def test_simd_kernels_reuse_scratch_across_sizes(random_links):
     for gs in ((4, 4, 4, 6), (6, 4, 6, 10), (2, 2, 2, 3), (6, 4, 6, 10)):
         lat = Lattice(gs)
         U = random_links((lat.nd, *lat.shape), 3, torch.complex128, seed=sum(gs))
-        torch.testing.assert_close(host.plaquette_re_tr(U, lat), plaquette_re_tr_torch(U, lat),
-                                   atol=1e-13, rtol=0)
-        torch.testing.assert_close(host.staple_sum(U, lat), staple_sum_torch(U, lat),
-                                   atol=1e-13, rtol=0)
+        torch.testing.assert_close(host.plaquette_re_tr(U, lat, variant="simd"),
+                                   plaquette_re_tr_torch(U, lat), atol=1e-13, rtol=0)
+        torch.testing.assert_close(host.staple_sum(U, lat, variant="simd"),
+                                   staple_sum_torch(U, lat), atol=1e-13, rtol=0)
 
 
 def test_bad_variant_and_width_are_rejected(monkeypatch, random_links):
     lat = Lattice((4, 4))
     U = random_links((2, *lat.shape), 1, torch.complex128)
-    with pytest.raises(ValueError, match="host kernel variant 'fast': allowed simd, harness"):
+    with pytest.raises(ValueError, match="host kernel variant 'fast': allowed auto, simd, harness"):
         host.plaquette_re_tr(U, lat, variant="fast")
-    with pytest.raises(ValueError, match="host kernel variant 'fast': allowed simd, harness"):
+    with pytest.raises(ValueError, match="host kernel variant 'fast': allowed auto, simd, harness"):
         host.staple_sum(U, lat, variant="fast")
     monkeypatch.setenv("HPCFLOW_SIMD_BYTES", "48")
     with pytest.raises(ValueError, match="HPCFLOW_SIMD_BYTES='48': allowed 8, 16, 32, 64"):
-        host.plaquette_re_tr(U, lat)
+        host.plaquette_re_tr(U, lat, variant="simd")
     with pytest.raises(ValueError, match="SIMD width"):
         host.build_simd_library(1, "double", 2, nbytes=4)
+
+
+def test_auto_variant_picks_simd_for_4d_arrays_of_1024_sites(monkeypatch, random_links):
+    """``auto`` (the default) runs host_simd.cpp exactly for 4D local arrays of >= 1024
+    sites (halos counted) and the harness build otherwise: checked by disabling one."""
+    calls = []
+    real_load = host.load_simd_library
+    monkeypatch.setattr(host, "load_simd_library", lambda *a: calls.append(a) or real_load(*a))
+    for gs, halo, simd in (((4, 4, 4, 4), 0, False), ((4, 4, 4, 16), 0, True),
+                           ((4, 4, 4, 14), 1, True), ((64, 64), 0, False)):
+        lat = Lattice(gs, halo=halo)
+        U = random_links((lat.nd, *lat.shape), 2, torch.complex128, seed=1)
+        calls.clear()
+        p = host.plaquette_re_tr(U, lat)
+        s = host.staple_sum(U, lat)
+        assert bool(calls) == simd and len(calls) in (0, 2), (gs, halo, calls)
+        inner = lat.interior_slices(0)
+        torch.testing.assert_close(p[inner], plaquette_re_tr_torch(U, lat)[inner], atol=1e-13, rtol=0)
+        inner2 = lat.interior_slices(2)
+        torch.testing.assert_close(s[inner2], staple_sum_torch(U, lat)[inner2], atol=1e-13, rtol=0)
 
 
 def test_no_batch_and_multi_batch(host_libs, random_links):
