@@ -17,6 +17,15 @@ the C++ host kernels, ``torch`` the pure-torch paths.
 
     python bench/flow_vs_hmc.py --L 8 --betas 2 3 4 --train-steps 1000 --n 4000 --n-local 20000 \
         --threads 1 --clock cpu --out bench_out/flow_vs_hmc
+
+The largest beta measured (bench/RESULTS.md): beta 7 at 8x8 with a flow trained at beta 6
+(direct training at beta 7 is unstable and seed-dependent), one process per core:
+
+    A="--L 8 --layers 24 --hidden 16 16 --batch 128 --hmc-steps 10 --hmc-tau 1.0 --threads 1 --clock cpu"
+    python bench/flow_vs_hmc.py $A --betas 6 --train-steps 4000 --lr 5e-4 --n 40000 \
+        --n-local 80000 --therm 500 --baselines hmc --out b6
+    python bench/flow_vs_hmc.py $A --betas 7 --train-steps 0 --init-from b6/flow_b6.0/train/checkpoint.pt \
+        --n 160000 --n-local 400000 --therm 2000 --baselines hmc --seed 4 --out b7
 """
 
 from __future__ import annotations
