@@ -35,9 +35,11 @@ __all__ = [
     "BLOCK",
     "NVRTC_OPTIONS",
     "cupy_available",
+    "device_peak_bandwidth_gbs",
     "get_kernel",
     "kernel_source",
     "name_expression",
+    "peak_bandwidth_gbs",
     "plaquette_re_tr",
     "staple_sum",
 ]
@@ -97,6 +99,29 @@ def get_kernel(kind: str, n: int, real: str, nd: int, device: int = 0) -> Any:
         name_expressions=(expr,),
     )
     return mod.get_function(expr)
+
+
+# cudaDeviceAttr values of the CUDA runtime API (cudaDeviceProp.memoryClockRate is gone
+# from CUDA 13; the attributes stay).
+_ATTR_MEMORY_CLOCK_RATE = 36  # kHz
+_ATTR_GLOBAL_MEMORY_BUS_WIDTH = 37  # bits
+
+
+def peak_bandwidth_gbs(memory_clock_khz: int, bus_width_bits: int) -> float:
+    """Nominal peak memory bandwidth in GB/s: two transfers per memory clock (GDDR/HBM, the
+    convention of NVIDIA's device queries) across the bus."""
+    if memory_clock_khz <= 0 or bus_width_bits <= 0:
+        raise ValueError(f"memory clock ({memory_clock_khz} kHz) and bus width "
+                         f"({bus_width_bits} bits) must be positive")
+    return 2.0 * memory_clock_khz * 1e3 * (bus_width_bits / 8) / 1e9
+
+
+def device_peak_bandwidth_gbs(device: int = 0) -> float:
+    """Nominal peak memory bandwidth of CUDA device ``device`` (GB/s), from its attributes."""
+    rt = _cupy().cuda.runtime
+    clock = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMemoryClockRate", _ATTR_MEMORY_CLOCK_RATE), device)
+    bus = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrGlobalMemoryBusWidth", _ATTR_GLOBAL_MEMORY_BUS_WIDTH), device)
+    return peak_bandwidth_gbs(int(clock), int(bus))
 
 
 def _cuda_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:
