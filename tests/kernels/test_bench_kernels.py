@@ -1,7 +1,8 @@
-"""The GPU side of the kernel benchmark on machines without a GPU: the nominal peak
-bandwidth formula against published figures, and a clear one-line refusal of
-``bench/kernels.py --device cuda`` where there is no GPU (the benchmark itself runs in
-tests/kernels/test_kernels_cuda.py, on GPU machines)."""
+"""The kernel benchmarks' own logic, on machines without a GPU: the nominal peak bandwidth
+formula of the GPU target against published figures, a clear one-line refusal of
+``bench/kernels.py --device cuda`` where there is no GPU (the GPU benchmark itself runs in
+tests/kernels/test_kernels_cuda.py, on GPU machines), the GPU benchmark's SU(3) generator,
+and the A/B tool bench/kernels_ab.py. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -67,3 +68,17 @@ def test_benchmark_su3_generator_gives_su3():
     assert float((U @ U.mH - eye).abs().max()) < 1e-14
     assert float((torch.linalg.det(U) - 1).abs().max()) < 1e-14
     assert float(U.abs().std()) > 0.1  # not a constant field
+
+
+def test_kernel_ab_tool_runs_and_rejects_unknown_revisions():
+    """bench/kernels_ab.py builds HEAD's and the working tree's SIMD kernels side by side,
+    checks they agree and reports both (a smoke test: no timing asserted); an unknown
+    revision is refused in one line."""
+    cmd = [sys.executable, str(ROOT / "bench" / "kernels_ab.py"), "--L", "4", "--calls", "2"]
+    res = subprocess.run([*cmd, "--rev", "HEAD", "--rev", "worktree"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if "ns/site best" in ln]
+    assert [ln.split(":")[0].strip() for ln in lines] == ["HEAD", "worktree"]
+    res = subprocess.run([*cmd, "--rev", "no-such-revision"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode != 0 and "no-such-revision" in res.stderr and "Traceback" not in res.stderr
