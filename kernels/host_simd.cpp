@@ -170,6 +170,38 @@ HPCFLOW_UNROLL
     return a;
 }
 
+// acc += op(a) op(b), op = identity or dagger (A_DAG, B_DAG), accumulated in place: the
+// last product of a staple goes straight into the staple sum (no intermediate matrix, no
+// separate axpy), each real product one FMA.
+template <bool A_DAG, bool B_DAG>
+inline void mul_acc(VMat& acc, const VMat& a, const VMat& b) {
+HPCFLOW_UNROLL
+    for (int i = 0; i < N; ++i)
+HPCFLOW_UNROLL
+        for (int j = 0; j < N; ++j) {
+            vec re = acc.m[i * N + j].re, im = acc.m[i * N + j].im;
+HPCFLOW_UNROLL
+            for (int k = 0; k < N; ++k) {
+                const hpcflow::cplx<vec>& x = A_DAG ? a.m[k * N + i] : a.m[i * N + k];
+                const hpcflow::cplx<vec>& y = B_DAG ? b.m[j * N + k] : b.m[k * N + j];
+                // (xr + i sx xi)(yr + i sy yi), s = -1 for a conjugated factor
+                re += x.re * y.re;
+                if constexpr (A_DAG != B_DAG) re += x.im * y.im; else re -= x.im * y.im;
+                if constexpr (B_DAG) im -= x.re * y.im; else im += x.re * y.im;
+                if constexpr (A_DAG) im -= x.im * y.re; else im += x.im * y.re;
+            }
+            acc.m[i * N + j] = {re, im};
+        }
+}
+
+inline void scale(VMat& a, vec w) {
+HPCFLOW_UNROLL
+    for (int k = 0; k < NN; ++k) {
+        a.m[k].re *= w;
+        a.m[k].im *= w;
+    }
+}
+
 // A lattice position relative to the lanes of a row: a scratch slab of the window, a row
 // of it, and a lane shift along x_{ND-1}.
 struct Loc {
@@ -330,22 +362,17 @@ HPCFLOW_UNROLL_DIRS
                     const int p = mu < nu ? hpcflow::plane_index<ND>(mu, nu) : hpcflow::plane_index<ND>(nu, mu);
                     // as staple.cu: U_nu(x+mu) U_mu(x+nu)^dag U_nu(x)^dag
                     //             + U_nu(x+mu-nu)^dag U_mu(x-nu)^dag U_nu(x-nu)
-                    const VMat upper = hpcflow::mul_nd<vec, N>(
-                        hpcflow::mul_nd<vec, N>(link(l, up[mu], nu, c), link(l, up[nu], mu, c)),
-                        link(l, here, nu, c));
-                    const VMat lower = hpcflow::mul_dn<vec, N>(
-                        hpcflow::mul_nn<vec, N>(link(l, dn[nu], mu, c), link(l, up_dn[mu][nu], nu, c)),
-                        link(l, dn[nu], nu, c));
-                    vec wu, wl;
+                    // upper = P U_nu(x)^dag, P = U_nu(x+mu) U_mu(x+nu)^dag;
+                    // lower = Q^dag U_nu(x-nu), Q = U_mu(x-nu) U_nu(x+mu-nu); the weights
+                    // (real) scale P and Q, the last products accumulate into acc.
+                    VMat P = hpcflow::mul_nd<vec, N>(link(l, up[mu], nu, c), link(l, up[nu], mu, c));
+                    VMat Q = hpcflow::mul_nn<vec, N>(link(l, dn[nu], mu, c), link(l, up_dn[mu][nu], nu, c));
                     if (w) {
-                        wu = loadu(rw.at.data() + p * span + c * W);
-                        wl = loadu(rw.dn.data() + (nu * NP + p) * span + c * W);
-                    } else {
-                        wu = vec{} + real_t(1);
-                        wl = wu;
+                        scale(P, loadu(rw.at.data() + p * span + c * W));
+                        scale(Q, loadu(rw.dn.data() + (nu * NP + p) * span + c * W));
                     }
-                    hpcflow::axpy<vec, N>(acc, wu, upper);
-                    hpcflow::axpy<vec, N>(acc, wl, lower);
+                    mul_acc<false, true>(acc, P, link(l, here, nu, c));
+                    mul_acc<true, false>(acc, Q, link(l, dn[nu], nu, c));
                 }
                 real_t* o = out + ((b * ND + mu) * l.nsites + site_row + j) * (2 * NN);
                 for (int q = 0; q < count; ++q)
