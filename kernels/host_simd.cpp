@@ -17,7 +17,8 @@
 //     Slabs go through a window of 2 (plaquette) or 3 (staple: x_0 - 1, x_0, x_0 + 1)
 //     scratch slabs, so the field is read from memory once and the window stays in the
 //     last-level cache (one slab of a 24^3 x L SU(3) float64 lattice: ~9 MB);
-//  2. compute: per row, W lanes at a time, the formulas of plaquette.cu and staple.cu.
+//  2. compute: per row, W lanes at a time, the formulas of plaquette.cu and staple.cu (the
+//     staple with its last products accumulated in place, so equal to rounding).
 //
 // Same outputs as the CUDA kernels: plaquette out[b, plane, x_0 .. x_{ND-1}] (real), staple
 // out[b, mu, x_0 .. x_{ND-1}, i, j] (complex, interleaved); values on the computed sites,
