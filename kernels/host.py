@@ -52,6 +52,8 @@ __all__ = [
     "load_host_library",
     "load_simd_library",
     "simd_bytes",
+    "simd_window_bytes",
+    "simd_x1_block",
     "plaquette_re_tr",
     "staple_sum",
 ]
@@ -190,6 +192,37 @@ def _cpu_simd_bytes() -> int:
     return 16
 
 
+#: Window budget of the SIMD kernels (bytes; ``HPCFLOW_SIMD_WINDOW_BYTES`` overrides): slabs
+#: larger than this are processed in blocks of x_1 (see host_simd.cpp).
+SIMD_WINDOW_BYTES = 8 << 20
+
+
+def simd_window_bytes() -> int:
+    """The SIMD kernels' window budget: ``HPCFLOW_SIMD_WINDOW_BYTES`` (a positive integer,
+    bytes) or :data:`SIMD_WINDOW_BYTES`. host_simd.cpp reads the same variable."""
+    raw = os.environ.get("HPCFLOW_SIMD_WINDOW_BYTES")
+    if raw is None:
+        return SIMD_WINDOW_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"HPCFLOW_SIMD_WINDOW_BYTES={raw!r}: allowed a positive integer (bytes)")
+    return value
+
+
+def simd_x1_block(lat_ext: tuple[int, ...], halo: tuple[int, ...], n: int, real: str,
+                  staple: bool = False, all_sites: bool = False) -> int:
+    """The x_1 block (computed x_1 values per block) host_simd.cpp uses for a 4D padded
+    local array of extents ``lat_ext`` and halos ``halo`` under the current window budget;
+    ``lat_ext[1]`` means whole slabs."""
+    simd_window_bytes()  # validate
+    lib = load_simd_library(n, real, len(lat_ext))
+    arr = ctypes.c_int * len(lat_ext)
+    return int(lib.hpcflow_simd_x1_block(arr(*lat_ext), arr(*halo), int(staple), int(all_sites)))
+
+
 def build_simd_library(n: int, real: str, nd: int, nbytes: int | None = None,
                        root: Path | None = None) -> Path:
     """Compile (or find in the cache) ``host_simd.cpp`` for ``(n, real, nd)`` with vectors
@@ -226,6 +259,8 @@ def _load_simd_library(n: int, real: str, nd: int, nbytes: int) -> ctypes.CDLL:
     lib.hpcflow_plaquette_re_tr_simd.restype = None
     lib.hpcflow_staple_sum_simd.argtypes = [vp, vp, vp, i64, ctypes.c_int, ctypes.c_int, ip, ip]
     lib.hpcflow_staple_sum_simd.restype = None
+    lib.hpcflow_simd_x1_block.argtypes = [ip, ip, ctypes.c_int, ctypes.c_int]
+    lib.hpcflow_simd_x1_block.restype = ctypes.c_int
     return lib
 
 
@@ -261,6 +296,7 @@ def plaquette_re_tr(U: torch.Tensor, lat: Lattice, variant: str = "auto") -> tor
     out = torch.empty((*info.batch_shape, info.n_planes, *info.ext), dtype=real_dtype(U.dtype))
     ext, halo = _geom(info)
     if variant == "simd":
+        simd_window_bytes()  # a clear error for a bad HPCFLOW_SIMD_WINDOW_BYTES
         lib = load_simd_library(info.n, info.real, info.nd)
         lib.hpcflow_plaquette_re_tr_simd(u.data_ptr(), out.data_ptr(), info.nbatch, ext, halo)
     else:
@@ -291,6 +327,7 @@ def staple_sum(
     out = torch.empty_like(u)
     ext, halo = _geom(info)
     if variant == "simd":
+        simd_window_bytes()
         fn = load_simd_library(info.n, info.real, info.nd).hpcflow_staple_sum_simd
     else:
         fn = load_host_library(info.n, info.real, info.nd).hpcflow_staple_sum

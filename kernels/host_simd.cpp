@@ -15,8 +15,11 @@
 //     neighbour along x_{ND-1}) and, for the staple, one before the first (the -1
 //     neighbour). A neighbour along x_{ND-1} is one two-source permute of adjacent tiles.
 //     Slabs go through a window of 2 (plaquette) or 3 (staple: x_0 - 1, x_0, x_0 + 1)
-//     scratch slabs, so the field is read from memory once and the window stays in the
-//     last-level cache (one slab of a 24^3 x L SU(3) float64 lattice: ~9 MB);
+//     scratch slabs, so the field is read from memory about once. When that window would
+//     exceed HPCFLOW_SIMD_WINDOW_BYTES (default 8 MiB; one slab of a 24^3 x L SU(3) float64
+//     lattice is ~9 MB), the slabs are cut into blocks of x_1 (plus the neighbour rows of
+//     x_1 +- 1, transposed twice) and the x_0 sweep runs once per block, so the window stays
+//     in cache (24^4: 1.7-1.9x faster plaquette, 1.3x faster staple);
 //  2. compute: per row, W lanes at a time, the formulas of plaquette.cu and staple.cu (the
 //     staple with its last products accumulated in place, so equal to rounding).
 //
@@ -28,7 +31,9 @@
 // Build (hpcflow.kernels.host, cached like host_lib.cpp):
 //   g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC -DHPCFLOW_N=3
 //       -DHPCFLOW_REAL=double -DHPCFLOW_ND=4 [-DHPCFLOW_SIMD_BYTES=64] host_simd.cpp
+#include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <mutex>
 #include <type_traits>
 #include <utility>
@@ -70,10 +75,20 @@ using VMat = hpcflow::Mat<vec, N>;
 // Geometry of the padded local array and of the scratch. Lanes cover x_{ND-1} in [j0, j1)
 // (the interior, or every site for the all-sites staple) in nchunk vectors; a scratch block
 // (mu, row) holds tiles c = -lead .. nchunk.
+//
+// x_1 blocks (ND = 4, large slabs): the scratch then holds the rows of x_1 in a block only,
+// [bx_first, bx_first + bx_ext) (mod ext[1]) as local x_1 = 0 .. bx_ext - 1, of which local
+// [bx_c0, bx_c1) are computed and the others are the neighbours' rows (one after, and for the
+// staple one before). Rows of the scratch ("local rows") are x_1 (local) x the other row
+// coordinates; unblocked, local rows are the rows of the slab.
 struct Layout {
     long long nbatch;
     int ext[ND], halo[ND];
     long long slab_rows;  // rows per slab: prod_{0 < d < ND-1} ext[d] (1 for ND = 2)
+    long long plane_rows; // rows per x_1 value: slab_rows / ext[1] (ND = 4), 1 (ND = 2)
+    bool blocked;         // x_1 blocks, as above
+    int bx_first, bx_ext, bx_c0, bx_c1;
+    long long local_rows; // scratch rows per slab: bx_ext * plane_rows
     long long nsites;     // sites of the padded local array
     int len;              // ext[ND-1]: sites per row
     int j0, j1;           // lane range of the computed x_{ND-1}
@@ -83,10 +98,36 @@ struct Layout {
 
     static constexpr long long tile = 2 * NN * W;  // one tile: [k][re|im][W lanes]
     long long block() const { return (lead + nchunk + 1) * tile; }  // one (mu, row) block
-    long long slab_size() const { return ND * slab_rows * block(); }
-    // tile c (>= -lead) of block (mu, row) of a scratch slab
+    long long slab_size() const { return ND * local_rows * block(); }
+    // tile c (>= -lead) of block (mu, local row) of a scratch slab
     const real_t* tile_at(const real_t* slab, int mu, long long row, int c) const {
-        return slab + (mu * slab_rows + row) * block() + (c + lead) * tile;
+        return slab + (mu * local_rows + row) * block() + (c + lead) * tile;
+    }
+    // the slab row of a local row
+    long long global_row(long long row) const {
+        if (!blocked) return row;
+        const long long lx = row / plane_rows, rest = row - lx * plane_rows;
+        long long gx = bx_first + lx;
+        while (gx < 0) gx += ext[1];
+        while (gx >= ext[1]) gx -= ext[1];
+        return gx * plane_rows + rest;
+    }
+    // no blocks: the whole slab
+    void unblock() {
+        blocked = false;
+        bx_first = bx_c0 = 0;
+        bx_ext = bx_c1 = ND > 2 ? ext[1] : 1;
+        local_rows = slab_rows;
+    }
+    // the block computing x_1 in [first, first + n), with `before` neighbour rows before it
+    // (0 for the plaquette, 1 for the staple) and one after
+    void block_x1(int first, int n, int before) {
+        blocked = true;
+        bx_first = first - before;
+        bx_c0 = before;
+        bx_c1 = before + n;
+        bx_ext = before + n + 1;
+        local_rows = bx_ext * plane_rows;
     }
 };
 
@@ -103,12 +144,14 @@ Layout make_layout(long long nbatch, const int* ext, const int* halo, bool all_l
         rows *= ext[d];
     }
     l.slab_rows = rows / ext[0];
+    l.plane_rows = ND > 2 ? l.slab_rows / ext[1] : 1;
     l.len = ext[LAST];
     l.nsites = rows * l.len;
     l.j0 = all_lanes ? 0 : halo[LAST];
     l.j1 = all_lanes ? l.len : l.len - halo[LAST];
     l.nchunk = l.j1 > l.j0 ? (l.j1 - l.j0 + W - 1) / W : 0;
     l.lead = lead;
+    l.unblock();
     return l;
 }
 
@@ -121,6 +164,7 @@ inline int row_coord(const Layout& l, long long row, int d) {
 }
 
 inline long long row_step(const Layout& l, long long row, int d, int step) {
+    if (d == 1 && l.blocked) return row + step * l.plane_rows;  // the block holds the neighbours
     const int x = row_coord(l, row, d);
     return row + (long long)(wrap(x + step, l.ext[d]) - x) * l.row_stride[d];
 }
@@ -131,6 +175,7 @@ inline bool interior(const Layout& l, int d, int x) {
 
 inline bool row_interior(const Layout& l, int t, long long row) {
     bool in = interior(l, 0, t);
+    row = l.global_row(row);
     for (int d = 1; d < LAST; ++d) in = in && interior(l, d, row_coord(l, row, d));
     return in;
 }
@@ -232,8 +277,8 @@ void transpose_slab(const real_t* __restrict__ U, real_t* __restrict__ S, const 
                     long long b, int t) {
 #pragma omp for collapse(2) schedule(static)
     for (int mu = 0; mu < ND; ++mu)
-        for (long long row = 0; row < l.slab_rows; ++row) {
-            const long long site0 = ((long long)t * l.slab_rows + row) * l.len;
+        for (long long row = 0; row < l.local_rows; ++row) {
+            const long long site0 = ((long long)t * l.slab_rows + l.global_row(row)) * l.len;
             const real_t* src = U + ((b * ND + mu) * l.nsites + site0) * (2 * NN);
             for (int c = -l.lead; c <= l.nchunk; ++c) {
                 real_t* d = const_cast<real_t*>(l.tile_at(S, mu, row, c));
@@ -254,8 +299,8 @@ HPCFLOW_UNROLL
 void plaquette_slab(const real_t* const window[3], real_t* __restrict__ out, const Layout& l,
                     long long b, int t) {
 #pragma omp for schedule(static)
-    for (long long row = 0; row < l.slab_rows; ++row) {
-        real_t* o = out + b * NP * l.nsites + ((long long)t * l.slab_rows + row) * l.len;
+    for (long long row = l.bx_c0 * l.plane_rows; row < l.bx_c1 * l.plane_rows; ++row) {
+        real_t* o = out + b * NP * l.nsites + ((long long)t * l.slab_rows + l.global_row(row)) * l.len;
         const int lo = row_interior(l, t, row) ? l.j0 : l.len;  // halo rows: all zero
         for (int p = 0; p < NP; ++p) {
             for (int j = 0; j < lo; ++j) o[p * l.nsites + j] = real_t(0);
@@ -304,7 +349,7 @@ struct RowWeights {
 void gather_weights(const real_t* __restrict__ w, const Layout& l, long long b, int t,
                     const Loc& p, real_t* __restrict__ dst) {
     const int span = l.nchunk * W;
-    const long long site_row = ((long long)wrap(t + p.dslab, l.ext[0]) * l.slab_rows + p.row) * l.len;
+    const long long site_row = ((long long)wrap(t + p.dslab, l.ext[0]) * l.slab_rows + l.global_row(p.row)) * l.len;
     for (int pl = 0; pl < NP; ++pl) {
         const real_t* src = w + (b * NP + pl) * l.nsites + site_row;
         int x = wrap((long long)l.j0 + p.shift, l.len);
@@ -317,8 +362,8 @@ void staple_slab(const real_t* const window[3], const real_t* __restrict__ w,
                  bool dagger, RowWeights& rw) {
     const int span = l.nchunk * W;
 #pragma omp for schedule(static)
-    for (long long row = 0; row < l.slab_rows; ++row) {
-        const long long site_row = ((long long)t * l.slab_rows + row) * l.len;
+    for (long long row = l.bx_c0 * l.plane_rows; row < l.bx_c1 * l.plane_rows; ++row) {
+        const long long site_row = ((long long)t * l.slab_rows + l.global_row(row)) * l.len;
         const bool in = all_sites || row_interior(l, t, row);
         const int lo = in ? l.j0 : l.len;
         const int hi = in ? l.j1 : l.len;
@@ -405,25 +450,65 @@ struct Window {
     real_t* slot(int t) const { return base + (long long)(((t % SLOTS) + SLOTS) % SLOTS) * size; }
 };
 
-void plaquette_field(const real_t* __restrict__ U, real_t* __restrict__ out, real_t* S,
-                     const Layout& l) {
-    const Window<2> win{S, l.slab_size()};
-#pragma omp parallel
-    for (long long b = 0; b < l.nbatch; ++b) {
-        transpose_slab(U, win.slot(0), l, b, 0);
-        for (int t = 0; t < l.ext[0]; ++t) {
-            // slab t + 1 (0 at the wrap) into the other slot; implicit barriers between
-            transpose_slab(U, win.slot(t + 1), l, b, wrap(t + 1, l.ext[0]));
-            const real_t* const window[3] = {nullptr, win.slot(t), win.slot(t + 1)};
-            plaquette_slab(window, out, l, b, t);
-        }
+// x_1 block size: the computed x_1 per block, so that SLOTS scratch slabs of a block fit in
+// the window budget (HPCFLOW_SIMD_WINDOW_BYTES, default 8 MiB: on 24^4 SU(3) float64 a
+// window of whole slabs is 18.6 MB (plaquette) and falls out of a shared last-level cache).
+// `before`: neighbour rows before the block (0 plaquette, 1 staple). ext[1] = no blocks.
+int x1_block(const Layout& l, int slots, int before) {
+    if (ND < 4) return l.ext[ND > 2 ? 1 : 0];
+    long long budget = 8ll << 20;  // hpcflow.kernels.host.SIMD_WINDOW_BYTES
+    if (const char* e = std::getenv("HPCFLOW_SIMD_WINDOW_BYTES")) {
+        const long long v = std::atoll(e);
+        if (v > 0) budget = v;
     }
+    const long long plane = (long long)ND * l.plane_rows * l.block() * (long long)sizeof(real_t);
+    if ((long long)slots * l.ext[1] * plane <= budget) return l.ext[1];
+    long long n = budget / ((long long)slots * plane) - (before + 1);
+    if (n < 1) n = 1;
+    return n + before + 1 >= l.ext[1] ? l.ext[1] : (int)n;
+}
+
+// Layout of block k (computed x_1 in [k n, min((k + 1) n, ext[1]))), or the whole slab.
+Layout block_layout(const Layout& l, int n, int k, int before) {
+    Layout lb = l;
+    if (n < lb.ext[ND > 2 ? 1 : 0]) {
+        const int first = k * n;
+        lb.block_x1(first, std::min(n, lb.ext[1] - first), before);
+    }
+    return lb;
+}
+
+int x1_blocks(const Layout& l, int n) {
+    const int e = l.ext[ND > 2 ? 1 : 0];
+    return n < e ? (e + n - 1) / n : 1;
+}
+
+// The slab size of the largest block (the window slots' stride).
+long long max_slab_size(const Layout& l, int n, int before) {
+    return block_layout(l, n, 0, before).slab_size();
+}
+
+void plaquette_field(const real_t* __restrict__ U, real_t* __restrict__ out, real_t* S,
+                     const Layout& l, int n) {
+    const Window<2> win{S, max_slab_size(l, n, 0)};
+#pragma omp parallel
+    for (long long b = 0; b < l.nbatch; ++b)
+        for (int k = 0; k < x1_blocks(l, n); ++k) {
+            const Layout lb = block_layout(l, n, k, 0);
+            transpose_slab(U, win.slot(0), lb, b, 0);
+            for (int t = 0; t < lb.ext[0]; ++t) {
+                // slab t + 1 (0 at the wrap) into the other slot; implicit barriers between
+                transpose_slab(U, win.slot(t + 1), lb, b, wrap(t + 1, lb.ext[0]));
+                const real_t* const window[3] = {nullptr, win.slot(t), win.slot(t + 1)};
+                plaquette_slab(window, out, lb, b, t);
+            }
+        }
 }
 
 void staple_field(const real_t* __restrict__ U, const real_t* __restrict__ w,
-                  real_t* __restrict__ out, real_t* S, const Layout& l, bool all_sites,
+                  real_t* __restrict__ out, real_t* S, const Layout& l, int n, bool all_sites,
                   bool dagger) {
-    const Window<3> win{S, l.slab_size()};
+    const Window<3> win{S, max_slab_size(l, n, 1)};
 #pragma omp parallel
     {
         RowWeights rw;
@@ -431,15 +516,17 @@ void staple_field(const real_t* __restrict__ U, const real_t* __restrict__ w,
             rw.at.resize((size_t)NP * l.nchunk * W);
             rw.dn.resize((size_t)ND * NP * l.nchunk * W);
         }
-        for (long long b = 0; b < l.nbatch; ++b) {
-            transpose_slab(U, win.slot(-1), l, b, wrap(-1, l.ext[0]));
-            transpose_slab(U, win.slot(0), l, b, 0);
-            for (int t = 0; t < l.ext[0]; ++t) {
-                transpose_slab(U, win.slot(t + 1), l, b, wrap(t + 1, l.ext[0]));
-                const real_t* const window[3] = {win.slot(t - 1), win.slot(t), win.slot(t + 1)};
-                staple_slab(window, w, out, l, b, t, all_sites, dagger, rw);  // barrier: t-1 free
+        for (long long b = 0; b < l.nbatch; ++b)
+            for (int k = 0; k < x1_blocks(l, n); ++k) {
+                const Layout lb = block_layout(l, n, k, 1);
+                transpose_slab(U, win.slot(-1), lb, b, wrap(-1, lb.ext[0]));
+                transpose_slab(U, win.slot(0), lb, b, 0);
+                for (int t = 0; t < lb.ext[0]; ++t) {
+                    transpose_slab(U, win.slot(t + 1), lb, b, wrap(t + 1, lb.ext[0]));
+                    const real_t* const window[3] = {win.slot(t - 1), win.slot(t), win.slot(t + 1)};
+                    staple_slab(window, w, out, lb, b, t, all_sites, dagger, rw);  // barrier: t-1 free
+                }
             }
-        }
     }
 }
 
@@ -462,13 +549,21 @@ void hpcflow_simd_config(int* n, int* nd, int* real_bytes, int* lanes) {
     *lanes = W;
 }
 
+// The x_1 block (computed x_1 per block; ext[1] = whole slabs) the plaquette (staple = 0) or
+// the staple would use for this geometry under the current HPCFLOW_SIMD_WINDOW_BYTES.
+int hpcflow_simd_x1_block(const int* ext, const int* halo, int staple, int all_sites) {
+    const Layout l = make_layout(1, ext, halo, staple && all_sites, staple ? 1 : 0);
+    return staple ? x1_block(l, 3, 1) : x1_block(l, 2, 0);
+}
+
 // U: complex [nbatch, ND, sites...] interleaved; out: real [nbatch, NP, sites...].
 void hpcflow_plaquette_re_tr_simd(const void* U, void* out, long long nbatch, const int* ext,
                                   const int* halo) {
     const Layout l = make_layout(nbatch, ext, halo, false, 0);
+    const int n = x1_block(l, 2, 0);
     std::lock_guard<std::mutex> guard(scratch_mutex);
-    real_t* S = scratch_for(2 * l.slab_size());
-    plaquette_field(static_cast<const real_t*>(U), static_cast<real_t*>(out), S, l);
+    real_t* S = scratch_for(2 * max_slab_size(l, n, 0));
+    plaquette_field(static_cast<const real_t*>(U), static_cast<real_t*>(out), S, l, n);
 }
 
 // The arguments of hpcflow_staple_sum (host_lib.cpp): w real [nbatch, NP, sites...] or
@@ -476,10 +571,11 @@ void hpcflow_plaquette_re_tr_simd(const void* U, void* out, long long nbatch, co
 void hpcflow_staple_sum_simd(const void* U, const void* w, void* out, long long nbatch,
                              int all_sites, int dagger, const int* ext, const int* halo) {
     const Layout l = make_layout(nbatch, ext, halo, all_sites != 0, 1);
+    const int n = x1_block(l, 3, 1);
     std::lock_guard<std::mutex> guard(scratch_mutex);
-    real_t* S = scratch_for(3 * l.slab_size());
+    real_t* S = scratch_for(3 * max_slab_size(l, n, 1));
     staple_field(static_cast<const real_t*>(U), static_cast<const real_t*>(w),
-                 static_cast<real_t*>(out), S, l, all_sites != 0, dagger != 0);
+                 static_cast<real_t*>(out), S, l, n, all_sites != 0, dagger != 0);
 }
 
 }  // extern "C"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hpcflow.kernels import host
+from hpcflow.kernels._common import field_info
 from hpcflow.lattice.action import plaquette_re_tr_torch, staple_sum_torch
 from hpcflow.lattice.geometry import Lattice
 
@@ -228,3 +229,67 @@ def test_bad_input_raises_clearly(make, match):
         host.plaquette_re_tr(U, lat)
     with pytest.raises((ValueError, TypeError), match=match):
         host.staple_sum(U, lat)
+
+
+# 4D geometries with x_1 long enough to be split: halo 0, halo 1 everywhere, a halo in x_1
+# only; row lengths not multiples of the lanes.
+X1_BLOCK_GEOMETRIES = [((3, 7, 2, 9), 0, None), ((4, 8, 3, 10), 1, None), ((3, 9, 2, 11), 1, (1,))]
+
+
+@pytest.mark.parametrize("n, dtype", [(3, torch.complex128), (2, torch.complex64), (1, torch.complex128)])
+@pytest.mark.parametrize("gi", range(len(X1_BLOCK_GEOMETRIES)))
+def test_simd_kernels_in_x1_blocks(monkeypatch, random_links, n, dtype, gi):
+    """Slabs processed in blocks of x_1 (what large lattices get, forced here by small
+    window budgets) give the values of whole slabs: the plaquette and the staple against
+    the reference on interior sites (0 on halo sites), and the weighted all-sites dagger
+    staple against the harness on every site. Blocks of 1, 2 and 3 x_1 values, with a
+    shorter last block; the block size each call uses is asserted, so the test cannot pass
+    on whole slabs."""
+    gs, halo, dims = X1_BLOCK_GEOMETRIES[gi]
+    lat = _lattice(gs, halo, dims)
+    real = "double" if dtype == torch.complex128 else "float"
+    U = random_links((2, 4, *lat.shape), n, dtype, seed=10 + gi + n)
+    info = field_info(U, lat)
+    tol = TOL[dtype]
+    w = torch.rand((2, lat.n_planes, *lat.shape), dtype=torch.float64 if real == "double" else torch.float32,
+                   generator=torch.Generator().manual_seed(gi))
+    kw = dict(weights=w, all_sites=True, dagger=True)
+    ref_p, ref_s = plaquette_re_tr_torch(U, lat), staple_sum_torch(U, lat)
+    ref_w = host.staple_sum(U, lat, variant="harness", **kw)
+    inner, inner2, halo_mask = lat.interior_slices(0), lat.interior_slices(2), ~lat.interior()
+
+    def block(budget: int, **which) -> int:
+        monkeypatch.setenv("HPCFLOW_SIMD_WINDOW_BYTES", str(budget))
+        return host.simd_x1_block(info.ext, info.halo, n, real, **which)
+
+    def budget_for(nblk: int, **which) -> int:
+        lo, hi = 1, 1 << 40  # the block grows with the budget: smallest budget giving >= nblk
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if block(mid, **which) < nblk else (lo, mid)
+        assert block(lo, **which) == nblk, (nblk, which)
+        return lo
+
+    assert block(1 << 40) == info.ext[1] and block(1 << 40, staple=True) == info.ext[1]  # whole slabs
+    for nblk in (1, 2, 3):
+        monkeypatch.setenv("HPCFLOW_SIMD_WINDOW_BYTES", str(budget_for(nblk)))
+        p = host.plaquette_re_tr(U, lat, variant="simd")
+        torch.testing.assert_close(p[inner], ref_p[inner], atol=tol, rtol=0)
+        assert torch.all(p[..., halo_mask] == 0)
+        monkeypatch.setenv("HPCFLOW_SIMD_WINDOW_BYTES", str(budget_for(nblk, staple=True)))
+        s = host.staple_sum(U, lat, variant="simd")
+        torch.testing.assert_close(s[inner2], ref_s[inner2], atol=tol, rtol=0)
+        assert torch.all(s.movedim((-2, -1), (1, 2))[..., halo_mask] == 0)
+        monkeypatch.setenv("HPCFLOW_SIMD_WINDOW_BYTES", str(budget_for(nblk, staple=True, all_sites=True)))
+        torch.testing.assert_close(host.staple_sum(U, lat, variant="simd", **kw), ref_w, atol=tol, rtol=0)
+
+
+def test_bad_window_budget_is_rejected(monkeypatch, random_links):
+    lat = Lattice((4, 4, 4, 16))
+    U = random_links((4, *lat.shape), 3, torch.complex128)
+    for bad in ("0", "-5", "8MB"):
+        monkeypatch.setenv("HPCFLOW_SIMD_WINDOW_BYTES", bad)
+        with pytest.raises(ValueError, match=f"HPCFLOW_SIMD_WINDOW_BYTES='{bad}': allowed a positive integer"):
+            host.plaquette_re_tr(U, lat, variant="simd")
+        with pytest.raises(ValueError, match="HPCFLOW_SIMD_WINDOW_BYTES"):
+            host.staple_sum(U, lat)
