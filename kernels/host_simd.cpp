@@ -31,10 +31,14 @@
 // Build (hpcflow.kernels.host, cached like host_lib.cpp):
 //   g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC -DHPCFLOW_N=3
 //       -DHPCFLOW_REAL=double -DHPCFLOW_ND=4 [-DHPCFLOW_SIMD_BYTES=64] host_simd.cpp
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -531,11 +535,25 @@ void staple_field(const real_t* __restrict__ U, const real_t* __restrict__ w,
 }
 
 std::mutex scratch_mutex;
-std::vector<real_t> scratch;  // grow only: no page faults on repeated calls
+// Grow only (no page faults on repeated calls), 2 MiB aligned and advised for transparent
+// huge pages: the window spans thousands of 4 KiB pages, more than the TLB holds.
+real_t* scratch = nullptr;
+long long scratch_size = 0;
 
 real_t* scratch_for(long long size) {
-    if ((long long)scratch.size() < size) scratch.resize((size_t)size);
-    return scratch.data();
+    if (scratch_size < size) {
+        std::free(scratch);
+        constexpr size_t huge = 2u << 20;
+        const size_t bytes = ((size_t)size * sizeof(real_t) + huge - 1) / huge * huge;
+        scratch = static_cast<real_t*>(std::aligned_alloc(huge, bytes));
+        if (!scratch) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+        madvise(scratch, bytes, MADV_HUGEPAGE);
+#endif
+        std::memset(scratch, 0, bytes);
+        scratch_size = (long long)(bytes / sizeof(real_t));
+    }
+    return scratch;
 }
 
 }  // namespace
