@@ -140,6 +140,16 @@ class CounterRNG:
     def __repr__(self) -> str:
         return f"CounterRNG(seed={self.seed}, stream={self.stream})"
 
+    @property
+    def key_site(self) -> tuple[int, int]:
+        """Philox key ``(k0, k1)`` of the per-index draws (for the host kernels' philox.h)."""
+        return self._key_site
+
+    @property
+    def key_chain(self) -> tuple[int, int]:
+        """Philox key ``(k0, k1)`` of the chain-level draws (:meth:`uniform_scalar`)."""
+        return self._key_chain
+
     # ---- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the same numbers: ``(seed, stream)``."""
