@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     en_info = en_sub.add_parser("info", help="lattice, chains, committed configurations, provenance")
     en_info.add_argument("path", help="ensemble directory (<output.dir>/ensemble)")
 
-    m = sub.add_parser("measure", help="observables with Gamma-method errors (reweighted where "
-                       "log w is stored) from an ensemble")
+    m = sub.add_parser("measure", help="observables of the stored chain states with Gamma-method "
+                       "errors (strict JSON) from an ensemble")
     m.add_argument("path", help="ensemble directory")
     m.add_argument("--chain", type=int, default=None, help="only this chain")
 
@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "measure":
             from hpcflow.io import measure_ensemble
 
-            print(json.dumps(measure_ensemble(args.path, chain=args.chain), indent=2, default=float))
+            print(json.dumps(measure_ensemble(args.path, chain=args.chain), indent=2, default=float,
+                             allow_nan=False))
             return EXIT_OK
         if args.command == "export":
             from hpcflow.io import export_ildg
