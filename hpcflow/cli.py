@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c, required=False)
     c.add_argument("--defaults", action="store_true", help="print a complete commented default config")
 
-    i = sub.add_parser("info", help="versions of hpcflow and its stack, MPI and GPU capabilities")
+    i = sub.add_parser("info", help="versions of hpcflow and its stack, MPI and GPU capabilities, "
+                       "and the kernel backend a run will use")
+    _add_config_args(i, required=False)
     i.add_argument("--json", action="store_true", help="print as JSON")
 
     e = sub.add_parser("exact", help="exact 2D U(1) finite-volume values for (L, beta)")
@@ -136,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hpcflow.info import collect_info, format_info
 
             info = collect_info()
+            if args.config is not None:
+                from hpcflow.backend import run_backend
+
+                cfg = load_config(args.config, args.overrides)
+                info["backend_of_config"] = f"{run_backend(cfg)} (backend: {cfg.backend} in {cfg.source})"
             print(json.dumps(info, indent=2) if args.json else format_info(info))
             return EXIT_OK
         if args.command == "config":

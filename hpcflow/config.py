@@ -183,7 +183,8 @@ class Config:
                                                             choices=PRECISIONS))
     device: str = field(default="cpu", metadata=_opt("torch device: cpu, cuda or cuda:N", kind="device"))
     backend: str = field(default="auto", metadata=_opt(
-        "plaquette/staple kernels: auto (CUDA kernels on GPUs with cupy, else torch), torch, host (C++), cuda",
+        "kernels of updates, actions and flows: auto (C++ host kernels on CPUs where g++ builds them, "
+        "CUDA kernels on GPUs with cupy, else torch, with one warning), torch, host (C++), cuda",
         choices=BACKENDS))
     grid: tuple[int, ...] | None = field(default=None, metadata=_opt(
         "MPI process grid, one entry per dimension; null = factorise the number of ranks", kind="grid"))

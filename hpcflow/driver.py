@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, to_yaml
 
 __all__ = ["RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
@@ -64,8 +65,8 @@ def make_lattice(cfg: Config, comm: Any) -> Any:
         # Wilson loops (updates and plaquettes need 1)
         loops = [max(r, t) for r, t in cfg.measure.wilson_loops if max(r, t) <= min(cfg.lattice.shape)]
         lat = comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
-        return dataclasses.replace(lat, backend=cfg.backend)
-    return Lattice(cfg.lattice.shape, backend=cfg.backend)
+        return dataclasses.replace(lat, backend=run_backend(cfg))
+    return Lattice(cfg.lattice.shape, backend=run_backend(cfg))
 
 
 def exact_values(cfg: Config) -> dict[str, dict]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError
 from hpcflow.driver import RunResult, _finish, _prepare_output, make_comm
 
@@ -111,7 +112,7 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
 def _flow_lattice(cfg: Config) -> Any:
     from hpcflow.lattice.geometry import Lattice
 
-    return Lattice(cfg.lattice.shape, backend=cfg.backend)
+    return Lattice(cfg.lattice.shape, backend=run_backend(cfg))
 
 
 def _records_from_chain(res: dict, first_step: int, n_therm: int) -> list[dict]:
@@ -240,7 +241,7 @@ def _distributed_setup(cfg: Config) -> tuple[Any, Any, Any] | None:
 
     try:
         hybrid = HybridGrid(cfg.lattice.shape, replicas, cfg.grid)
-        template = build_model(cfg, Lattice(cfg.lattice.shape, backend=cfg.backend))
+        template = build_model(cfg, Lattice(cfg.lattice.shape, backend=run_backend(cfg)))
         model = DistributedFlow(template, hybrid.domain,
                                 checkpoint_layers=cfg.flow.checkpoint_activations)
     except ConfigError:

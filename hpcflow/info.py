@@ -49,6 +49,12 @@ def collect_info() -> dict:
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001
         pass
+    from hpcflow.kernels.dispatch import choose_backend, host_compiler
+
+    info["host_compiler"] = host_compiler()
+    # what `backend: auto` (the default) runs on this machine's CPUs (checked by building the
+    # SU(3) 4D host library, cached after the first time)
+    info["backend_auto_cpu"] = choose_backend("auto", "cpu", 3, "double", 4)
     from hpcflow.comm.mpi_info import mpi_info
 
     info.update(mpi_info())

@@ -5,7 +5,11 @@
 * ``"torch"``: the reference in :mod:`hpcflow.lattice.action` (any device, full autograd);
 * ``"host"``: the CUDA sources compiled for the CPU with g++/OpenMP (:mod:`.host`);
 * ``"cuda"``: the CUDA kernels through CuPy on torch CUDA tensors (:mod:`.cuda`);
-* ``"auto"``: ``"cuda"`` for CUDA tensors when cupy is importable, else ``"torch"``.
+* ``"auto"``: ``"cuda"`` for CUDA tensors when cupy is importable; on CPU tensors
+  ``"host"`` when a C++ compiler is on PATH, else ``"torch"``. A run resolves its
+  backend once, before it starts, with :func:`choose_backend`, which also builds the host
+  library for the run's group and falls back to ``"torch"`` with one warning line if that
+  fails; ``hpcflow info`` prints the choice.
 
 Kernel outputs are 0 on halo sites, where the reference holds wrapped values: every
 consumer uses the interior only (DESIGN.md). Gradients of the plaquette field flow through
@@ -15,6 +19,8 @@ by the reference.
 
 from __future__ import annotations
 
+import functools
+import logging
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -25,19 +31,77 @@ if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (disp
 
 from .autograd import PlaquetteField, PlaquetteSum
 
-__all__ = ["BACKENDS", "plaquette_re_tr", "plaquette_sum", "resolve_backend", "staple_sum"]
+__all__ = ["BACKENDS", "choose_backend", "host_compiler", "plaquette_re_tr", "plaquette_sum",
+           "resolve_backend", "staple_sum"]
 
 BACKENDS = ("auto", "torch", "host", "cuda")
 
 
+def host_compiler() -> str | None:
+    """Path of the host kernels' C++ compiler (``HPCFLOW_CXX``, default g++), or None."""
+    import os
+    import shutil
+
+    return shutil.which(os.environ.get("HPCFLOW_CXX", "g++"))
+
+
+@functools.cache
+def _host_build_error(n: int, real: str, nd: int) -> str | None:
+    """None when the host libraries for ``(n, real, nd)`` build and load here, else why not."""
+    if host_compiler() is None:
+        import os
+
+        return f"no C++ compiler ({os.environ.get('HPCFLOW_CXX', 'g++')!r} not on PATH)"
+    from . import host
+
+    try:
+        host.load_host_library(n, real, nd)
+    except (OSError, RuntimeError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def choose_backend(requested: str, device: str | torch.device = "cpu", n: int = 1,
+                   real: str = "double", nd: int = 4,
+                   log: logging.Logger | None = None) -> str:
+    """The concrete backend of a run (chosen once, before it starts).
+
+    ``auto``: on a CUDA device ``cuda`` with cupy, else ``torch``; on the CPU ``host``
+    when the host library for ``(n, real, nd)`` (U(1): n = 1) builds here, else ``torch``
+    with one warning line on ``log`` (default: the ``hpcflow`` logger) saying why. Other
+    values are returned unchanged (their own checks run where they are used).
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if torch.device(device).type == "cuda":
+        from . import cuda
+
+        return "cuda" if cuda.cupy_available() else "torch"
+    why = _host_build_error(int(n), real, int(nd))
+    if why is None:
+        return "host"
+    (log or logging.getLogger("hpcflow")).warning(
+        "backend auto: the C++ host kernels are not available (%s); using the torch path, "
+        "which is 10-100x slower for HMC and heat bath", why)
+    return "torch"
+
+
 def resolve_backend(backend: str, U: torch.Tensor) -> str:
-    """The concrete backend ('torch', 'host' or 'cuda') for ``U``; clear errors otherwise."""
+    """The concrete backend ('torch', 'host' or 'cuda') for ``U``; clear errors otherwise.
+
+    ``auto`` here: ``cuda`` for CUDA tensors with cupy, ``host`` for CPU tensors when a
+    compiler is on PATH, else ``torch`` (runs resolve it once with :func:`choose_backend`).
+    """
     from . import cuda
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "cuda" if U.device.type == "cuda" and cuda.cupy_available() else "torch"
+        if U.device.type == "cuda":
+            return "cuda" if cuda.cupy_available() else "torch"
+        return "host" if U.device.type == "cpu" and host_compiler() is not None else "torch"
     if backend == "host" and U.device.type != "cpu":
         raise ValueError(f"backend 'host' needs a CPU tensor, got U on {U.device}")
     if backend == "cuda":

@@ -46,6 +46,7 @@ automatically when a checkpoint exists).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -53,6 +54,7 @@ from typing import Any
 
 import torch
 
+from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, config_to_dict, to_yaml
 from hpcflow.io.checkpoint import (
     CheckpointError,
@@ -485,7 +487,7 @@ class ChainRunner:
             from hpcflow.flows.distributed import DistributedFlow
             from hpcflow.lattice.geometry import Lattice
 
-            plain, self.model_sha256 = load_model(cfg, Lattice(cfg.lattice.shape, backend=cfg.backend))
+            plain, self.model_sha256 = load_model(cfg, Lattice(cfg.lattice.shape, backend=run_backend(cfg)))
             try:
                 # the group's ranks each transform their sub-lattice (halo = the layers' reach);
                 # one rank: the same code on the whole lattice without halos
@@ -628,7 +630,8 @@ def _group_comm(cfg: Config) -> tuple[int, Any, Any, Any]:
                           f"{world.size} MPI ranks")
     chain, sub = world.split(n, cfg.grid)
     lc = LatticeComm(sub)
-    return chain, lc, lc.local_lattice(halo=1), LatticeComm(world)
+    lat = dataclasses.replace(lc.local_lattice(halo=1), backend=run_backend(cfg))
+    return chain, lc, lat, LatticeComm(world)
 
 
 def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None,
@@ -653,7 +656,7 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
             if cfg.sample.n_workers != 1:
                 raise ConfigError(f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers}; "
                                   "allowed: 1 without MPI")
-            chain, comm, lat, world = 0, _Serial(), Lattice(cfg.lattice.shape), _Serial()
+            chain, comm, lat, world = 0, _Serial(), Lattice(cfg.lattice.shape, backend=run_backend(cfg)), _Serial()
         err: BaseException | None = None
         runner = None
         try:

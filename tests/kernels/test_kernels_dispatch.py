@@ -10,12 +10,38 @@ from hpcflow.kernels import dispatch
 from hpcflow.lattice.geometry import Lattice
 
 
-def test_resolve_backend_on_cpu():
-    """'auto' falls back to the torch reference for CPU tensors; explicit names are kept."""
+def test_resolve_backend_on_cpu(monkeypatch):
+    """'auto' is the host kernels on CPU tensors where a compiler exists, else the torch
+    reference; explicit names are kept."""
     U = torch.zeros(2, 2, 2, 1, 1, dtype=torch.complex128)
+    assert dispatch.resolve_backend("auto", U) == "host"
+    monkeypatch.setenv("HPCFLOW_CXX", "no-such-compiler-hpcflow")
     assert dispatch.resolve_backend("auto", U) == "torch"
+    monkeypatch.delenv("HPCFLOW_CXX")
     assert dispatch.resolve_backend("torch", U) == "torch"
     assert dispatch.resolve_backend("host", U) == "host"
+
+
+def test_choose_backend_auto_rule(monkeypatch, caplog):
+    """A run's 'auto' is 'host' on CPUs where the host library builds; without a compiler it
+    is 'torch' with exactly one warning line that says why; explicit names are kept."""
+    import logging
+
+    dispatch._host_build_error.cache_clear()
+    assert dispatch.choose_backend("auto", "cpu", 3, "double", 4) == "host"
+    assert dispatch.choose_backend("auto", "cpu", 1, "float", 2) == "host"
+    assert dispatch.choose_backend("torch", "cpu") == "torch"
+    assert dispatch.choose_backend("host", "cpu") == "host"
+    monkeypatch.setenv("HPCFLOW_CXX", "no-such-compiler-hpcflow")
+    dispatch._host_build_error.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hpcflow"):
+        assert dispatch.choose_backend("auto", "cpu", 2, "double", 4) == "torch"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no-such-compiler-hpcflow" in lines[0] and "\n" not in lines[0]
+    monkeypatch.delenv("HPCFLOW_CXX")
+    dispatch._host_build_error.cache_clear()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.choose_backend("gpu", "cpu")
 
 
 def test_bad_backend_names_and_devices():
