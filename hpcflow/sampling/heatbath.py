@@ -340,6 +340,29 @@ def overrelax_substep(
     return Ub.reshape(U.shape)
 
 
+def _host_sweeps(U: torch.Tensor, lat: Lattice, group):  # type: ignore[no-untyped-def]
+    """The host-kernel module for these sweeps when ``lat.backend`` resolves to ``host``:
+    ``"u1"`` (a whole 2D U(1) lattice, one C++ call per sweep: kernels/u1_updates),
+    ``"sun"`` (SU(2)/SU(3) on padded local arrays, one call per sub-step:
+    kernels/heatbath_host), or None (the torch path). Both equal the torch path to rounding
+    and consume the same counter-based draws."""
+    from hpcflow.kernels import dispatch
+
+    if not dispatch.host_path(U, lat):
+        return None
+    from hpcflow.kernels import u1_updates
+
+    if group.N == 1 and u1_updates.supports_u1_host(U, lat, even=True):
+        return "u1"
+    try:
+        from hpcflow.kernels import heatbath_host
+    except ImportError:  # pragma: no cover - module not present
+        return None
+    if heatbath_host.supports_heatbath_host(U, lat):
+        return "sun"
+    return None
+
+
 def heatbath_sweep(
     U: torch.Tensor, lat: Lattice, group, beta: float, rng, step: int,  # type: ignore[no-untyped-def]
     comm: SerialComm | None = None,
@@ -347,10 +370,21 @@ def heatbath_sweep(
     """One heat-bath sweep over all links: sub-steps ``(mu, parity)``; returns a new field.
 
     Every link is updated once, with draws indexed by its global link index and ``step``;
-    ``comm.exchange`` runs before each sub-step and only interior links change.
+    ``comm.exchange`` runs before each sub-step and only interior links change. With
+    ``lat.backend`` resolving to ``host`` the sweep runs on the host kernels (same draws,
+    same result to rounding).
     """
     group, beta, _, Ub = _prepare(U, lat, group, beta)
     comm = _comm(comm)
+    host = _host_sweeps(U, lat, group)
+    if host == "u1":
+        from hpcflow.kernels.u1_updates import heatbath_sweep_u1
+
+        return heatbath_sweep_u1(U.contiguous(), lat, beta, rng, step)
+    if host == "sun":
+        from hpcflow.kernels.heatbath_host import heatbath_sweep_host
+
+        return heatbath_sweep_host(U, lat, beta, rng, step, comm)
     with torch.no_grad():
         Ub = Ub.clone()
         for mu, _, mask in checkerboard_masks(lat, U.device):
@@ -365,6 +399,15 @@ def overrelax_sweep(
     """One overrelaxation sweep (keeps the action exactly; ``beta`` only for validation)."""
     group, beta, _, Ub = _prepare(U, lat, group, beta)
     comm = _comm(comm)
+    host = _host_sweeps(U, lat, group)
+    if host == "u1":
+        from hpcflow.kernels.u1_updates import overrelax_sweep_u1
+
+        return overrelax_sweep_u1(U.contiguous(), lat)
+    if host == "sun":
+        from hpcflow.kernels.heatbath_host import overrelax_sweep_host
+
+        return overrelax_sweep_host(U, lat, comm)
     with torch.no_grad():
         Ub = Ub.clone()
         for mu, _, mask in checkerboard_masks(lat, U.device):
@@ -379,6 +422,11 @@ def heatbath_or_sweep(
     """One heat-bath sweep followed by ``n_or`` overrelaxation sweeps (the usual compound)."""
     if isinstance(n_or, bool) or not isinstance(n_or, int) or n_or < 0:
         raise ValueError(f"n_or must be an int >= 0, got {n_or!r}")
+    group, beta, _, _ = _prepare(U, lat, group, beta)
+    if _host_sweeps(U, lat, group) == "sun":
+        from hpcflow.kernels.heatbath_host import heatbath_or_sweep_host
+
+        return heatbath_or_sweep_host(U, lat, beta, rng, step, n_or, _comm(comm))
     U = heatbath_sweep(U, lat, group, beta, rng, step, comm)
     for _ in range(n_or):
         U = overrelax_sweep(U, lat, group, beta, comm)
