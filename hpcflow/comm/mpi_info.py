@@ -36,7 +36,8 @@ def mpi_info() -> dict:
         info["error"] = f"mpi4py not importable: {e}"
         return info
     info["mpi4py"] = mpi4py.__version__
-    info["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+    # Open MPI ends the string with a NUL byte: it made `hpcflow info` binary to grep
+    info["mpi_library"] = MPI.Get_library_version().replace("\0", "").strip().splitlines()[0]
     info["mpi_standard"] = "{}.{}".format(*MPI.Get_version())
     aware = None
     query = getattr(MPI, "Query_cuda_support", None)

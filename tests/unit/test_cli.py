@@ -48,6 +48,19 @@ def test_info_json(capsys):
                 "gpu_aware_mpi", "cupy"):
         assert key in info
     assert info["torch"]
+    # plain text: Open MPI's library string ends in a NUL byte, which made the output binary
+    assert not any("\0" in str(v) for v in info.values())
+    assert info["backend_auto_cpu"] == "host" and info["host_compiler"]
+
+
+def test_info_with_config_names_the_backend(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lattice: {shape: [8, 8]}\ngroup: u1\nalgorithm: hmc\n")
+    assert main(["info", str(cfg), "--set", "backend=torch"]) == 0
+    out = capsys.readouterr().out
+    assert "backend_of_config" in out and "torch (backend: torch in" in out
+    assert main(["info", str(cfg)]) == 0
+    assert "host (backend: auto in" in capsys.readouterr().out
 
 
 def test_console_script_installed():
