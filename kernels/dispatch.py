@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (disp
 
 from .autograd import PlaquetteField, PlaquetteSum
 
-__all__ = ["BACKENDS", "choose_backend", "host_compiler", "plaquette_re_tr", "plaquette_sum",
+__all__ = ["BACKENDS", "choose_backend", "host_compiler", "host_path", "plaquette_re_tr", "plaquette_sum",
            "resolve_backend", "staple_sum"]
 
 BACKENDS = ("auto", "torch", "host", "cuda")
@@ -113,6 +113,13 @@ def resolve_backend(backend: str, U: torch.Tensor) -> str:
                 "set backend: torch or auto in the config"
             )
     return backend
+
+
+def host_path(U: torch.Tensor, lat: Lattice) -> bool:
+    """True when ``lat.backend`` resolves to ``host`` for ``U`` and ``U`` needs no gradient:
+    then updates (HMC, heat bath) and the Wilson flow run their host kernels, where one
+    exists for the field's group and dimension (each module's ``supports_*`` predicate)."""
+    return resolve_backend(lat.backend, U) == "host" and not _needs_grad(U)
 
 
 def _impl(name: str) -> ModuleType:

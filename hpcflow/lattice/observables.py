@@ -148,13 +148,24 @@ def wilson_flow(
     Luscher, arXiv 1006.4518, eq. (C.1)-(C.3) with ``Z_i = eps Z(W_i)``:
     ``W1 = exp(Z0/4) W0``, ``W2 = exp(8/9 Z1 - 17/36 Z0) W1``,
     ``W3 = exp(3/4 Z2 - 8/9 Z1 + 17/36 Z0) W2``. Each stage exchanges halos first (reach of
-    the force is 1). Returns the flowed field ``V(t = n_steps * eps)``.
+    the force is 1). Returns the flowed field ``V(t = n_steps * eps)``. With
+    ``lat.backend`` resolving to ``host`` (and no gradient needed) the same steps run on the
+    host kernels (``hpcflow.kernels.md_host``); halo links are then left as the last
+    exchange made them (exchange before reading them, as every consumer does).
     """
     check_link_field(u, lat)
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
         raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    from hpcflow.kernels import dispatch
+
+    if dispatch.host_path(u, lat):
+        from hpcflow.kernels import md_host
+
+        if md_host.supports_md_host(u, lat):
+            # the same RK3 on the host kernels (equal to rounding on interior links)
+            return md_host.wilson_flow_host(u, lat, eps, n_steps, comm)
     g = group_for_field(u)
     cm = as_comm(comm)
     w = u

@@ -273,6 +273,19 @@ def reproject_if_drifted(
 
 
 # ---- the sampler ------------------------------------------------------------------------------
+def _u1_host_trajectory(hmc: HMC, U: torch.Tensor, step: int):  # type: ignore[no-untyped-def]
+    """``HMC.trajectory`` of a whole 2D U(1) lattice in one C++ call (kernels/u1_updates)."""
+    from hpcflow.kernels.u1_updates import hmc_trajectory_u1
+
+    U1, acc, dH = hmc_trajectory_u1(U, hmc.lat, hmc.beta, hmc.n_steps, hmc.tau, hmc.integrator,
+                                    hmc.lam, hmc.rng, step, tol=hmc.reproject_tol)
+    hmc.n_trajectories += max(acc.numel(), 1)
+    hmc.n_accepted += int(acc.sum())
+    if acc.dim() == 0:
+        return U1, bool(acc), float(dH)
+    return U1, acc, dH
+
+
 class HMC:
     """HMC Markov chain for the Wilson action of ``group`` on ``lat``.
 
@@ -323,6 +336,24 @@ class HMC:
         self.n_trajectories = 0
         self.n_accepted = 0
 
+    def _host_updates(self, U: torch.Tensor):  # type: ignore[no-untyped-def]
+        """The host-kernel trajectory for ``U`` when ``lat.backend`` resolves to ``host``:
+        2D U(1) on a whole (unpadded) lattice runs a whole trajectory in one C++ call
+        (``kernels/u1_updates``), other fields the fused MD kernels (``kernels/md_host``);
+        ``None`` (the torch path) where neither applies. Both equal the torch path to
+        rounding: same momenta, same accept draws, same counters."""
+        from hpcflow.kernels import dispatch
+
+        if not dispatch.host_path(U, self.lat):
+            return None
+        from hpcflow.kernels import md_host, u1_updates
+
+        if u1_updates.supports_u1_host(U, self.lat, even=False):
+            return _u1_host_trajectory
+        if md_host.supports_md_host(U, self.lat):
+            return md_host.hmc_trajectory_host
+        return None
+
     @property
     def acceptance(self) -> float:
         """Fraction of accepted trajectories so far (nan before the first)."""
@@ -346,6 +377,9 @@ class HMC:
         On rejection the old configuration is kept.
         """
         batch = _check_links(U, self.lat, self.group)
+        host = self._host_updates(U)
+        if host is not None:
+            return host(self, U, step)
         with torch.no_grad():
             P = sample_momenta(self.lat, self.group, self.rng, step, U.dtype, U.device, batch)
             H0 = hamiltonian(U, P, self.lat, self.beta, self.comm)
