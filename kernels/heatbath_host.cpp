@@ -45,40 +45,64 @@
 // (3 blocks x 10 rounds per round, integer) are not counted. 2D: 1/3 of the staple work.
 //
 // Implementation: W = 8 links of a sub-step at a time, one per lane of GCC vectors (AVX-512
-// under -march=native on x86; other targets split the vectors), gathered across rows and
-// configurations. Links are read as interleaved AoS records (the project layout) by gathers
-// (float64: contiguous loads + 8 x 8 register transposes), the staple and all SU(2)
-// algebra run lane-wise, Philox runs on 8 counters at once, and the Kennedy-Pendleton round
-// 0 and X = x0 + i x.sigma use vector log / sin / cos (fdlibm algorithms, < 1 ulp). Lanes
-// that reject round 0, and Creutz lanes (alpha < 2), continue one by one with libm.
+// under -march=native on x86; other targets split the vectors). The staple and all SU(2)
+// algebra run lane-wise, Philox runs on 8 counters at once, and the Kennedy-Pendleton rounds
+// and X = x0 + i x.sigma use vector log / sin / cos (fdlibm algorithms, < 1 ulp): lanes that
+// reject a round are redrawn together, as vectors, until all have accepted; Creutz lanes
+// (alpha < 2) continue one by one with libm (out of line). Two ways to feed the lanes:
 //
-// Arithmetic as torch's: each product and sum is rounded on its own (no FMA; see the pragma
-// below), products accumulate like torch's small-matrix bmm (acc = 0; acc += a_ik b_kj), the
-// staple as upper, lower per nu, and complex / real as a * (1 / k) (c10::complex division).
-// The staple and M = U A are then bit for bit torch's. Remaining differences are in the last
-// ulp: torch.sqrt of this torch build is not correctly rounded (~0.7% of inputs differ from
-// IEEE sqrt by 1 ulp), and torch's SLEEF log/cos/sin differ from libm / fdlibm by <= 1 ulp.
-// Single sub-steps agree to ~2e-15. Chains of sub-steps amplify such differences where the
-// update is ill-conditioned (overrelaxation with small quaternion norms k, hot fields at
-// small beta): the torch code itself, fed an input perturbed by 1e-16, moves by as much.
+//  * per sub-step (hpcflow_heatbath_substep / hpcflow_overrelax_substep; any halo, any
+//    decomposition, 2D and 4D, float32 and float64): W sites gathered across rows and
+//    configurations from the interleaved AoS records of the project layout (float64:
+//    contiguous loads + 8 x 8 register transposes);
+//  * whole sweeps (hpcflow_hb_sweeps_vn; 4D float64 fields of one process without halos,
+//    L0, L1, L2 multiples of 4): the field is transposed once per call into a "virtual node"
+//    structure of arrays (lane q = one of 2 x 2 x 2 sub-blocks, see VNGeom below), all
+//    sub-steps of all its sweeps run there on aligned vector loads (a lane permute across
+//    block faces), the unitarity violation that reproject_if_drifted needs is taken from the
+//    updated links in registers, and the field is transposed back. Python's sweeps use it
+//    for SerialComm (or no comm) on such fields: no exchanges, no copy, no separate check.
+//
+// Arithmetic as torch's up to rounding: products accumulate like torch's small-matrix bmm
+// (acc = 0; acc += a_ik b_kj), the staple as upper, lower per nu, complex / real as
+// a * (1 / k) (c10::complex division). 4D builds contract a * b + c into FMAs (2D builds
+// keep each product and sum rounded on its own, so their chains are torch's bit for bit up
+// to the transcendentals); with FMAs the staple and M = U A differ from torch's in the last
+// bits. Other last-ulp differences: torch.sqrt of this torch build is not correctly rounded
+// (~0.7% of inputs differ from IEEE sqrt by 1 ulp), and torch's SLEEF log/cos/sin differ from
+// libm / fdlibm by <= 1 ulp. Single sub-steps and whole sweeps from ordered starts agree to
+// ~1e-14 (a rejection decision flips only when a test value lies within ~1 ulp of its
+// bound). Chains of sub-steps amplify such differences where the update is ill-conditioned
+// (overrelaxation with small quaternion norms k, hot fields at small beta): the torch code
+// itself, fed an input perturbed by 1e-16, moves by as much.
 //
 // Build (hpcflow.kernels.heatbath_host, through hpcflow.kernels.host.build_library):
 //   g++ -O3 -march=native -fopenmp -std=c++17 -shared -fPIC -DHPCFLOW_N=3
 //       -DHPCFLOW_REAL=double -DHPCFLOW_ND=4 heatbath_host.cpp -o lib.so
 //
-// fp-contract=off forbids FMA contraction; GCC's SLP complex-multiply pattern still emits
-// vfmaddsub under -march=native (GCC 12), so SLP vectorisation is switched off too (the lane
-// vectors are explicit). Costs ~15% of speed, buys torch's rounding.
+// HPCFLOW_HB_FMA (default: 1 for 4D, 0 for 2D): 1 lets GCC contract into FMAs (~8% faster);
+// 0 forbids contraction, and SLP vectorisation too (GCC's SLP complex-multiply pattern still
+// emits vfmaddsub under -march=native, GCC 12; the lane vectors are explicit anyway).
+#ifndef HPCFLOW_HB_FMA
+#define HPCFLOW_HB_FMA (HPCFLOW_ND == 4)
+#endif
+#if HPCFLOW_HB_FMA
+#pragma GCC optimize("fp-contract=fast")
+#else
 #pragma GCC optimize("fp-contract=off", "no-tree-slp-vectorize")
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#include <sys/mman.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
 
 #include "host_harness.h"
 #include "philox.h"
@@ -459,7 +483,7 @@ inline __attribute__((always_inline)) vu mul32(const vu& a, unsigned long long m
 #ifdef __AVX512F__
     return (vu)_mm512_mul_epu32((__m512i)a, (__m512i)(vu{} + m));
 #else
-    return a * m;  // both < 2^32: the 64-bit product is exact
+    return (a & 0xFFFFFFFFull) * m;  // both < 2^32: the 64-bit product is exact
 #endif
 }
 
@@ -477,11 +501,17 @@ inline void uniforms6_vec(hpcflow_rng::Key key, const vu& index, uint32_t step, 
             const vu p0 = mul32(c0, 0xD2511F53ull), p1 = mul32(c2, 0xCD9E8D57ull);
             const vu n0 = (p1 >> 32) ^ c1 ^ (unsigned long long)k0;
             const vu n2 = (p0 >> 32) ^ c3 ^ (unsigned long long)k1;
+            // the high halves of c1, c3 (and so of c0, c2) are not cleared here: the products
+            // read only the low 32 bits, and the words are masked once after the rounds
             c0 = n0;
-            c1 = p1 & lo32;
+            c1 = p1;
             c2 = n2;
-            c3 = p0 & lo32;
+            c3 = p0;
         }
+        c0 &= lo32;
+        c1 &= lo32;
+        c2 &= lo32;
+        c3 &= lo32;
         // uniform 2 blk from words (c0, c1), uniform 2 blk + 1 from (c2, c3)
         const vu ka = ((c0 >> 5) << 26) | (c1 >> 6);
         const vu kb = ((c2 >> 5) << 26) | (c3 >> 6);
@@ -561,24 +591,37 @@ inline __attribute__((always_inline)) void vsincos(vd x, vd& sn, vd& cs) {
     cs = q == 0 ? kc : (q == 1 ? -ks : (q == 2 ? -kc : ks));
 }
 
-// ---- one group of W links ---------------------------------------------------------------------
-// Staple, M = U A and the SU(2) subgroup passes for the lanes of L; writes back the active
-// lanes. Returns the number of links whose heat-bath rejection did not finish.
-template <bool OR, typename T, int N, int ND>
-int update_group(T* __restrict__ Ur, const hpcflow::Geom<ND>& g, const Lanes<ND>& L, int mu,
-                 const HBParams& P, uint64_t nl) {
-    using V = typename VecOf<T>::type;
+// Creutz lanes (cr) of one subgroup: one by one with libm, round 0's uniforms u reused
+// (su2_x0); writes their x0, d0, d1. Returns the lanes whose rejection did not finish.
+__attribute__((noinline)) int creutz_lanes(const vd& alpha, const vs64& cr, const HBParams& P,
+                                           const vu& idx0, uint64_t nl, int n_sub, int s,
+                                           const vd* u, vd& x0, vd& d0, vd& d1) {
+    int failed = 0;
+    for (int l = 0; l < W; ++l) {
+        if (!cr[l]) continue;
+        const double ul[6] = {u[0][l], u[1][l], u[2][l], u[3][l], u[4][l], u[5][l]};
+        double x0l = 0.0, d0l = 0.5, d1l = 0.0;
+        if (!su2_x0(alpha[l], P, idx0[l], nl, n_sub, s, x0l, d0l, d1l, 0, ul)) ++failed;
+        x0[l] = x0l;
+        d0[l] = d0l;
+        d1[l] = d1l;
+    }
+    return failed;
+}
+
+// ---- the update of W links held in lanes ---------------------------------------------------
+// Uc (float64 lanes) <- the heat-bath / overrelaxation update of the links Uc with staples Ac;
+// idx0: counter index of round 0, subgroup 0 of each lane; lanes >= nact are idle (their
+// results are not used). Returns the number of active links whose rejection did not finish.
+// Kennedy-Pendleton lanes that reject a round are redrawn together as vectors (the same
+// counters, the same formulas as su2_x0) until all have accepted; Creutz lanes (alpha < 2)
+// continue one by one with libm.
+template <bool OR, int N>
+inline __attribute__((always_inline)) int update_core(C* Uc, const C* Ac, const vu& idx0,
+                                                      int nact, const HBParams& P, uint64_t nl) {
     constexpr int NN = N * N;
     constexpr int NSUB = Subgroups<N>::n;
-    const Mat<V, N> A = staple_mu<T, N, ND>(Ur, g, L, mu);
-    const vi o_link = L.ubase + (mu * g.nsites + L.site) * (2 * NN);
-    const Mat<V, N> Ut = gather_mat<V, T, N>(Ur, o_link);
-    C Uc[NN], Ac[NN], M[NN];
-HPCFLOW_UNROLL
-    for (int k = 0; k < NN; ++k) {
-        Uc[k] = {__builtin_convertvector(Ut.m[k].re, vd), __builtin_convertvector(Ut.m[k].im, vd)};
-        Ac[k] = {__builtin_convertvector(A.m[k].re, vd), __builtin_convertvector(A.m[k].im, vd)};
-    }
+    C M[NN];
     // M = U A (torch's small-matrix bmm: acc = 0; acc += a_ik b_kj)
 HPCFLOW_UNROLL
     for (int i = 0; i < N; ++i)
@@ -594,6 +637,8 @@ HPCFLOW_UNROLL
             M[i * N + j] = {re, im};
         }
     int failed = 0;
+    vs64 live{};
+    for (int l = 0; l < W; ++l) live[l] = l < nact ? -1 : 0;
 HPCFLOW_UNROLL
     for (int s = 0; s < NSUB; ++s) {
         const int i = Subgroups<N>::i[s], j = Subgroups<N>::j[s];
@@ -604,36 +649,53 @@ HPCFLOW_UNROLL
             const W2 vd_ = su2_dagger(va, vb);
             w = mul2(vd_, vd_);
         } else {
-            const vd alpha = 2.0 * P.beta * k / N;
+            const vd alpha = k * (2.0 * P.beta / N);  // torch: 2 beta k / N (to rounding)
             C xa = {vd{} + 1.0, vd{}}, xb = {vd{}, vd{}};
-            // round 0 of all lanes: counters index + s nl, drawn together
-            vu idx;
-            for (int l = 0; l < W; ++l) idx[l] = L.index[l];
+            const vu idx = idx0 + (unsigned long long)s * nl;
+            // round 0 of all lanes: counters idx, drawn together
             vd u[6];
-            uniforms6_vec(P.key, idx + (unsigned long long)s * nl, P.step, u);
-            // Kennedy-Pendleton round 0 of all lanes as vectors; lanes that reject it, and
-            // Creutz lanes (alpha < 2), continue one by one (su2_x0, same counters)
+            uniforms6_vec(P.key, idx, P.step, u);
             const vd al = alpha > 1e-300 ? alpha : vd{} + 1e-300;
-            vd sn, c;
-            vsincos(kTwoPi * u[1], sn, c);
-            vd lam2 = -(vlog(u[0]) + c * c * vlog(u[2]));
-            lam2 = lam2 / (2.0 * al);
-            const vd x_kp = 1.0 - 2.0 * lam2;
-            const vs64 acc = (u[3] * u[3] <= 1.0 - lam2) & (al >= P.kp_alpha_min);
-            vd x0 = x_kp < -1.0 ? vd{} - 1.0 : (x_kp > 1.0 ? vd{} + 1.0 : x_kp);
-            vd d0 = u[4], d1 = u[5];
-            for (int l = 0; l < L.n; ++l) {
-                if (acc[l]) continue;
-                const bool kp = al[l] >= P.kp_alpha_min;
-                const double ul[6] = {u[0][l], u[1][l], u[2][l], u[3][l], u[4][l], u[5][l]};
-                double x0l = 0.0, d0l = 0.5, d1l = 0.0;
-                if (!su2_x0(alpha[l], P, idx[l], nl, NSUB, s, x0l, d0l, d1l, kp ? 1 : 0,
-                            kp ? nullptr : ul))
-                    ++failed;
-                x0[l] = x0l;
-                d0[l] = d0l;
-                d1[l] = d1l;
+            const vs64 kp = (vs64)(al >= P.kp_alpha_min);
+            vd x0, d0 = u[4], d1 = u[5];
+            vs64 pend;
+            {
+                vd sn, c;
+                vsincos(kTwoPi * u[1], sn, c);
+                vd lam2 = -(vlog(u[0]) + c * c * vlog(u[2]));
+                lam2 = lam2 / (2.0 * al);
+                const vd x_kp = 1.0 - 2.0 * lam2;
+                const vs64 acc = (u[3] * u[3] <= 1.0 - lam2) & kp;
+                x0 = x_kp < -1.0 ? vd{} - 1.0 : (x_kp > 1.0 ? vd{} + 1.0 : x_kp);
+                pend = ~acc & kp & live;
             }
+            // Kennedy-Pendleton lanes that rejected: further rounds as vectors
+            for (int rnd = 1; rnd < P.max_rounds; ++rnd) {
+                bool any = false;
+                for (int l = 0; l < W; ++l) any |= pend[l] != 0;
+                if (!any) break;
+                vd ur[6];
+                uniforms6_vec(P.key, idx + (unsigned long long)rnd * NSUB * nl, P.step, ur);
+                vd sn, c;
+                vsincos(kTwoPi * ur[1], sn, c);
+                vd lam2 = -(vlog(ur[0]) + c * c * vlog(ur[2]));
+                lam2 = lam2 / (2.0 * al);
+                const vd x_kp = 1.0 - 2.0 * lam2;
+                const vs64 acc = (ur[3] * ur[3] <= 1.0 - lam2) & pend;
+                const vd xc = x_kp < -1.0 ? vd{} - 1.0 : (x_kp > 1.0 ? vd{} + 1.0 : x_kp);
+                x0 = acc ? xc : x0;
+                d0 = acc ? ur[4] : d0;
+                d1 = acc ? ur[5] : d1;
+                pend &= ~acc;
+            }
+            const vs64 cr = ~kp & live;
+            bool any_cr = false;
+            for (int l = 0; l < W; ++l) {
+                failed += pend[l] != 0;
+                any_cr |= cr[l] != 0;
+            }
+            if (__builtin_expect(any_cr, 0))  // out of line: no spills on the common path
+                failed += creutz_lanes(alpha, cr, P, idx0, nl, NSUB, s, u, x0, d0, d1);
             // X = x0 + i x.sigma (_su2_from_x0), all lanes
             const vd r2 = 1.0 - x0 * x0;
             const vd r = vsqrt(r2 > 0.0 ? r2 : vd{});
@@ -649,8 +711,31 @@ HPCFLOW_UNROLL
             w = mul2(X, su2_dagger(va, vb));  // w = X V^dag
         }
         apply_rows<N>(w, Uc, i, j);
-        apply_rows<N>(w, M, i, j);
+        if (s + 1 < NSUB) apply_rows<N>(w, M, i, j);
     }
+    return failed;
+}
+
+// ---- one group of W links (AoS field, gathers) -------------------------------------------------
+// Staple, M = U A and the SU(2) subgroup passes for the lanes of L; writes back the active
+// lanes. Returns the number of links whose heat-bath rejection did not finish.
+template <bool OR, typename T, int N, int ND>
+int update_group(T* __restrict__ Ur, const hpcflow::Geom<ND>& g, const Lanes<ND>& L, int mu,
+                 const HBParams& P, uint64_t nl) {
+    using V = typename VecOf<T>::type;
+    constexpr int NN = N * N;
+    const Mat<V, N> A = staple_mu<T, N, ND>(Ur, g, L, mu);
+    const vi o_link = L.ubase + (mu * g.nsites + L.site) * (2 * NN);
+    const Mat<V, N> Ut = gather_mat<V, T, N>(Ur, o_link);
+    C Uc[NN], Ac[NN];
+HPCFLOW_UNROLL
+    for (int k = 0; k < NN; ++k) {
+        Uc[k] = {__builtin_convertvector(Ut.m[k].re, vd), __builtin_convertvector(Ut.m[k].im, vd)};
+        Ac[k] = {__builtin_convertvector(A.m[k].re, vd), __builtin_convertvector(A.m[k].im, vd)};
+    }
+    vu idx;
+    for (int l = 0; l < W; ++l) idx[l] = L.index[l];
+    const int failed = update_core<OR, N>(Uc, Ac, idx, L.n, P, nl);
     for (int l = 0; l < L.n; ++l) {
         T* up = Ur + o_link[l];
 HPCFLOW_UNROLL
@@ -827,6 +912,331 @@ double unitarity_violation(const T* __restrict__ Ur, long long nbatch, const Lay
     return vmax;
 }
 
+// ---- whole sweeps on a "virtual node" structure-of-arrays copy (4D, float64, no halo) --------
+// The periodic L0 x L1 x L2 x L3 lattice (L0, L1, L2 multiples of 4, L3 even) is cut into
+// 2 x 2 x 2 blocks of l = (L0/2, L1/2, L2/2, L3) sites; lane q (bits q0 q1 q2) of a vector holds
+// block (q0, q1, q2), so the 8 lanes of one scratch vector are the 8 sites
+// x = y + (q0 l0, q1 l1, q2 l2, 0) of one block coordinate y, all of the same parity (l0, l1,
+// l2 are even). The scratch S[b][mu][y][k][re|im][q] holds every link this way: a link
+// matrix of 8 sites is 18 contiguous aligned vectors, a neighbour y +- d_hat inside the block
+// is the same lane of another y, and across the block face (d < 3) the lane q ^ (1 << d) of
+// y's opposite face site (one in-register permute). The field is transposed into S once per
+// call, all sub-steps of all sweeps run on S with plain vector loads, and S is transposed back.
+// Arithmetic, order of the sub-steps and random counters are those of the AoS path above.
+struct VNGeom {
+    int l[4];             // block extents
+    long long st[4];      // strides of y in the block (sites)
+    long long vol8;       // sites per block (V / 8)
+    long long gst[4];     // strides of the global lexicographic site
+    long long V;          // global volume
+    vu loff;              // global-site offset of lane q relative to lane 0
+};
+
+inline VNGeom make_vn(const int* ext) {
+    VNGeom G;
+    for (int d = 0; d < 4; ++d) G.l[d] = d < 3 ? ext[d] / 2 : ext[d];
+    G.st[3] = 1;
+    G.gst[3] = 1;
+    for (int d = 2; d >= 0; --d) {
+        G.st[d] = G.st[d + 1] * G.l[d + 1];
+        G.gst[d] = G.gst[d + 1] * ext[d + 1];
+    }
+    G.vol8 = G.st[0] * G.l[0];
+    G.V = G.gst[0] * ext[0];
+    for (int q = 0; q < W; ++q) {
+        long long o = 0;
+        for (int d = 0; d < 3; ++d)
+            if ((q >> d) & 1) o += (long long)G.l[d] * G.gst[d];
+        G.loff[q] = (unsigned long long)o;
+    }
+    return G;
+}
+
+constexpr int kVNReals = 2 * 9 * W;  // reals of one SU(3) lane matrix (SU(2): fewer used)
+#ifndef HPCFLOW_HB_VN_TILE
+#define HPCFLOW_HB_VN_TILE 2  // y_1 values per cache tile of the sub-steps (a power of 2)
+#endif
+constexpr int kVNTile = HPCFLOW_HB_VN_TILE;
+#ifndef HPCFLOW_HB_VN_OUT_THP
+#define HPCFLOW_HB_VN_OUT_THP 1  // madvise a fresh output to huge pages (~6% at 16^4)
+#endif
+
+// lane permutation out[q] = in[q ^ m]
+inline __attribute__((always_inline)) vd lperm(const vd& v, int m) {
+    switch (m) {
+        case 0: return v;
+        case 1: return __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+        case 2: return __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+        case 3: return __builtin_shuffle(v, (vi){3, 2, 1, 0, 7, 6, 5, 4});
+        case 4: return __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+        case 5: return __builtin_shuffle(v, (vi){5, 4, 7, 6, 1, 0, 3, 2});
+        case 6: return __builtin_shuffle(v, (vi){6, 7, 4, 5, 2, 3, 0, 1});
+        default: return __builtin_shuffle(v, (vi){7, 6, 5, 4, 3, 2, 1, 0});
+    }
+}
+
+template <int N>
+inline __attribute__((always_inline)) Mat<vd, N> vn_load0(const double* p) {
+    Mat<vd, N> a;
+HPCFLOW_UNROLL
+    for (int k = 0; k < N * N; ++k) {
+        a.m[k].re = *(const vd*)(p + (2 * k) * W);
+        a.m[k].im = *(const vd*)(p + (2 * k + 1) * W);
+    }
+    return a;
+}
+
+// lane-permuted load (m: xor mask of the lanes), without branches: one permute per vector
+#ifdef __AVX512F__
+alignas(64) const long long kLanePerm[8][8] = {
+    {0, 1, 2, 3, 4, 5, 6, 7}, {1, 0, 3, 2, 5, 4, 7, 6}, {2, 3, 0, 1, 6, 7, 4, 5},
+    {3, 2, 1, 0, 7, 6, 5, 4}, {4, 5, 6, 7, 0, 1, 2, 3}, {5, 4, 7, 6, 1, 0, 3, 2},
+    {6, 7, 4, 5, 2, 3, 0, 1}, {7, 6, 5, 4, 3, 2, 1, 0}};
+template <int N>
+inline __attribute__((always_inline)) Mat<vd, N> vn_load(const double* p, int m) {
+    const __m512i ix = _mm512_load_si512(kLanePerm[m]);
+    Mat<vd, N> a;
+HPCFLOW_UNROLL
+    for (int k = 0; k < N * N; ++k) {
+        a.m[k].re = (vd)_mm512_permutexvar_pd(ix, _mm512_load_pd(p + (2 * k) * W));
+        a.m[k].im = (vd)_mm512_permutexvar_pd(ix, _mm512_load_pd(p + (2 * k + 1) * W));
+    }
+    return a;
+}
+#else
+template <int N>
+inline __attribute__((always_inline)) Mat<vd, N> vn_load(const double* p, int m) {
+    Mat<vd, N> a;
+HPCFLOW_UNROLL
+    for (int k = 0; k < N * N; ++k) {
+        a.m[k].re = lperm(*(const vd*)(p + (2 * k) * W), m);
+        a.m[k].im = lperm(*(const vd*)(p + (2 * k + 1) * W), m);
+    }
+    return a;
+}
+#endif
+
+// neighbour of block coordinate y along d by step (+-1): y index and lane mask
+struct VNb {
+    long long ys;
+    int m;
+};
+inline __attribute__((always_inline)) VNb vn_nb(const VNGeom& G, const int* y, long long ys, int d,
+                                                int step) {
+    const int n = G.l[d];
+    int yd = y[d] + step;
+    int m = 0;
+    if (yd == n) {
+        yd = 0;
+        m = d < 3 ? 1 << d : 0;
+    } else if (yd < 0) {
+        yd = n - 1;
+        m = d < 3 ? 1 << d : 0;
+    }
+    return {ys + (long long)(yd - y[d]) * G.st[d], m};
+}
+
+// max(|U^dag U - 1|^2 entries, |det U - 1|^2) per lane (link_violation, squared, lane-wise)
+template <int N>
+inline __attribute__((always_inline)) vd vn_violation2(const C* U) {
+    vd v{};
+HPCFLOW_UNROLL
+    for (int i = 0; i < N; ++i)
+HPCFLOW_UNROLL
+        for (int j = i; j < N; ++j) {  // (U^dag U)_ji = conj((U^dag U)_ij)
+            vd sr{}, si{};
+HPCFLOW_UNROLL
+            for (int k = 0; k < N; ++k) {
+                const C a = U[k * N + i], b = U[k * N + j];
+                sr += a.re * b.re + a.im * b.im;
+                si += a.re * b.im - a.im * b.re;
+            }
+            if (i == j) sr -= 1.0;
+            const vd a = sr * sr + si * si;
+            v = a > v ? a : v;
+        }
+    C det;
+    if constexpr (N == 2) {
+        det = {cmul(U[0], U[3]).re - cmul(U[1], U[2]).re, cmul(U[0], U[3]).im - cmul(U[1], U[2]).im};
+    } else {
+        auto cm = [&](int a, int b, int c, int d) {
+            const C p = cmul(U[a], U[b]), q = cmul(U[c], U[d]);
+            return C{p.re - q.re, p.im - q.im};
+        };
+        const C c0 = cm(4, 8, 5, 7), c1 = cm(5, 6, 3, 8), c2 = cm(3, 7, 4, 6);
+        const C t0 = cmul(U[0], c0), t1 = cmul(U[1], c1), t2 = cmul(U[2], c2);
+        det = {t0.re + t1.re + t2.re, t0.im + t1.im + t2.im};
+    }
+    const vd dv = (det.re - 1.0) * (det.re - 1.0) + det.im * det.im;
+    return dv > v ? dv : v;
+}
+
+// One sub-step (mu, parity) on the scratch; returns failed links, raises *viol2 (squared
+// violation of the updated links).
+template <bool OR, int N>
+long long vn_substep(double* __restrict__ S, long long nbatch, const VNGeom& G, int mu, int parity,
+                     const HBParams& P, double* viol2) {
+    constexpr int NN = N * N;
+    constexpr long long MR = kVNReals;  // reals per lane matrix in S
+    const uint64_t nl = 4ull * (uint64_t)G.V;
+    const long long nrows = nbatch * G.l[0] * G.l[1] * G.l[2];
+    long long failed = 0;
+    double vmax = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : failed) reduction(max : vmax)
+    for (long long r = 0; r < nrows; ++r) {
+        // rows in tiles of kVNTile y_1 values: (b, tile, y_0, y_1 in tile, y_2), so the rows at
+        // y_0 +- 1 are still in cache when reused
+        const long long per_b = (long long)G.l[0] * G.l[1] * G.l[2];
+        const long long b = r / per_b;
+        long long t = r - b * per_b;
+        int y[4];
+        int tile_w = kVNTile;
+        while (G.l[1] % tile_w) tile_w /= 2;
+        const long long per_tile = (long long)tile_w * G.l[0] * G.l[2];
+        const int tl = (int)(t / per_tile);
+        t -= tl * per_tile;
+        y[2] = (int)(t % G.l[2]);
+        t /= G.l[2];
+        y[1] = tl * tile_w + (int)(t % tile_w);
+        y[0] = (int)(t / tile_w);
+        const double* Sb = S + b * 4 * G.vol8 * MR;
+        double* Sm = S + (b * 4 + mu) * G.vol8 * MR;
+        const unsigned long long cbase =
+            (unsigned long long)b * (unsigned long long)P.blocks_per_config * nl +
+            (unsigned long long)mu * (unsigned long long)G.V;
+        vd vv{};
+        for (y[3] = (y[0] + y[1] + y[2] + parity) & 1; y[3] < G.l[3]; y[3] += 2) {
+            const long long ys = y[0] * G.st[0] + y[1] * G.st[1] + y[2] * G.st[2] + y[3];
+            // staple (storage precision = float64 here), as staple_mu
+            const VNb xmu = vn_nb(G, y, ys, mu, +1);
+            Mat<vd, N> acc;
+HPCFLOW_UNROLL
+            for (int k = 0; k < NN; ++k) acc.m[k] = {vd{}, vd{}};
+            for (int nu = 0; nu < 4; ++nu) {
+                if (nu == mu) continue;
+                const double* Snu = Sb + nu * G.vol8 * MR;
+                const VNb xnu = vn_nb(G, y, ys, nu, +1), xmnu = vn_nb(G, y, ys, nu, -1);
+                // x + mu - nu: (x - nu) shifted by mu; the lane masks compose by xor
+                const long long xmu_mnu = xmu.ys + (xmnu.ys - ys);
+                const int m_mu_mnu = xmu.m ^ xmnu.m;
+                const Mat<vd, N> upper = hpcflow::mul_nd<vd, N>(
+                    hpcflow::mul_nd<vd, N>(vn_load<N>(Snu + xmu.ys * MR, xmu.m),
+                                           vn_load<N>(Sm + xnu.ys * MR, xnu.m)),
+                    vn_load0<N>(Snu + ys * MR));
+                const Mat<vd, N> lower = hpcflow::mul_dn<vd, N>(
+                    hpcflow::mul_nn<vd, N>(vn_load<N>(Sm + xmnu.ys * MR, xmnu.m),
+                                           vn_load<N>(Snu + xmu_mnu * MR, m_mu_mnu)),
+                    vn_load<N>(Snu + xmnu.ys * MR, xmnu.m));
+HPCFLOW_UNROLL
+                for (int k = 0; k < NN; ++k) {
+                    acc.m[k].re += upper.m[k].re;
+                    acc.m[k].im += upper.m[k].im;
+                }
+HPCFLOW_UNROLL
+                for (int k = 0; k < NN; ++k) {
+                    acc.m[k].re += lower.m[k].re;
+                    acc.m[k].im += lower.m[k].im;
+                }
+            }
+            double* up = Sm + ys * MR;
+            const Mat<vd, N> Ut = vn_load0<N>(up);
+            C Uc[NN], Ac[NN];
+HPCFLOW_UNROLL
+            for (int k = 0; k < NN; ++k) {
+                Uc[k] = {Ut.m[k].re, Ut.m[k].im};
+                Ac[k] = {acc.m[k].re, acc.m[k].im};
+            }
+            vu idx0{};
+            if constexpr (!OR) {
+                const long long gs0 =
+                    y[0] * G.gst[0] + y[1] * G.gst[1] + y[2] * G.gst[2] + y[3];
+                idx0 = G.loff + (cbase + (unsigned long long)gs0);
+            }
+            failed += update_core<OR, N>(Uc, Ac, idx0, W, P, nl);
+HPCFLOW_UNROLL
+            for (int k = 0; k < NN; ++k) {
+                *(vd*)(up + (2 * k) * W) = Uc[k].re;
+                *(vd*)(up + (2 * k + 1) * W) = Uc[k].im;
+            }
+            const vd v2 = vn_violation2<N>(Uc);
+            vv = v2 > vv ? v2 : vv;
+        }
+        for (int q = 0; q < W; ++q) vmax = vv[q] > vmax ? vv[q] : vmax;
+    }
+    if (vmax > *viol2) *viol2 = vmax;
+    return failed;
+}
+
+// AoS field U[b][mu][x][N][N] (complex128) <-> scratch S (to_s: U -> S)
+template <int N>
+void vn_transpose(double* __restrict__ S, double* __restrict__ U, long long nbatch,
+                  const VNGeom& G, const int* ext, bool to_s) {
+    constexpr int NN2 = 2 * N * N;
+    constexpr long long MR = kVNReals;
+    const long long nmat = nbatch * 4 * G.vol8;
+#pragma omp parallel for schedule(static)
+    for (long long q = 0; q < nmat; ++q) {
+        const long long bm = q / G.vol8, ys = q - bm * G.vol8;
+        long long t = ys;
+        int y[4];
+        for (int d = 3; d >= 0; --d) {
+            y[d] = (int)(t % G.l[d]);
+            t /= G.l[d];
+        }
+        const long long g0 = y[0] * G.gst[0] + y[1] * G.gst[1] + y[2] * G.gst[2] + y[3];
+        double* s = S + q * MR;
+        double* u0 = U + (bm * G.V + g0) * NN2;
+        (void)ext;
+        const vi off = (vi)G.loff * NN2;
+        if (to_s) {
+            const Mat<vd, N> a = gather_mat<vd, double, N>(u0, off);
+HPCFLOW_UNROLL
+            for (int k = 0; k < N * N; ++k) {
+                *(vd*)(s + (2 * k) * W) = a.m[k].re;
+                *(vd*)(s + (2 * k + 1) * W) = a.m[k].im;
+            }
+            continue;
+        }
+#ifdef __AVX512F__
+        constexpr int NB = NN2 / 8;  // whole 8 x 8 blocks
+HPCFLOW_UNROLL
+        for (int blk = 0; blk < NB; ++blk) {
+            __m512d r[8];
+            for (int l = 0; l < 8; ++l) r[l] = _mm512_load_pd(s + (8 * blk + l) * W);
+            transpose8x8(r);
+            for (int l = 0; l < 8; ++l) _mm512_storeu_pd(u0 + off[l] + 8 * blk, r[l]);
+        }
+        for (int l = 0; l < W; ++l)
+            for (int k = 8 * NB; k < NN2; ++k) u0[off[l] + k] = s[k * W + l];
+#else
+        for (int l = 0; l < W; ++l)
+            for (int k = 0; k < NN2; ++k) u0[off[l] + k] = s[k * W + l];
+#endif
+    }
+}
+
+// scratch of the sweeps (grow only; calls serialised)
+std::mutex g_vn_mutex;
+double* g_vn_buf = nullptr;
+size_t g_vn_cap = 0;
+
+// 2 MiB aligned, transparent huge pages where the kernel allows them: the sub-steps read the
+// scratch along ~10 streams at once, and 4 KiB pages would miss the TLB on most of them
+// (16^4 SU(3): 38 MB = 9200 small pages).
+inline double* vn_scratch(size_t n) {
+    if (n > g_vn_cap) {
+        std::free(g_vn_buf);
+        constexpr size_t huge = size_t(1) << 21;
+        const size_t bytes = ((n * sizeof(double) + huge - 1) / huge) * huge;
+        g_vn_buf = static_cast<double*>(std::aligned_alloc(huge, bytes));
+#ifdef MADV_HUGEPAGE
+        if (g_vn_buf) madvise(g_vn_buf, bytes, MADV_HUGEPAGE);
+#endif
+        g_vn_cap = g_vn_buf ? n : 0;
+    }
+    return g_vn_buf;
+}
+
 using real_t = HPCFLOW_REAL;
 constexpr int kN = HPCFLOW_N;
 constexpr int kND = HPCFLOW_ND;
@@ -875,6 +1285,59 @@ double hpcflow_hb_unitarity_violation(const void* U, long long nbatch, const int
     for (int d = 0; d < kND; ++d) gs[d] = ext[d];
     const Layout<kND> L = make_layout<kND>(ext, halo, o, gs);
     return unitarity_violation<real_t, kN, kND>(static_cast<const real_t*>(U), nbatch, L);
+}
+
+// Whole sweeps of a periodic 4D float64 field without halos (L0, L1, L2 multiples of 4, L3
+// even): sweep 0 is a heat-bath sweep when first_hb, every other one overrelaxation; the
+// sub-steps, draws and arithmetic of the per-sub-step entries above. Uin -> Uout (may
+// alias). After each sweep the unitarity violation of the field (all links) is computed; when
+// it exceeds tol the call stops there (the caller re-projects and continues). *done: sweeps
+// done, *viol: violation after the last. Returns the number of links whose rejection did not
+// finish (0 on success; then *done counts the failed sweep too). Returns -1 if unsupported.
+long long hpcflow_hb_sweeps_vn(const void* Uin, void* Uout, long long nbatch, const int* ext,
+                               int n_sweeps, int first_hb, double beta, unsigned int k0,
+                               unsigned int k1, unsigned int step, long long blocks_per_config,
+                               int max_rounds, double kp_alpha_min, double tol, int* done,
+                               double* viol) {
+    *done = 0;
+    *viol = 0.0;
+    if constexpr (kND != 4 || sizeof(real_t) != 8) {
+        return -1;
+    } else {
+        for (int d = 0; d < 3; ++d)
+            if (ext[d] % 4) return -1;
+        if (ext[3] % 2) return -1;
+        std::lock_guard<std::mutex> lock(g_vn_mutex);
+        const VNGeom G = make_vn(ext);
+        double* S = vn_scratch((size_t)nbatch * 4 * G.vol8 * kVNReals);
+        if (!S) return -1;
+        vn_transpose<kN>(S, const_cast<double*>(static_cast<const double*>(Uin)), nbatch, G, ext,
+                         true);
+        HBParams P{{k0, k1}, step, beta, blocks_per_config, max_rounds, kp_alpha_min};
+        long long failed = 0;
+        for (int sw = 0; sw < n_sweeps; ++sw) {
+            const bool hb = sw == 0 && first_hb;
+            double v2 = 0.0;
+            for (int mu = 0; mu < 4; ++mu)
+                for (int p = 0; p < 2; ++p)
+                    failed += hb ? vn_substep<false, kN>(S, nbatch, G, mu, p, P, &v2)
+                                 : vn_substep<true, kN>(S, nbatch, G, mu, p, P, &v2);
+            *done = sw + 1;
+            *viol = std::sqrt(v2);
+            if (failed || *viol > tol) break;
+        }
+#if defined(MADV_HUGEPAGE) && HPCFLOW_HB_VN_OUT_THP
+        {  // a fresh output (torch.empty_like) is faulted in by the transpose: huge pages
+            const uintptr_t huge = uintptr_t(1) << 21;
+            const uintptr_t a = reinterpret_cast<uintptr_t>(Uout);
+            const uintptr_t e = a + (uintptr_t)nbatch * 4 * G.V * 2 * kN * kN * sizeof(double);
+            const uintptr_t a2 = (a + huge - 1) & ~(huge - 1), e2 = e & ~(huge - 1);
+            if (e2 > a2) madvise(reinterpret_cast<void*>(a2), e2 - a2, MADV_HUGEPAGE);
+        }
+#endif
+        vn_transpose<kN>(S, static_cast<double*>(Uout), nbatch, G, ext, false);
+        return failed;
+    }
 }
 
 }  // extern "C"

@@ -17,9 +17,23 @@ ends like the torch sweep with ``reproject_if_drifted``: same tolerance, same gl
 decision (``comm.max``), same ``group.project``, but the violation (max over interior links
 of ``|U^dag U - 1|`` and ``|det U - 1|``) is computed by the host library.
 
-Speed (SU(3), 4D, one core of this project's AVX-512 Xeon; see heatbath_host.cpp for the
-flop count): 8^4 heat-bath sweep ~0.85 us/site, overrelaxation sweep ~0.56 us/site, a
-compound HB + 1 OR sweep through this module ~1.8 us/site, ~24x faster than the torch path.
+Whole sweeps of a complex128 4D field on one process without halos (``comm`` None or a
+plain ``SerialComm``, so the exchanges are no-ops; ``L0, L1, L2`` multiples of 4) run in one
+library call (``hpcflow_hb_sweeps_vn``): the field is transposed once into a
+structure-of-arrays scratch, the heat-bath and all overrelaxation sweeps of
+:func:`heatbath_or_sweep_host` run there, the violation of each sweep is taken from the
+updated links, and the result is written straight into the returned tensor (no copy). A
+sweep whose violation exceeds the tolerance ends the call; the field is projected and the
+remaining sweeps continue, as the torch compound does after every sweep. Other fields
+(decomposed lattices, halos, 2D, complex64) take one call per sub-step.
+
+Speed (SU(3) float64, 4D, one core of this project's AVX-512 Xeon, bench/heatbath_host_ab.py;
+see heatbath_host.cpp for the flop count; the machine is shared, so figures swing): inside a
+multi-sweep call a heat-bath sweep costs ~0.54 us/site at 8^4 and ~0.74 at 16^4, an
+overrelaxation sweep ~0.35 / ~0.49 us/site; the transposes in and out add ~0.1 us/site per
+call; a compound HB + 1 OR sweep through this module ~1.05 / ~1.5 us/site (the per-sub-step
+path: ~1.7 / ~2.2). 16^4 is limited by traffic from L3: each sub-step streams the whole
+field (38 MB) to update 1/8 of its links.
 """
 
 from __future__ import annotations
@@ -82,6 +96,9 @@ def load_heatbath_library(n: int, real: str, nd: int) -> ctypes.CDLL:
     lib.hpcflow_overrelax_substep.restype = None
     lib.hpcflow_hb_unitarity_violation.argtypes = [vp, i64, ip, ip]
     lib.hpcflow_hb_unitarity_violation.restype = cd
+    lib.hpcflow_hb_sweeps_vn.argtypes = [vp, vp, i64, ip, ci, ci, cd, cu, cu, cu, i64, ci, cd, cd,
+                                         ip, ctypes.POINTER(cd)]
+    lib.hpcflow_hb_sweeps_vn.restype = i64
     return lib
 
 
@@ -206,10 +223,65 @@ def _contig(U: torch.Tensor) -> torch.Tensor:
     return _own(U)
 
 
+def _vn_ok(U: torch.Tensor, lat: Lattice, comm) -> bool:  # type: ignore[no-untyped-def]
+    """Whole sweeps in one call on the structure-of-arrays copy (heatbath_host.cpp,
+    hpcflow_hb_sweeps_vn): a float64 4D field on the whole periodic lattice of one process
+    (no halos, so no exchanges between sub-steps), x_0..x_2 extents multiples of 4."""
+    from hpcflow.lattice.geometry import SerialComm
+
+    if comm is not None and type(comm) is not SerialComm:
+        return False
+    if not supports_heatbath_host(U, lat) or lat.nd != 4 or U.dtype != torch.complex128:
+        return False
+    if lat.halo and any(d in lat.padded_dims for d in range(4)):
+        return False
+    if tuple(lat.shape) != tuple(lat.global_shape) or any(lat.origin or ()):
+        return False
+    return all(n % 4 == 0 for n in lat.shape[:3])
+
+
+def _sweeps_vn(U, lat, beta, rng, step, n_sweeps, first_hb):  # type: ignore[no-untyped-def]
+    """``n_sweeps`` sweeps (the first a heat-bath sweep when ``first_hb``, the others
+    overrelaxation), each followed by ``reproject_if_drifted`` (same tolerance and projection;
+    the violation of every link is computed inside the kernel while it updates the link)."""
+    from hpcflow.sampling.hmc import as_group
+
+    n, nbatch, real = _check(U, lat)
+    _Geom(lat)  # even extents
+    lib = load_heatbath_library(n, real, lat.nd)
+    ext = (ctypes.c_int * 4)(*lat.shape)
+    blocks, max_rounds, kp_min = _constants()
+    k0, k1 = rng.key_site if first_hb else (0, 0)
+    tol = 1e3 * torch.finfo(torch.float64).eps
+    src = _contig(U)
+    out = torch.empty_like(src, memory_format=torch.contiguous_format)
+    done, viol = ctypes.c_int(), ctypes.c_double()
+    while n_sweeps > 0:
+        failed = lib.hpcflow_hb_sweeps_vn(src.data_ptr(), out.data_ptr(), nbatch, ext, n_sweeps,
+                                          int(first_hb), beta, k0, k1, step, blocks, max_rounds,
+                                          kp_min, tol, ctypes.byref(done), ctypes.byref(viol))
+        if failed < 0:  # pragma: no cover - shape guarded by _vn_ok
+            raise MemoryError("hpcflow_hb_sweeps_vn: no scratch for the field")
+        if failed:
+            raise RuntimeError(f"SU(2) heat bath rejection did not finish in {max_rounds} "
+                               f"rounds ({failed} links)")
+        n_sweeps -= done.value
+        first_hb = False
+        if viol.value > tol:
+            out = as_group({2: "su2", 3: "su3"}[n]).project(out).contiguous()
+            src = out
+    return out
+
+
 def _sweep(U, lat, beta, rng, step, comm, overrelax, copy=True):  # type: ignore[no-untyped-def]
     from hpcflow.lattice.geometry import SerialComm
 
     n, nbatch, real = _check(U, lat)
+    if _vn_ok(U, lat, comm):
+        with torch.no_grad():
+            if overrelax:
+                return _sweeps_vn(U, lat, 0.0, None, 0, 1, False)
+            return _sweeps_vn(U, lat, beta, rng, _step(rng, step), 1, True)
     comm = SerialComm() if comm is None else comm
     geo = _Geom(lat)
     lib = load_heatbath_library(n, real, lat.nd)
@@ -224,6 +296,10 @@ def _sweep(U, lat, beta, rng, step, comm, overrelax, copy=True):  # type: ignore
                 else:
                     _run_heatbath(lib, Ub, nbatch, geo, mu, p, beta, rng, step)
         return _reproject_if_drifted(lib, Ub, lat, n, nbatch, geo, comm)
+
+
+def _step(rng, step):  # type: ignore[no-untyped-def]
+    return rng._check_step(step)
 
 
 def _reproject_if_drifted(lib, U, lat, n, nbatch, geo, comm):  # type: ignore[no-untyped-def]
@@ -265,6 +341,12 @@ def heatbath_or_sweep_host(U: torch.Tensor, lat: Lattice, beta: float, rng, step
     (``hpcflow.sampling.heatbath.heatbath_or_sweep`` on the host). Returns a new tensor."""
     if isinstance(n_or, bool) or not isinstance(n_or, int) or n_or < 0:
         raise ValueError(f"n_or must be an int >= 0, got {n_or!r}")
+    if _vn_ok(U, lat, comm):
+        from hpcflow.sampling.heatbath import _check_beta
+
+        beta = _check_beta(beta)
+        with torch.no_grad():
+            return _sweeps_vn(U, lat, beta, rng, _step(rng, step), 1 + n_or, True)
     U = heatbath_sweep_host(U, lat, beta, rng, step, comm)
     for _ in range(n_or):  # U is our own tensor now: no further copies
         U = _sweep(U, lat, 0.0, None, 0, comm, True, copy=False)

@@ -300,3 +300,71 @@ def test_unitarity_violation_and_reprojection(gname, gs, dtype):
         out = hh.overrelax_sweep_host(Ug, glat)
         assert _maxdiff(out, hb.overrelax_sweep(Ug, glat, gname, 1.0)) < 1e-12
         assert unitarity_violation(out, glat) < 1e-13
+
+
+# ---- whole sweeps in one call (hpcflow_hb_sweeps_vn: structure-of-arrays copy) ---------------
+VN_CASES = [  # periodic 4D float64 fields with x_0..x_2 extents multiples of 4
+    ("su3", (4, 4, 4, 4), 5.7, ()),
+    ("su3", (4, 8, 4, 6), 12.0, (2,)),
+    ("su3", (8, 4, 4, 2), 6.0, ()),
+    ("su2", (4, 4, 8, 4), 2.3, (2,)),
+]
+
+
+@pytest.mark.parametrize("gname, gs, beta, batch", VN_CASES,
+                         ids=[f"{g}-{'x'.join(map(str, s))}-B{len(B)}" for g, s, _, B in VN_CASES])
+def test_vn_sweeps_match_substep_path_and_torch(gname, gs, beta, batch, monkeypatch):
+    """The one-call sweeps equal the per-sub-step host path and the torch sweeps (ordered
+    start) to 1e-12: heat bath alone, overrelaxation alone, HB + 2 OR."""
+    lat = Lattice(gs)
+    group = get_group(gname)
+    assert hh._vn_ok(_warm(gname, lat, batch), lat, None)
+    U = _warm(gname, lat, batch)
+    U0 = U.clone()
+    rng = CounterRNG(123, 0)
+    vn = [hh.heatbath_sweep_host(U, lat, beta, rng, 4), hh.overrelax_sweep_host(U, lat),
+          hh.heatbath_or_sweep_host(U, lat, beta, rng, 9, n_or=2)]
+    assert torch.equal(U, U0)  # the caller's field is untouched
+    ref = [hb.heatbath_sweep(U, lat, group, beta, rng, 4),
+           hb.overrelax_sweep(U, lat, group, beta),
+           hb.heatbath_or_sweep(U, lat, group, beta, rng, 9, n_or=2)]
+    monkeypatch.setattr(hh, "_vn_ok", lambda *a: False)
+    sub = [hh.heatbath_sweep_host(U, lat, beta, rng, 4), hh.overrelax_sweep_host(U, lat),
+           hh.heatbath_or_sweep_host(U, lat, beta, rng, 9, n_or=2)]
+    for a, b, c in zip(vn, sub, ref):
+        assert a.shape == U.shape and a.dtype == U.dtype
+        assert _maxdiff(a, b) < 1e-12
+        assert _maxdiff(a, c) < 1e-12
+
+
+def test_vn_hot_heatbath_sweep_and_eligibility():
+    """Hot start heat-bath sweep (KP retries and Creutz lanes at beta 0.8) against torch, and
+    which fields take the one-call path."""
+    lat = Lattice((4, 4, 4, 4))
+    U = _field("su3", lat, (2,))
+    rng = CounterRNG(7, 1)
+    for beta in (0.8, 5.7):
+        out = hh.heatbath_sweep_host(U, lat, beta, rng, 2)
+        assert _maxdiff(out, hb.heatbath_sweep(U, lat, "su3", beta, rng, 2)) < 1e-12
+    assert hh._vn_ok(U, lat, None) and hh._vn_ok(U, lat, SerialComm())
+    assert not hh._vn_ok(U, lat, PeriodicHaloComm())
+    assert not hh._vn_ok(U.to(torch.complex64), lat, None)
+    assert not hh._vn_ok(_field("su3", Lattice((4, 6, 4, 4))), Lattice((4, 6, 4, 4)), None)
+    assert not hh._vn_ok(_field("su3", Lattice((4, 4, 4, 4), halo=1)), Lattice((4, 4, 4, 4),
+                                                                                 halo=1), None)
+
+
+def test_vn_reprojection_between_sweeps():
+    """A drifted field: the one-call path stops after the drifted sweep, re-projects like
+    reproject_if_drifted after every sweep of the torch compound, and continues."""
+    from hpcflow.sampling.hmc import unitarity_violation
+
+    lat = Lattice((4, 4, 4, 4))
+    U = (_warm("su3", lat, (2,)) * (1 + 1e-9)).contiguous()
+    rng = CounterRNG(3, 2)
+    out = hh.heatbath_or_sweep_host(U, lat, 6.0, rng, 5, n_or=2)
+    ref = hb.heatbath_or_sweep(U, lat, "su3", 6.0, rng, 5, n_or=2)
+    assert _maxdiff(out, ref) < 1e-12
+    assert unitarity_violation(out, lat) < 1e-13
+    out = hh.overrelax_sweep_host(U, lat)
+    assert _maxdiff(out, hb.overrelax_sweep(U, lat, "su3", 6.0)) < 1e-12
