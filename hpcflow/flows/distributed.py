@@ -40,14 +40,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from hpcflow.flows.base import GaugeFlow
 from hpcflow.lattice.geometry import Lattice, SerialComm
 
 __all__ = ["DistributedFlow", "local_flow", "sum_gradients"]
 
 
-def local_flow(flow: torch.nn.Module, lat: Lattice) -> torch.nn.Module:
+def local_flow(flow: GaugeFlow, lat: Lattice) -> GaugeFlow:
     """The same flow (architecture from ``flow.arch``, parameters from ``flow.state_dict()``)
     rebuilt on the local lattice ``lat``.
 
@@ -78,173 +78,76 @@ def sum_gradients(params: Iterable[torch.nn.Parameter], sum_fn: Callable[[torch.
         i += p.numel()
 
 
-class DistributedFlow(torch.nn.Module):
+class DistributedFlow(GaugeFlow):
     """``DistributedFlow(flow, comm=None, checkpoint_layers=False, pad_all=False)``: ``flow`` on
     sub-lattices.
 
-    ``flow``: a ``U1GaugeFlow`` or ``SUNGaugeFlow`` (its parameters are copied; build it on any
-    lattice of the same global shape, e.g. ``Lattice(global_shape)``). ``comm``: the domain's
-    :class:`hpcflow.comm.LatticeComm` (``None``: one rank, ``SerialComm``). The local lattice
-    :attr:`lat` has ``max(widths)`` halo layers on the decomposed dimensions.
-    ``checkpoint_layers``: recompute each layer's activations in the backward pass (the halo
-    exchange itself is not recomputed), trading compute for activation memory. ``pad_all``:
-    halos on every dimension, also undecomposed ones (exchange = periodic copy there); one rank
-    then runs the full halo machinery, which tests use.
+    ``flow``: a :class:`GaugeFlow` (``U1GaugeFlow``, ``SUNGaugeFlow``; its parameters are
+    copied; build it on any lattice of the same global shape, e.g. ``Lattice(global_shape)``).
+    ``comm``: the domain's :class:`hpcflow.comm.LatticeComm` (``None``: one rank,
+    ``SerialComm``). The local lattice :attr:`lat` has ``max(widths)`` halo layers on the
+    decomposed dimensions. ``checkpoint_layers``: recompute each layer's activations in the
+    backward pass (the halo exchange itself is not recomputed), trading compute for activation
+    memory. ``pad_all``: halos on every dimension, also undecomposed ones (exchange = periodic
+    copy there); one rank then runs the full halo machinery, which tests use.
 
-    Fields are local padded arrays: U(1) angles ``(B, 2, *lat.shape)``, SU(N) links
-    ``(B, nd, *lat.shape, N, N)``. Every field this class returns has valid halos, which
-    :meth:`action` and :meth:`observables` rely on (reach 1). ``log q``, ``log det``, ``S``
-    and the observables are global values, the same on every rank of the domain. The
-    ``state_dict`` keys are those of ``flow`` (checkpoints are interchangeable).
+    It is the same :class:`GaugeFlow` (same composition, prior, sampling and theory hooks) on
+    the local lattice, with the flow's theory rebound to that lattice and ``comm``
+    (``theory.on(lat, comm)``), plus two hooks of the composition: a halo exchange of width
+    ``widths[i]`` before layer ``i``, and after the last layer a full exchange and one
+    ``comm.sum`` of the log-det. Fields are local padded arrays of the theory's variables
+    (U(1) angles ``(B, 2, *lat.shape)``, SU(N) links ``(B, nd, *lat.shape, N, N)``). Every
+    field this class returns has valid halos, which :meth:`action` and :meth:`observables`
+    rely on (reach 1). ``log q``, ``log det``, ``S`` and the observables are global values, the
+    same on every rank of the domain. The ``state_dict`` keys are those of ``flow``
+    (checkpoints are interchangeable).
     """
 
     def __init__(
-        self, flow: torch.nn.Module, comm: Any = None, checkpoint_layers: bool = False,
+        self, flow: GaugeFlow, comm: Any = None, checkpoint_layers: bool = False,
         pad_all: bool = False,
     ) -> None:
-        super().__init__()
-        from hpcflow.flows.sun import SUNGaugeFlow
-        from hpcflow.flows.u1 import U1GaugeFlow
-
-        if not isinstance(flow, (U1GaugeFlow, SUNGaugeFlow)):
+        if not isinstance(flow, GaugeFlow) or isinstance(flow, DistributedFlow):
             raise TypeError(f"flow must be a U1GaugeFlow or SUNGaugeFlow, got {type(flow).__name__}")
-        self.comm = SerialComm() if comm is None else comm
-        self.is_u1 = isinstance(flow, U1GaugeFlow)
-        self.arch = dict(flow.arch)
-        self.global_shape = tuple(flow.lat.global_shape)
-        # U(1) works on angles (no matrix axes), SU(N) on link matrices
-        self.inner = 0 if self.is_u1 else 2
+        comm = SerialComm() if comm is None else comm
+        global_shape = tuple(flow.lat.global_shape)
         # the halo width each layer needs, from its receptive field (module docstring)
-        self.widths: list[int] = [int(layer.halo) for layer in flow.layers]
-        halo = max(self.widths, default=0)
-        if hasattr(self.comm, "local_lattice"):
-            lat = self.comm.local_lattice(self.global_shape, halo=max(halo, 1), pad_all=pad_all)
+        widths = [int(layer.halo) for layer in flow.layers]
+        halo = max(widths, default=0)
+        if hasattr(comm, "local_lattice"):
+            lat = comm.local_lattice(global_shape, halo=max(halo, 1), pad_all=pad_all)
             lat = dataclasses.replace(lat, backend=flow.lat.backend)
         elif pad_all:
             raise ValueError("pad_all needs a comm with local_lattice (hpcflow.comm.LatticeComm), "
-                             f"got {type(self.comm).__name__}")
+                             f"got {type(comm).__name__}")
         else:
-            lat = Lattice(self.global_shape, backend=flow.lat.backend)
-        self.lat = lat
+            lat = Lattice(global_shape, backend=flow.lat.backend)
         local = local_flow(flow, lat)
         # the local layers (and their state_dict keys) replace the single-rank ones
-        self.layers = local.layers
-        self.prior: Any = local.prior
-        self.group = None if self.is_u1 else local.group
+        super().__init__(lat, flow.theory.on(lat, comm), local.layers, flow.arch)
+        self.comm = comm
+        self.global_shape = global_shape
+        self.widths: list[int] = widths
         self.checkpoint_layers = bool(checkpoint_layers)
-
-    # ---- dtypes ------------------------------------------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        """Real dtype of the parameters (float64 or float32)."""
-        return next(self.parameters()).dtype
-
-    @property
-    def cdtype(self) -> torch.dtype:
-        """Dtype of the fields: the real dtype for U(1) angles, complex for SU(N) links."""
-        if self.is_u1:
-            return self.dtype
-        return torch.complex64 if self.dtype == torch.float32 else torch.complex128
 
     @property
     def halo(self) -> int:
         """Halo layers of the local array (``max(widths)`` when decomposed, else 0)."""
         return self.lat.halo
 
-    # ---- the bijection -----------------------------------------------------------------
-    def _batch(self, x: torch.Tensor) -> tuple[int, ...]:
-        return tuple(x.shape[: x.dim() - self.lat.nd - 1 - self.inner])
-
+    # ---- the composition hooks ---------------------------------------------------------
     def _exchange(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
         if self.lat.halo == 0 or not self.lat.padded_dims or width == 0:
             return x
         return self.comm.exchange(x, self.lat, inner=self.inner, width=width)
 
-    def _run(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        real = torch.float32 if x.dtype in (torch.float32, torch.complex64) else torch.float64
-        logdet = torch.zeros(self._batch(x), dtype=real, device=x.device)
-        order = range(len(self.layers) - 1, -1, -1) if inverse else range(len(self.layers))
-        for i in order:
-            layer, w = self.layers[i], self.widths[i]
-            x = self._exchange(x, w)
-            fn = layer.inverse if inverse else layer
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                x, ld = checkpoint(fn, x, use_reentrant=False)
-            else:
-                x, ld = fn(x)
-            logdet = logdet + ld
+    def before_layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return self._exchange(x, self.widths[i])
+
+    def after_layers(self, x: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one collective for all layers' log-dets; a full exchange leaves valid halos
         return self._exchange(x), self.comm.sum(logdet)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, log|det dx/dz|)``; the log-det is the global sum over the domain."""
-        return self._run(z, inverse=False)
-
-    def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z, -log|det dx/dz|)`` (global)."""
-        return self._run(x, inverse=True)
-
-    # ---- sampling ----------------------------------------------------------------------
-    def sample_counter(self, rng: Any, first: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Proposals ``first .. first+batch-1``: prior draws keyed on (proposal, global link), so
-        every grid gives the same fields; returns ``(x, log q)``."""
-        z = self.prior.sample_counter(rng, first, batch, dtype=self.cdtype)
-        return self.push(z)
-
-    def push(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, log q(x))`` with ``log q = log prior(z) - log det`` (the prior's log-density is
-        already global: it counts the links of the whole lattice)."""
-        x, logdet = self(z)
-        return x, self.prior.log_prob(z) - logdet
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log q(x)`` by running the layers backwards."""
-        z, logdet_inv = self.inverse(x.to(self.cdtype))
-        return self.prior.log_prob(z) + logdet_inv
-
-    # ---- theory hooks (hpcflow.sampling.flow_chains) ---------------------------------------
-    def action(self, x: torch.Tensor, beta: float) -> torch.Tensor:
-        """Global Wilson action, shape ``(*B)`` (``x`` with valid halos)."""
-        if self.is_u1:
-            from hpcflow.flows.u1 import u1_action
-
-            return self.comm.sum(u1_action(x, self.lat, beta))
-        from hpcflow.lattice.action import wilson_action
-
-        return wilson_action(x, self.lat, beta, self.comm)
-
-    def observables(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Global ``plaquette`` and ``Q`` as the single-rank flows define them."""
-        if self.is_u1:
-            from hpcflow.flows.u1 import plaquette_angles, u1_topological_charge
-
-            cos_sum = self.lat.interior_sum(torch.cos(plaquette_angles(x, self.lat)))
-            plaq = self.comm.sum(cos_sum) / self.lat.volume
-            return {"plaquette": plaq, "Q": self.comm.sum(u1_topological_charge(x, self.lat))}
-        from hpcflow.lattice.action import average_plaquette
-
-        plaq = average_plaquette(x, self.lat, self.comm)
-        if self.lat.nd == 4:
-            from hpcflow.lattice.observables import topological_charge_clover
-
-            return {"plaquette": plaq, "Q": topological_charge_clover(x, self.lat, self.comm)}
-        return {"plaquette": plaq, "Q": torch.zeros_like(plaq)}
-
-    def to_links(self, x: torch.Tensor) -> torch.Tensor:
-        """Link matrices of a state (U(1): ``exp(i theta)`` with ``1 x 1`` matrix axes)."""
-        if self.is_u1:
-            from hpcflow.flows.u1 import links_from_angles
-
-            return links_from_angles(x)
-        return x
-
-    def from_links(self, U: torch.Tensor) -> torch.Tensor:
-        if self.is_u1:
-            from hpcflow.flows.u1 import angles_from_links
-
-            return angles_from_links(U).to(self.dtype)
-        return U.to(self.cdtype)
-
     def __repr__(self) -> str:
-        return (f"DistributedFlow({'u1' if self.is_u1 else self.group.name}, global {list(self.global_shape)}, "
+        return (f"DistributedFlow({self.group.name}, global {list(self.global_shape)}, "
                 f"local {list(self.lat.local_shape)}, halo {self.lat.halo}, widths {self.widths})")

@@ -60,11 +60,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hpcflow.flows.base import Bijection, Flow
+from hpcflow.flows.arch import check_flow_config, flow_architecture
+from hpcflow.flows.base import Bijection, GaugeFlow, GaugeTheory, real_dtype
 from hpcflow.flows.conv4d import LatticeCNN, PadFnNd, circular_pad_nd
+from hpcflow.flows.kernels1d import (
+    TWO_PI,
+    IntervalKernel,
+    IntervalNCPKernel,
+    IntervalSplineKernel,
+    make_interval_kernel,
+)
+from hpcflow.flows.prior import HaarPriorSUN
 from hpcflow.lattice.action import average_plaquette, link, plaquette, wilson_action
 from hpcflow.lattice.geometry import Lattice
-from hpcflow.lattice.groups import Group, dagger, get_group, random_field
+from hpcflow.lattice.groups import Group, dagger, get_group
 
 __all__ = [
     "MASK_PERIOD",
@@ -74,6 +83,7 @@ __all__ = [
     "IntervalSplineKernel",
     "SUNGaugeFlow",
     "SUNSpectralCoupling",
+    "SUNTheory",
     "build_sun_flow",
     "layer_plan",
     "make_interval_kernel",
@@ -93,171 +103,8 @@ def mask_period(extent: int) -> int:
     allows it, else 2 (even extents such as 6: the context then comes from the other planes
     only). 0 when the extent is odd (no valid pattern)."""
     return MASK_PERIOD if extent % MASK_PERIOD == 0 else (2 if extent % 2 == 0 else 0)
-TWO_PI = 2.0 * math.pi
 # Fourier features of u on which the parameters of the SU(3) second-angle map depend
 N_U_FEATURES = 4
-
-
-def _real(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float32, torch.complex64) else torch.float64
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex64 if dtype in (torch.float32, torch.complex64) else torch.complex128
-
-
-# ---- interval bijections of [0, 1] fixing both ends -------------------------------------
-class IntervalKernel(torch.nn.Module):
-    """Increasing bijection of [0, 1] with ``g(0) = 0``, ``g(1) = 1``; parameters last axis.
-
-    ``forward(x, p) -> (g(x), log g'(x))``; ``inverse(y, p) -> (x, log g'(x))`` with ``g(x) = y``.
-    ``p = 0`` is the identity map.
-    """
-
-    n_params: int
-
-    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-
-class IntervalNCPKernel(IntervalKernel):
-    """Convex mixture of non-compact projections on the half circle (Kanwar et al. 2020):
-    ``g(x) = (1/pi) sum_k w_k 2 atan(e^{s_k} tan(pi x / 2))``, params ``(s_1..K, a_1..K)``,
-    ``w = softmax(a)``. Each term fixes 0 and 1, so does the mixture. Inverse: bisection, then
-    safeguarded Newton, then one Newton step with autograd on (implicit gradient)."""
-
-    s_max = 5.0
-
-    def __init__(self, n_components: int) -> None:
-        super().__init__()
-        if isinstance(n_components, bool) or int(n_components) < 1:
-            raise ValueError(f"flow.n_components must be >= 1, got {n_components!r}")
-        self.n_components = int(n_components)
-        self.n_params = 2 * self.n_components
-
-    def _eval(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.n_components
-        # soft bound |s| < s_max: g' stays in [e^-s_max, e^s_max], so no loop is squeezed onto
-        # a face of the cell (log-det -inf) by an overshooting optimiser step
-        s = self.s_max * torch.tanh(p[..., :k] / self.s_max)
-        logw = torch.log_softmax(p[..., k:], dim=-1)
-        z = 0.5 * math.pi * x.unsqueeze(-1)
-        y = (2.0 / math.pi) * torch.atan(torch.exp(s) * torch.tan(z))
-        c2 = torch.cos(z) ** 2
-        logj = -torch.log(torch.exp(-s) * c2 + torch.exp(s) * (1.0 - c2))
-        return (logw.exp() * y).sum(-1), torch.logsumexp(logw + logj, -1)
-
-    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._eval(x, p)
-
-    def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = torch.zeros_like(y), torch.ones_like(y)
-        with torch.no_grad():
-            for _ in range(12):
-                mid = 0.5 * (lo + hi)
-                below = self._eval(mid, p)[0] < y
-                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-            x = 0.5 * (lo + hi)
-            for _ in range(30):
-                ym, logj = self._eval(x, p)
-                below = ym < y
-                lo, hi = torch.where(below, x, lo), torch.where(below, hi, x)
-                xn = x - (ym - y) * torch.exp(-logj)
-                x = torch.where((xn > lo) & (xn < hi), xn, 0.5 * (lo + hi))
-        ym, logj = self._eval(x.detach(), p)
-        x = (x - (ym - y) * torch.exp(-logj)).clamp(0.0, 1.0)
-        return x, self._eval(x, p)[1]
-
-
-class IntervalSplineKernel(IntervalKernel):
-    """Rational-quadratic spline on [0, 1] (Durkan et al. 2019, arXiv 1906.04032) with ``K``
-    bins and ``K + 1`` free knot derivatives; params ``(W_1..K, H_1..K, D_0..K)``."""
-
-    min_bin = 1e-3
-    min_deriv = 1e-3
-
-    def __init__(self, n_knots: int) -> None:
-        super().__init__()
-        if isinstance(n_knots, bool) or int(n_knots) < 2:
-            raise ValueError(f"flow.n_knots must be >= 2, got {n_knots!r}")
-        self.n_knots = int(n_knots)
-        self.n_params = 3 * self.n_knots + 1
-        # softplus(0 + shift) + min_deriv = 1: p = 0 is the identity map
-        self._dshift = math.log(math.expm1(1.0 - self.min_deriv))
-
-    def _knots(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        k = self.n_knots
-        w = self.min_bin + (1.0 - self.min_bin * k) * F.softmax(p[..., :k], -1)
-        h = self.min_bin + (1.0 - self.min_bin * k) * F.softmax(p[..., k : 2 * k], -1)
-        d = self.min_deriv + F.softplus(p[..., 2 * k :] + self._dshift)
-        zero = torch.zeros_like(w[..., :1])
-        one = torch.ones_like(zero)
-        xk = torch.cat([zero, torch.cumsum(w, -1)[..., :-1], one], -1)
-        yk = torch.cat([zero, torch.cumsum(h, -1)[..., :-1], one], -1)
-        return xk, yk, d
-
-    @staticmethod
-    def _take(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return torch.gather(a, -1, idx).squeeze(-1)
-
-    def _bin(self, knots: torch.Tensor, v: torch.Tensor):
-        idx = (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(-1, keepdim=True)
-        return idx, idx + 1
-
-    @staticmethod
-    def _logderiv(xi, s, d0, d1):  # type: ignore[no-untyped-def]
-        om = xi * (1.0 - xi)
-        den = s + (d1 + d0 - 2.0 * s) * om
-        num = s**2 * (d1 * xi**2 + 2.0 * s * om + d0 * (1.0 - xi) ** 2)
-        return torch.log(num) - 2.0 * torch.log(den)
-
-    def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xk, yk, d = self._knots(p)
-        i0, i1 = self._bin(xk, x)
-        x0, w = self._take(xk, i0), self._take(xk, i1) - self._take(xk, i0)
-        y0, h = self._take(yk, i0), self._take(yk, i1) - self._take(yk, i0)
-        d0, d1 = self._take(d, i0), self._take(d, i1)
-        s = h / w
-        xi = ((x - x0) / w).clamp(0.0, 1.0)
-        om = xi * (1.0 - xi)
-        y = y0 + h * (s * xi**2 + d0 * om) / (s + (d1 + d0 - 2.0 * s) * om)
-        return y.clamp(0.0, 1.0), self._logderiv(xi, s, d0, d1)
-
-    def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xk, yk, d = self._knots(p)
-        i0, i1 = self._bin(yk, y)
-        x0, w = self._take(xk, i0), self._take(xk, i1) - self._take(xk, i0)
-        y0, h = self._take(yk, i0), self._take(yk, i1) - self._take(yk, i0)
-        d0, d1 = self._take(d, i0), self._take(d, i1)
-        s = h / w
-        dy = y - y0
-        c2 = d1 + d0 - 2.0 * s
-        a = h * (s - d0) + dy * c2
-        b = h * d0 - dy * c2
-        c = -s * dy
-        # stable root in [0, 1] of a xi^2 + b xi + c = 0 (Durkan et al. eq. 6-8)
-        disc = (b**2 - 4.0 * a * c).clamp_min(0.0)
-        xi = ((2.0 * c) / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
-        # the root loses digits where the bin is very steep or flat: polish it by Newton steps
-        # on the forward formula (differentiable; at the root they give the implicit gradient)
-        for _ in range(2):
-            om = xi * (1.0 - xi)
-            den = s + c2 * om
-            res = h * (s * xi**2 + d0 * om) / den - dy
-            xi = (xi - res / (w * torch.exp(self._logderiv(xi, s, d0, d1)))).clamp(0.0, 1.0)
-        return (x0 + xi * w).clamp(0.0, 1.0), self._logderiv(xi, s, d0, d1)
-
-
-def make_interval_kernel(kind: str, n_components: int = 2, n_knots: int = 8) -> IntervalKernel:
-    """Kernel from the config's ``flow.kernel`` (``ncp`` | ``spline``)."""
-    if kind == "ncp":
-        return IntervalNCPKernel(n_components)
-    if kind == "spline":
-        return IntervalSplineKernel(n_knots)
-    raise ValueError(f"flow.kernel must be 'ncp' or 'spline', got {kind!r}")
 
 
 # ---- spectral maps of single SU(N) matrices ----------------------------------------------
@@ -533,149 +380,46 @@ class SUNSpectralCoupling(Bijection):
         return self._couple(U, True)
 
 
-# ---- prior -------------------------------------------------------------------------------
-class HaarPriorSUN:
-    """Product Haar measure on SU(N) links; densities are w.r.t. the *normalised* Haar
-    measure, so ``log prior = 0`` exactly (the reference measure of ``p = e^{-S}/Z``)."""
+# ---- the theory and the flow ------------------------------------------------------------
+class SUNTheory(GaugeTheory):
+    """SU(N) on link matrices ``U[*B, nd, *lat.shape, N, N]``; product Haar prior; the state
+    is the link field (``to_links`` / ``from_links`` are the identity up to the dtype)."""
 
-    def __init__(self, lat: Lattice, group: Group | str) -> None:
-        self.lat = lat
-        self.group = get_group(group) if isinstance(group, str) else group
-        self.n_links = lat.nd * lat.volume
+    inner = 2
 
-    def log_prob(self, U: torch.Tensor) -> torch.Tensor:
-        """Zeros of shape ``(*B)`` (real dtype of ``U``)."""
-        batch = U.shape[: U.dim() - self.lat.nd - 3]
-        return torch.zeros(batch, dtype=_real(U.dtype), device=U.device)
+    def __init__(self, lat: Lattice, group: Group | str, comm: Any = None) -> None:
+        super().__init__(lat, get_group(group) if isinstance(group, str) else group, comm)
 
-    def sample(
-        self, batch: int, generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.complex128, device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """``batch`` Haar fields from a torch generator (training: a per-rank stream)."""
-        gen = generator if generator is not None else torch.Generator().manual_seed(
-            int(torch.randint(0, 2**62, ())))
-        return random_field(self.lat, self.group, gen, batch=(int(batch),),
-                            dtype=_complex(dtype), device=device)
+    def make_prior(self) -> HaarPriorSUN:
+        return HaarPriorSUN(self.lat, self.group)
 
-    def sample_counter(
-        self, rng: Any, first: int, batch: int, dtype: torch.dtype = torch.complex128,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """Proposals ``first..first+batch-1``: link ``l`` (global ``mu V + site``) of proposal
-        ``p`` from the normals at Philox index ``p * n_links + l``, step 0 (any process grid)."""
-        links = self.lat.global_link_index(device)
-        p = torch.arange(int(first), int(first) + int(batch), dtype=torch.int64, device=device)
-        index = p.view(-1, *([1] * links.dim())) * self.n_links + links
-        normals = rng.normal(index, 0, self.group.n_haar_normals, dtype=torch.float64)
-        return self.group.haar(normals).to(_complex(dtype))
-
-
-# ---- the flow ----------------------------------------------------------------------------
-class SUNGaugeFlow(Flow):
-    """Haar prior followed by spectral coupling layers; ``log q(U) = log prior(z) - sum log det``.
-
-    Same sampling interface as the U(1) flow (``sample``, ``sample_counter``, ``push``,
-    ``log_prob``), plus the theory hooks used by the generic samplers: ``action(U, beta)``,
-    ``observables(U)``, ``group``, ``to_links`` / ``from_links`` (identity here: the state is
-    the link field).
-    """
-
-    def __init__(self, lat: Lattice, group: Group | str, layers: Sequence[Bijection],
-                 arch: dict[str, Any]) -> None:
-        super().__init__(layers)
-        self.lat = lat
-        self.group = get_group(group) if isinstance(group, str) else group
-        self.prior = HaarPriorSUN(lat, self.group)
-        self.arch = dict(arch)
-
-    def _batch(self, U: torch.Tensor) -> tuple[int, ...]:
-        return tuple(U.shape[: U.dim() - self.lat.nd - 3])
-
-    def forward(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logdet = torch.zeros(self._batch(U), dtype=_real(U.dtype), device=U.device)
-        for layer in self.layers:
-            U, ld = layer(U)
-            logdet = logdet + ld
-        return U, logdet
-
-    def inverse(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logdet = torch.zeros(self._batch(U), dtype=_real(U.dtype), device=U.device)
-        for layer in reversed(self.layers):
-            U, ld = layer.inverse(U)
-            logdet = logdet + ld
-        return U, logdet
-
-    @property
-    def halo(self) -> int:
-        """Halo width for running all layers on one exchanged field (sum of per-layer halos)."""
-        return sum(getattr(layer, "halo", 0) for layer in self.layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Real dtype of the parameters (float64 or float32)."""
-        return next(self.parameters()).dtype
-
-    @property
-    def cdtype(self) -> torch.dtype:
-        """Complex dtype of the link fields (complex128 or complex64)."""
-        return _complex(self.dtype)
-
-    def sample(self, batch: int, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, log q)`` for ``batch`` proposals drawn with a torch generator."""
-        return self.push(self.prior.sample(batch, generator, dtype=self.cdtype))
-
-    def sample_counter(self, rng: Any, first: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Proposals ``first .. first+batch-1`` with draws keyed on (global link, proposal)."""
-        return self.push(self.prior.sample_counter(rng, first, batch, dtype=self.cdtype))
-
-    def push(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        U, logdet = self(z)
-        return U, self.prior.log_prob(z) - logdet
-
-    def log_prob(self, U: torch.Tensor) -> torch.Tensor:
-        """``log q(U)`` by running the layers backwards (needed for non-flow states)."""
-        z, logdet_inv = self.inverse(U.to(self.cdtype))
-        return self.prior.log_prob(z) + logdet_inv
-
-    # theory hooks for the generic samplers (metropolis, mixed chains)
     def action(self, U: torch.Tensor, beta: float) -> torch.Tensor:
         """Wilson action ``-(beta/N) sum Re tr P``, shape ``(*B)``."""
-        return wilson_action(U, self.lat, beta)
+        return wilson_action(U, self.lat, beta, self.comm)
 
     def observables(self, U: torch.Tensor) -> dict[str, torch.Tensor]:
         """``plaquette`` ``(1/N) <Re tr P>`` and ``Q``: the unsmoothed clover charge in 4D; in 2D
         SU(N) has no topological sectors (pi_1(SU(N)) = 0), so ``Q = 0`` identically."""
-        plaq = average_plaquette(U, self.lat)
+        plaq = average_plaquette(U, self.lat, self.comm)
         if self.lat.nd == 4:
             from hpcflow.lattice.observables import topological_charge_clover
 
-            q = topological_charge_clover(U, self.lat)
-        else:
-            q = torch.zeros_like(plaq)
-        return {"plaquette": plaq, "Q": q}
+            return {"plaquette": plaq, "Q": topological_charge_clover(U, self.lat, self.comm)}
+        return {"plaquette": plaq, "Q": torch.zeros_like(plaq)}
 
     def to_links(self, U: torch.Tensor) -> torch.Tensor:
         return U
 
     def from_links(self, U: torch.Tensor) -> torch.Tensor:
-        return U.to(self.cdtype)
+        return U
 
 
-def flow_architecture(flow_cfg: Any, lat: Lattice, group: str) -> dict[str, Any]:
-    """What a checkpoint records to recognise the model: group, lattice and every knob."""
-    return {
-        "group": group,
-        "lattice": list(lat.global_shape),
-        "n_layers": int(flow_cfg.n_layers),
-        "kernel": str(flow_cfg.kernel),
-        "n_components": int(flow_cfg.n_components),
-        "n_knots": int(flow_cfg.n_knots),
-        "hidden": [int(h) for h in flow_cfg.hidden],
-        "kernel_size": int(flow_cfg.kernel_size),
-        "layer": "spectral",
-    }
+class SUNGaugeFlow(GaugeFlow):
+    """The :class:`GaugeFlow` of :class:`SUNTheory` (``SUNGaugeFlow(lat, group, layers, arch)``)."""
+
+    def __init__(self, lat: Lattice, group: Group | str, layers: Sequence[Bijection],
+                 arch: dict[str, Any]) -> None:
+        super().__init__(lat, SUNTheory(lat, group), layers, arch)
 
 
 def build_sun_flow(
@@ -687,16 +431,13 @@ def build_sun_flow(
     ``dtype``: parameter precision, ``torch.float64`` (links complex128) or ``torch.float32``
     (complex64); the complex dtypes are accepted as synonyms.
     """
-    if dtype not in (torch.float64, torch.float32, torch.complex128, torch.complex64):
-        raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    n_layers = check_flow_config(flow_cfg, dtype,
+                                 (torch.float64, torch.float32, torch.complex128, torch.complex64))
     g = get_group(group) if isinstance(group, str) else group
     if g.name not in ("su2", "su3"):
         raise ValueError(f"group must be 'su2' or 'su3' for SU(N) flows, got {g.name!r}")
     if lat.nd not in (2, 4):
         raise ValueError(f"lattice.shape {list(lat.global_shape)}: SU(N) flows need a 2D or 4D lattice")
-    n_layers = int(flow_cfg.n_layers)
-    if n_layers < 1:
-        raise ValueError(f"flow.n_layers must be >= 1, got {n_layers}")
     plan = layer_plan(lat.nd, n_layers)
     bad = sorted({nu for _, nu, _ in plan if mask_period(lat.global_shape[nu]) == 0})
     if bad:
@@ -713,4 +454,5 @@ def build_sun_flow(
         )
         for mu, nu, off in plan
     ]
-    return SUNGaugeFlow(lat, g, layers, flow_architecture(flow_cfg, lat, g.name)).to(_real(dtype))
+    arch = flow_architecture(flow_cfg, lat, g.name, layer="spectral")
+    return SUNGaugeFlow(lat, g, layers, arch).to(real_dtype(dtype))

@@ -29,19 +29,21 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from hpcflow.flows.base import Bijection, Flow
-from hpcflow.flows.circular import TWO_PI, CircularKernel, make_kernel
+from hpcflow.flows.arch import check_flow_config, flow_architecture
+from hpcflow.flows.base import Bijection, GaugeFlow, GaugeTheory
 from hpcflow.flows.context import ContextCNN, circular_pad
+from hpcflow.flows.kernels1d import TWO_PI, CircularKernel, make_kernel
 from hpcflow.flows.prior import HaarPriorU1
 from hpcflow.lattice.geometry import Lattice
+from hpcflow.lattice.groups import Group, get_group
 
 __all__ = [
     "MASK_PERIOD",
     "U1GaugeFlow",
     "U1PlaquetteCoupling",
+    "U1Theory",
     "angles_from_links",
     "build_u1_flow",
-    "flow_architecture",
     "links_from_angles",
     "plaquette_angles",
     "plaquette_masks",
@@ -239,69 +241,47 @@ class U1PlaquetteCoupling(Bijection):
         return self._update(theta, old - pa), -self._logdet(logj)
 
 
-# ---- the flow ----------------------------------------------------------------------------
-class U1GaugeFlow(Flow):
-    """Haar prior followed by coupling layers; ``log q(U) = log prior(z) - sum log det``."""
+# ---- the theory and the flow ------------------------------------------------------------
+class U1Theory(GaugeTheory):
+    """U(1) on link angles ``theta[*B, nd, *lat.shape]`` (no matrix axes); uniform prior."""
+
+    inner = 0
+
+    def __init__(self, lat: Lattice, group: Group | None = None, comm: Any = None) -> None:
+        super().__init__(lat, get_group("u1") if group is None else group, comm)
+
+    def make_prior(self) -> HaarPriorU1:
+        return HaarPriorU1(self.lat)
+
+    def action(self, x: torch.Tensor, beta: float) -> torch.Tensor:
+        """``-beta sum_x cos theta_P(x)`` over the whole lattice."""
+        return self.comm.sum(u1_action(x, self.lat, beta))
+
+    def observables(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``plaquette`` ``<cos theta_P>`` and the geometric charge ``Q`` (global)."""
+        cos_sum = self.lat.interior_sum(torch.cos(plaquette_angles(x, self.lat)))
+        return {"plaquette": self.comm.sum(cos_sum) / self.lat.volume,
+                "Q": self.comm.sum(u1_topological_charge(x, self.lat))}
+
+    def to_links(self, x: torch.Tensor) -> torch.Tensor:
+        """``exp(i theta)`` with ``1 x 1`` matrix axes."""
+        return links_from_angles(x)
+
+    def from_links(self, U: torch.Tensor) -> torch.Tensor:
+        return angles_from_links(U)
+
+
+class U1GaugeFlow(GaugeFlow):
+    """The :class:`GaugeFlow` of :class:`U1Theory` (``U1GaugeFlow(lat, layers, arch)``)."""
 
     def __init__(self, lat: Lattice, layers: Sequence[Bijection], arch: dict[str, Any]) -> None:
-        super().__init__(layers)
-        self.lat = lat
-        self.prior = HaarPriorU1(lat)
-        self.arch = dict(arch)
-
-    @property
-    def halo(self) -> int:
-        """Halo width for running all layers on one exchanged field (sum of per-layer halos)."""
-        return sum(getattr(layer, "halo", 0) for layer in self.layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def sample(
-        self, batch: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(theta, log q)`` for ``batch`` proposals drawn with a torch generator."""
-        z = self.prior.sample(batch, generator=generator, dtype=self.dtype)
-        return self.push(z)
-
-    def sample_counter(self, rng: Any, first: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Proposals ``first .. first+batch-1`` with draws keyed on (global link, proposal)."""
-        z = self.prior.sample_counter(rng, first, batch, dtype=self.dtype)
-        return self.push(z)
-
-    def push(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        theta, logdet = self(z)
-        return theta, self.prior.log_prob(z) - logdet
-
-    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
-        """``log q(theta)`` by running the layers backwards (needed for non-flow states)."""
-        z, logdet_inv = self.inverse(theta)
-        return self.prior.log_prob(z) + logdet_inv
-
-
-def flow_architecture(flow_cfg: Any, lat: Lattice) -> dict[str, Any]:
-    """What a checkpoint records to recognise the model: group, lattice and every knob."""
-    return {
-        "group": "u1",
-        "lattice": list(lat.global_shape),
-        "n_layers": int(flow_cfg.n_layers),
-        "kernel": str(flow_cfg.kernel),
-        "n_components": int(flow_cfg.n_components),
-        "n_knots": int(flow_cfg.n_knots),
-        "hidden": [int(h) for h in flow_cfg.hidden],
-        "kernel_size": int(flow_cfg.kernel_size),
-    }
+        super().__init__(lat, U1Theory(lat), layers, arch)
 
 
 def build_u1_flow(flow_cfg: Any, lat: Lattice, dtype: torch.dtype = torch.float64) -> U1GaugeFlow:
     """The flow of the config's ``flow:`` section; layer ``i`` has ``mu = i % 2``,
     ``off = (i // 2) % 4`` (8 layers update every link once; tutorial arXiv 2101.08176)."""
-    if dtype not in (torch.float64, torch.float32):
-        raise TypeError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    n_layers = int(flow_cfg.n_layers)
-    if n_layers < 1:
-        raise ValueError(f"flow.n_layers must be >= 1, got {n_layers}")
+    n_layers = check_flow_config(flow_cfg, dtype)
     check_lattice_fits(lat, int(flow_cfg.kernel_size))
     layers = []
     for i in range(n_layers):
@@ -313,4 +293,4 @@ def build_u1_flow(flow_cfg: Any, lat: Lattice, dtype: torch.dtype = torch.float6
                 bool(getattr(flow_cfg, "checkpoint_activations", False)),
             )
         )
-    return U1GaugeFlow(lat, layers, flow_architecture(flow_cfg, lat)).to(dtype)
+    return U1GaugeFlow(lat, layers, flow_architecture(flow_cfg, lat, "u1")).to(dtype)
