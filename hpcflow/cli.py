@@ -11,11 +11,10 @@ import json
 import sys
 from collections.abc import Sequence
 
+from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RESUMABLE
+
 __all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_RESUMABLE"]
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_RESUMABLE = 3
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:

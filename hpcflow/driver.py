@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 
 from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, to_yaml
+from hpcflow.exit_codes import EXIT_OK
 
 __all__ = ["RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
 
@@ -183,146 +182,96 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, disable=not enabled, desc=desc, mininterval=1.0, dynamic_ncols=True)
 
 
-def _baseline_updater(cfg: Config, lat: Any, comm: Any, rng: Any) -> Callable:
-    """One Markov step (trajectory or sweep) of the configured baseline: (U, step) -> (U, info)."""
-    from hpcflow.lattice.groups import get_group
-
-    group = get_group(cfg.group)
-    beta = cfg.action.beta
-    if cfg.algorithm == "hmc":
-        from hpcflow.sampling.hmc import HMC
-
-        hmc = HMC(lat, group, beta, cfg.hmc.n_steps, cfg.hmc.tau, cfg.hmc.integrator, rng,
-                  comm=comm, lam=cfg.hmc.lam)
-
-        def hmc_step(U: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-            U, acc, dH = hmc.trajectory(U, step)
-            return U, {"accepted": float(acc), "dH": float(dH), "exp_mdH": math.exp(-float(dH))}
-
-        return hmc_step
-    if cfg.algorithm == "heatbath":
-        from hpcflow.sampling.heatbath import heatbath_sweep, overrelax_sweep
-
-        def hb_step(U: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-            U = heatbath_sweep(U, lat, group, beta, rng, step, comm=comm)
-            for _ in range(cfg.heatbath.n_overrelax):
-                U = overrelax_sweep(U, lat, group, beta, comm=comm)
-            return U, {}
-
-        return hb_step
-    raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; allowed here: hmc, heatbath")
-
-
-def _run_fingerprint(cfg: Config, comm: Any) -> str:
-    """What must match for a resumed ``hpcflow run`` to continue the same chain."""
+def _run_fingerprint(cfg: Config) -> str:
+    """What must match for a resumed ``hpcflow run`` to continue the same chain (the
+    checkpoint holds the global state: the process grid may change)."""
     from hpcflow.config import config_to_dict
     from hpcflow.io.checkpoint import config_fingerprint
 
     d = config_to_dict(cfg)
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("n_steps", "progress")}
-    d["ranks"] = comm.size
-    return config_fingerprint(d, ("lattice", "group", "action", "algorithm", "seed", "precision",
-                                  "grid", "hmc", "heatbath", "measure", "run", "ranks"))
+    keys = ("lattice", "group", "action", "algorithm", "seed", "precision", "hmc", "heatbath",
+            "measure", "run")
+    if cfg.algorithm in ("flow", "mixed"):
+        d["sample"] = {k: v for k, v in d["sample"].items() if k in ("n_therm", "batch")}
+        keys = keys + ("flow", "mixed", "sample")
+    return config_fingerprint(d, keys)
+
+
+class _ProgressBar:
+    """The chain's progress callback: a bar on the writing rank, created at the first step
+    (when a resumed chain knows where it continues)."""
+
+    def __init__(self, cfg: Config, chain: Any, enabled: bool) -> None:
+        self.cfg, self.chain, self.enabled = cfg, chain, enabled
+        self.bar: Any = None
+
+    def __call__(self, step: int, info: Any) -> None:
+        if self.bar is None:
+            self.bar = _progress(self.chain.total, self.enabled, self.cfg.algorithm)
+            self.bar.update(step - 1)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_chain(cfg: Config, comm: Any, lat: Any, out: str, resume: bool, model: Any = None,
+              control: Any = None, writer: bool | None = None) -> tuple[int, Any, Any]:
+    """Chain 0 of ``cfg`` (the chain ``hpcflow sample`` writes as chain 0) with a history sink:
+    measurements in ``<out>/history.jsonl``, a checkpoint every ``sample.checkpoint_every``
+    steps and on a stop signal. Returns ``(exit code, chain, sink)``."""
+    from hpcflow.run.chains import update_of_config
+    from hpcflow.sampling.chain import Chain, HistorySink
+    from hpcflow.signals import StopFlag
+
+    flow = cfg.algorithm in ("flow", "mixed")
+    update, lat, _ = update_of_config(cfg, 0, comm, lat, model=model)
+    writer = comm.is_root if writer is None else writer
+    log = print if writer else (lambda msg: None)
+    sink = HistorySink(out, comm, Measurer(cfg, lat, comm), _run_fingerprint(cfg),
+                       cfg.sample.checkpoint_every, writer=writer, flow=flow, log=log)
+    n_therm = cfg.sample.n_therm if flow else cfg.run.n_therm
+    n_steps = cfg.sample.n_steps if flow else cfg.run.n_steps
+    with StopFlag() as flag:
+        chain = Chain(update, sink, control if control is not None else comm, n_therm, n_steps,
+                      cfg.run.measure_every, stop=flag)
+        bar = _ProgressBar(cfg, chain, cfg.run.progress and writer)
+        chain.progress = bar
+        try:
+            code = chain.run(resume)
+        finally:
+            bar.close()
+            sink.close()
+        if code != EXIT_OK and writer:
+            print(f"hpcflow: stopped by {flag.signal_name or 'signal'} after step "
+                  f"{sink.last_checkpoint}; checkpoint written to {sink.ckpt_dir}; rerun with "
+                  "--resume to continue")
+    return code, chain, sink
 
 
 def run_baseline(cfg: Config, comm: Any = None, resume: bool = False) -> RunResult:
     """HMC or heat-bath chain with measurements, history, summary, checkpoints and resume.
 
-    Every ``sample.checkpoint_every`` steps, and when SIGTERM/SIGUSR1/SIGINT arrives, each
-    rank writes its local field, the step and (rank 0) the measurements so far to
-    ``<output.dir>/checkpoints/run.rank<R>.ckpt`` (atomic). ``--resume`` continues from there
-    (the RNG is counter-based, so the step is the whole RNG state) and the result equals an
-    uninterrupted run; without a checkpoint it starts fresh. A stop by signal exits with 3.
+    Chain 0 of ``hpcflow sample`` (:func:`run_chain`): every ``sample.checkpoint_every``
+    steps, and when SIGTERM/SIGUSR1/SIGINT arrives, the root rank writes the global field,
+    the step and the measurements so far to ``<output.dir>/checkpoints/run.ckpt`` (atomic).
+    ``--resume`` continues from there (the RNG is counter-based, so the step is the whole RNG
+    state) and the result equals an uninterrupted run; without a checkpoint it starts fresh.
+    A stop by signal exits with 3.
     """
-    from hpcflow.cli import EXIT_RESUMABLE
-    from hpcflow.io.checkpoint import load_checkpoint, save_checkpoint
-    from hpcflow.lattice.groups import cold_field, get_group, random_field
-    from hpcflow.rng import CounterRNG
-    from hpcflow.signals import StopFlag
-
+    if cfg.algorithm not in ("hmc", "heatbath"):
+        raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; allowed here: hmc, heatbath")
     comm = make_comm(cfg) if comm is None else comm
     out = _prepare_output(cfg, comm)
     lat = make_lattice(cfg, comm)
-    cdtype, _ = dtypes(cfg)
-    device = torch.device(cfg.device)
-    group = get_group(cfg.group)
-    rng = CounterRNG(cfg.seed, stream=0)
-    ckpt_dir = os.path.join(out, "checkpoints")
-    ckpt = os.path.join(ckpt_dir, f"run.rank{comm.rank}.ckpt")
-    fp = _run_fingerprint(cfg, comm)
-    records: list[dict] = []
-    first = 1
-    have = torch.tensor(float(os.path.exists(ckpt)))
-    n_have = int(comm.sum(have.clone()))
-    if resume and 0 < n_have < comm.size:
-        raise ConfigError(f"{ckpt_dir}: --resume: checkpoints exist for {n_have} of {comm.size} ranks; "
-                          "resume with the same number of ranks and grid")
-    if resume and n_have == comm.size:
-        state = load_checkpoint(ckpt, fingerprint=fp)
-        U = state["U"].to(device=device, dtype=cdtype)
-        first = int(state["step"]) + 1
-        records = list(state.get("records", []))
-        if comm.is_root:
-            print(f"hpcflow: resuming {cfg.algorithm} chain at step {first} from {ckpt_dir}")
-    else:
-        if resume and comm.is_root:
-            print(f"hpcflow: --resume: no checkpoint in {ckpt_dir}; starting a fresh chain")
-        if cfg.run.start == "hot":
-            U = random_field(lat, group, rng, step=0, dtype=cdtype, device=device)
-        else:
-            U = cold_field(lat, group, dtype=cdtype, device=device)
-    update = _baseline_updater(cfg, lat, comm, rng)
-    measure = Measurer(cfg, lat, comm)
-    total = cfg.run.n_therm + cfg.run.n_steps
-    hist_path = os.path.join(out, "history.jsonl")
-    fh = None
-    if comm.is_root:  # the history always equals the checkpointed records plus what follows
-        fh = open(hist_path, "w", encoding="utf-8")
-        fh.writelines(json.dumps(r) + "\n" for r in records)
-        fh.flush()
-
-    def checkpoint(step: int) -> None:
-        if comm.is_root:
-            os.makedirs(ckpt_dir, exist_ok=True)
-        comm.sum(torch.zeros(()))  # directory exists before any rank writes
-        save_checkpoint(ckpt, {"U": U.cpu(), "step": step,
-                               "records": records if comm.is_root else []}, fingerprint=fp)
-
     t0 = time.perf_counter()
-    bar = _progress(total, cfg.run.progress and comm.is_root, cfg.algorithm)
-    bar.update(first - 1)
-    stopped = None
-    try:
-        with StopFlag() as flag:
-            for step in range(first, total + 1):
-                # RNG counter 'step' is the Markov step: decomposition-independent and resumable
-                U, info = update(U, step)
-                bar.update(1)
-                if step > cfg.run.n_therm and (step - cfg.run.n_therm) % cfg.run.measure_every == 0:
-                    rec = {"step": step, **measure(U), **info}
-                    records.append(rec)
-                    if fh is not None:
-                        fh.write(json.dumps(rec) + "\n")
-                        fh.flush()
-                    bar.set_postfix(plaq=f"{rec['plaquette']:.4f}")
-                # every rank must agree to stop at the same step
-                stop = float(comm.max(torch.tensor(float(flag.stop_requested)))) > 0
-                if stop or step % cfg.sample.checkpoint_every == 0 or step == total:
-                    checkpoint(step)
-                if stop and step < total:
-                    stopped = (step, flag.signal_name or "signal")
-                    break
-    finally:
-        bar.close()
-        if fh is not None:
-            fh.close()
-    if stopped is not None:
-        if comm.is_root:
-            print(f"hpcflow: stopped by {stopped[1]} after step {stopped[0]}; checkpoint written to "
-                  f"{ckpt_dir}; rerun with --resume to continue")
-        return RunResult(EXIT_RESUMABLE, {})
+    code, chain, sink = run_chain(cfg, comm, lat, out, resume)
+    if code != EXIT_OK:
+        return RunResult(code, {})
     elapsed = time.perf_counter() - t0
-    return _finish(cfg, comm, records, elapsed, total - first + 1, out)
+    return _finish(cfg, comm, sink.records, elapsed, chain.total - chain.first_step, out)
 
 
 def _finish(cfg: Config, comm: Any, records: list[dict], elapsed: float, n_updates: int,

@@ -10,10 +10,7 @@ observables with Gamma-method errors and tau_int beside the exact values.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import zlib
 from typing import Any
 
 import numpy as np
@@ -21,31 +18,14 @@ import torch
 
 from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError
-from hpcflow.driver import RunResult, _finish, _prepare_output, make_comm
+from hpcflow.driver import RunResult, _finish, _prepare_output, make_comm, run_chain
+from hpcflow.flows.build import build_model
 
 __all__ = ["build_model", "train", "run"]
 
 
 def _real_dtype(cfg: Config) -> torch.dtype:
     return torch.float32 if cfg.precision == "float32" else torch.float64
-
-
-def build_model(cfg: Config, lat: Any) -> Any:
-    """The configured flow for ``cfg.group`` on ``lat``; architecture errors become config errors."""
-    from hpcflow.flows.build import build_flow
-    from hpcflow.lattice.groups import get_group
-    from hpcflow.rng import spawn_seed
-
-    dtype = _real_dtype(cfg)
-    try:
-        # initial weights from the config seed, the same on every rank and every rerun
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spawn_seed(cfg.seed, zlib.crc32(b"model-init")) % 2**63)
-            return build_flow(cfg.flow, lat, get_group(cfg.group), dtype)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{cfg.source}: flow architecture does not fit the lattice: {e}") from None
 
 
 def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
@@ -115,21 +95,18 @@ def _flow_lattice(cfg: Config) -> Any:
     return Lattice(cfg.lattice.shape, backend=run_backend(cfg))
 
 
-def _records_from_chain(res: dict, first_step: int, n_therm: int) -> list[dict]:
-    out = []
-    for i in range(n_therm, len(res["accepted"])):
-        q = float(res["Q"][i])
-        out.append({"step": first_step + i, "plaquette": float(res["plaquette"][i]), "Q": q, "Q2": q * q,
-                    "S": float(res["S"][i]), "accepted": float(res["accepted"][i]),
-                    **({"logq": float(res["logq"][i]), "logw": float(res["logw"][i])} if "logq" in res else {})})
-    return out
-
-
 def run(cfg: Config, resume: bool = False) -> RunResult:
-    """Train (or finish training), then sample the exact chain and summarise it."""
+    """Train (or finish training), then sample the exact chain and summarise it.
+
+    The chain is chain 0 of ``hpcflow sample`` with the trained model (``sample.n_therm`` +
+    ``sample.n_steps`` Markov steps; ``algorithm: mixed`` in the ``mixed.pattern``), with the
+    history sink of ``hpcflow run`` (measurements, checkpoints, resume). The summary adds the
+    flow steps' acceptance and, over every independent proposal, the ESS per proposal and the
+    importance-reweighted plaquette and Q^2 (reweighting applies to the proposals only: the
+    chain's states are already distributed as exp(-S)/Z).
+    """
     from hpcflow.analysis import ess, reweighted_gamma
-    from hpcflow.cli import EXIT_OK
-    from hpcflow.rng import CounterRNG
+    from hpcflow.exit_codes import EXIT_OK
 
     dist = _distributed_setup(cfg)
     if dist is not None:
@@ -150,55 +127,33 @@ def run(cfg: Config, resume: bool = False) -> RunResult:
         return RunResult(code, {})
     model.eval()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if dist is not None:
-            # every replica group runs the same decomposition-independent chain (same seed,
-            # same proposal numbers as the one-rank chain); world rank 0 writes
-            from hpcflow.sampling.flow_chains import flow_chain
-
-            res = flow_chain(model, cfg.action.beta, cfg.sample.n_steps, cfg.sample.batch,
-                             rng=CounterRNG(cfg.seed, 0))
-            n_updates = cfg.sample.n_steps
-        elif cfg.algorithm == "flow":
-            from hpcflow.sampling.metropolis import metropolis_chain
-
-            res = metropolis_chain(model, lat, cfg.action.beta, cfg.sample.n_steps, cfg.sample.batch,
-                                   rng=CounterRNG(cfg.seed, 0), progress=cfg.run.progress and comm.is_root)
-            n_updates = cfg.sample.n_steps
-        else:
-            n_cycles = max(1, cfg.sample.n_steps // len(cfg.mixed.pattern))
-            pattern = list(cfg.mixed.pattern)
-            if cfg.group == "u1":
-                from hpcflow.sampling.mixed import mixed_chain
-
-                res = mixed_chain(model, lat, cfg.action.beta, pattern, n_cycles, cfg.seed,
-                                  batch=cfg.sample.batch, hmc_cfg=cfg.hmc, n_overrelax=cfg.heatbath.n_overrelax,
-                                  progress=cfg.run.progress and comm.is_root)
-            else:  # SU(N) flows drive the chain through their model hooks
-                from hpcflow.sampling.flow_chains import flow_mixed_chain
-
-                res = flow_mixed_chain(model, cfg.action.beta, pattern, n_cycles, cfg.seed,
-                                       batch=cfg.sample.batch, hmc_cfg=cfg.hmc,
-                                       n_overrelax=cfg.heatbath.n_overrelax)
-            n_updates = n_cycles * len(cfg.mixed.pattern)
+    if dist is not None:
+        # every replica group runs the same decomposition-independent chain (same seed, same
+        # proposal numbers as the one-rank chain); world rank 0 writes
+        hybrid = comm.hybrid
+        code, chain, sink = run_chain(cfg, hybrid.domain, model.lat, out, resume, model=model,
+                                      control=hybrid, writer=hybrid.is_root)
+    else:
+        code, chain, sink = run_chain(cfg, _serial_if_plain(comm), lat, out, resume, model=model)
+    if code != EXIT_OK:
+        return RunResult(code, {})
     elapsed = time.perf_counter() - t0
-    records = _records_from_chain(res, 1, cfg.sample.n_therm)
-    if comm.is_root:
-        with open(os.path.join(out, "history.jsonl"), "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-    extra: dict[str, Any] = {"acceptance": float(np.mean(res["accepted"][cfg.sample.n_therm:])),
+    records = sink.records
+    flow_steps = [r["accepted"] for r in records if r.get("kind") == "flow"]
+    extra: dict[str, Any] = {"acceptance": float(np.mean(flow_steps)) if flow_steps else float("nan"),
                              "training_steps": tr.step}
-    if "proposal_logw" in res:
-        lw = np.asarray(res["proposal_logw"], dtype=np.float64)
+    if sink.proposals:
+        prop = np.asarray(sink.proposals, dtype=np.float64)
+        lw = prop[:, 0]
         extra["ess_per_proposal"] = float(ess(lw))
         rw = {}
-        for name, x in (("plaquette", res["proposal_plaquette"]), ("Q2", np.asarray(res["proposal_Q"]) ** 2)):
-            g = reweighted_gamma(np.asarray(x, dtype=np.float64), lw)
+        for name, x in (("plaquette", prop[:, 1]), ("Q2", prop[:, 2] ** 2)):
+            g = reweighted_gamma(x, lw)
             rw[name] = {"mean": float(g.mean), "error": float(g.error)}
         extra["reweighted"] = rw
-    result = _finish(cfg, comm, records, elapsed, n_updates, out, extra=extra)
+    result = _finish(cfg, comm, records, elapsed, chain.total - chain.first_step, out, extra=extra)
     if comm.is_root:
-        line = f"chain acceptance {extra['acceptance']:.3f}"
+        line = f"flow-step acceptance {extra['acceptance']:.3f}"
         if "ess_per_proposal" in extra:
             line += f", ESS per proposal {extra['ess_per_proposal']:.3f}"
             rw = extra["reweighted"]
@@ -206,6 +161,13 @@ def run(cfg: Config, resume: bool = False) -> RunResult:
                      f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
         print(line)
     return result
+
+
+def _serial_if_plain(comm: Any) -> Any:
+    """Flow chains without a domain decomposition run on one rank: a serial communicator."""
+    from hpcflow.lattice.geometry import SerialComm
+
+    return comm if hasattr(comm, "local_lattice") else SerialComm()
 
 
 # ---- domain-decomposed flows (issue 7): world = train.replicas x domain grid -----------------

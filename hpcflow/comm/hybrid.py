@@ -136,6 +136,10 @@ class HybridGrid:
         """Wait for every world rank."""
         self.world.Barrier()
 
+    def allgather_object(self, obj: object) -> list:
+        """Every world rank's ``obj`` (e.g. stop requests that all replica groups agree on)."""
+        return self.world.allgather(obj)
+
     def free(self) -> None:
         """Release the communicators this object created."""
         self.domain.grid.free()

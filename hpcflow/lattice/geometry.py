@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -165,7 +166,8 @@ class Lattice:
 
 
 class SerialComm:
-    """The comm protocol of one rank owning the whole lattice (no halos, no MPI)."""
+    """The comm protocol (``hpcflow.comm.protocol.Comm``) of one rank owning the whole
+    lattice: no halos, no MPI; every reduction is the identity."""
 
     rank = 0
     size = 1
@@ -177,8 +179,36 @@ class SerialComm:
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
     def max(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def bcast(self, t: torch.Tensor, root: int = 0) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def any_error(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            raise exc
+
+    def gather_field(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+        return f
+
+    def ordered_product(self, m: torch.Tensor, dim: int) -> torch.Tensor:
+        return m
 
 
 def as_comm(comm: SerialComm | None) -> SerialComm:

@@ -1,32 +1,36 @@
-"""Independence-Metropolis and mixed chains for flows that carry their theory (SU(N) flows).
+"""Library entry points for flow chains: :func:`flow_chain` and :func:`mixed_chain`.
 
-The U(1) drivers (:mod:`hpcflow.sampling.metropolis`, :mod:`hpcflow.sampling.mixed`) work on
-angle fields and the U(1) action. A flow built by :func:`hpcflow.flows.sun.build_sun_flow`
-carries the hooks these drivers need instead: ``model.action(U, beta)``,
-``model.observables(U) -> {plaquette, Q}``, ``model.group``, ``model.to_links`` /
-``model.from_links``. Random numbers follow the same layout as the U(1) drivers, so a chain is
-decomposition- and batch-size independent and resumes bit for bit:
+Both run the one chain engine (:class:`hpcflow.sampling.chain.Chain` over a
+:class:`~hpcflow.sampling.updates.FlowUpdate` or :class:`~hpcflow.sampling.updates.MixedUpdate`,
+rows kept in memory): the chain of ``hpcflow run`` / chain 0 of ``hpcflow sample`` with the
+same seed, minus the files. Any flow works: one with the theory hooks (``action``,
+``observables``, ``sample_counter``, ``log_prob``, ``to_links``, ``from_links``: SU(N) flows,
+``DistributedFlow``) as it is, a plain U(1) flow through ``DistributedFlow(flow)``.
 
-* proposal ``p``: prior draws keyed on (global link, ``p``) (``model.sample_counter``), accept
-  uniform at index ``p``, step :data:`ACCEPT_STEP`, stream :data:`FLOW_STREAM`;
-* heat bath / HMC: ``CounterRNG(seed, LOCAL_STREAM)`` keyed on the chain's update number.
-
-Every update leaves ``p = exp(-S)/Z`` invariant (independence Metropolis for any ``q`` with full
-support, heat bath, HMC), so any fixed cyclic pattern of them does too (Kanwar et al. 2020
-suggest mixing). After a local update the state did not come from the flow: its ``log q``
-is recomputed by running the flow backwards (``model.log_prob``).
+Random numbers (``hpcflow.rng``, counter based): proposal ``p`` is keyed on (global link,
+``p``) and its accept uniform on index ``p``, step ``ACCEPT_STEP``, of ``rng`` (stream
+``FLOW_STREAM`` of the seed for mixed chains); heat-bath/HMC steps of a mixed chain draw from
+stream ``LOCAL_STREAM = LOCAL_STREAM_OFFSET`` keyed on the Markov step, as chain 0 of
+``hpcflow sample`` does. So a chain is decomposition- and batch-size independent.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from hpcflow.sampling.metropolis import ACCEPT_STEP, metropolis_accept
+from hpcflow.sampling.chain import Chain, MemorySink
+from hpcflow.sampling.updates import (
+    LOCAL_STREAM_OFFSET,
+    MIXED_STEPS,
+    FlowUpdate,
+    HeatbathUpdate,
+    HMCUpdate,
+    MixedUpdate,
+)
 
 __all__ = [
     "FLOW_STREAM",
@@ -34,72 +38,60 @@ __all__ = [
     "MIXED_STEPS",
     "flow_chain",
     "flow_mixed_chain",
-    "theory_proposals",
+    "mixed_chain",
+    "with_hooks",
 ]
 
 FLOW_STREAM = 0
-LOCAL_STREAM = 1
-MIXED_STEPS = ("flow", "heatbath", "hmc")
-_KEYS = ("S", "logq", "logw", "plaquette", "Q")
+LOCAL_STREAM = LOCAL_STREAM_OFFSET
 
 
-def _check_model(model: Any) -> None:
-    missing = [h for h in ("action", "observables", "sample_counter", "log_prob") if not hasattr(model, h)]
-    if missing:
-        raise TypeError(f"model must provide the theory hooks {missing} (an SU(N) flow from "
-                        f"build_sun_flow), got {type(model).__name__}")
+def with_hooks(model: Any) -> Any:
+    """``model`` if it carries the theory hooks, else ``DistributedFlow(model)`` (one rank)."""
+    if all(hasattr(model, h) for h in ("action", "observables", "sample_counter", "log_prob",
+                                       "to_links", "from_links")):
+        return model
+    from hpcflow.flows.distributed import DistributedFlow
+
+    return DistributedFlow(model)
 
 
-@torch.no_grad()
-def theory_proposals(model: Any, beta: float, rng: Any, first: int, batch: int) -> dict[str, torch.Tensor]:
-    """Proposals ``first..first+batch-1``: field ``U``, ``S``, ``log q``, ``log w = -S - log q``
-    and the model's observables."""
-    U, logq = model.sample_counter(rng, first, batch)
-    s = model.action(U, beta)
-    return {"U": U, "S": s, "logq": logq, "logw": -s - logq, **model.observables(U)}
+def _serial() -> Any:
+    from hpcflow.lattice.geometry import SerialComm
+
+    return SerialComm()
 
 
-def flow_chain(
-    model: Any, beta: float, n_steps: int, batch: int, rng: Any, first: int = 0,
-    state: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``n_steps`` independence-Metropolis steps with flow proposals (same output as
-    :func:`hpcflow.sampling.metropolis.metropolis_chain`, state field under ``U``).
+def _cdtype(model: Any) -> torch.dtype:
+    """The complex dtype of the model's links (U(1) flows work on real angles)."""
+    dt = getattr(model, "cdtype", torch.complex128)
+    if dt.is_complex:
+        return dt
+    return torch.complex64 if dt == torch.float32 else torch.complex128
 
-    Returns per chain step ``S, logq, logw, plaquette, Q`` and ``accepted``; per proposal
-    ``proposal_logw, proposal_plaquette, proposal_Q``; ``state`` and ``next``.
+
+def flow_chain(model: Any, beta: float, n_steps: int, batch: int, rng: Any,
+               state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``n_steps`` independence-Metropolis steps with flow proposals.
+
+    Returns numpy arrays per step of the chain state (``S``, ``logq``, ``logw``, ``plaquette``,
+    ``Q``), the ``accepted`` flags, and every proposal's ``logw``, ``plaquette``, ``Q``
+    (``proposal_*``, for importance-sampling estimates); plus ``state`` (pass it back as
+    ``state`` to continue the chain) and ``next`` (the next proposal number).
     """
-    _check_model(model)
     n_steps, batch = int(n_steps), int(batch)
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    out: dict[str, list] = {k: [] for k in _KEYS + ("accepted", "proposal_logw",
-                                                    "proposal_plaquette", "proposal_Q")}
-    cur = dict(state) if state is not None else None
-    p, done = int(first), 0
-    while done < n_steps:
-        nb = min(batch, n_steps - done)
-        prop = theory_proposals(model, beta, rng, p, nb)
-        u = rng.uniform(torch.arange(p, p + nb), ACCEPT_STEP, 1)[:, 0]
-        logw0 = -math.inf if cur is None else float(cur["logw"])
-        idx, acc = metropolis_accept(prop["logw"], logw0, u)
-        for k in _KEYS:
-            v = prop[k].detach().to(torch.float64).cpu().numpy()
-            prev = np.nan if cur is None else float(cur[k])
-            out[k].append(np.where(idx >= 0, v[np.maximum(idx, 0)], prev))
-        out["accepted"].append(acc)
-        for k in ("logw", "plaquette", "Q"):
-            out["proposal_" + k].append(prop[k].detach().to(torch.float64).cpu().numpy())
-        if idx[-1] >= 0:
-            j = int(idx[-1])
-            cur = {k: prop[k][j].detach().clone() for k in ("U",) + _KEYS}
-        p += nb
-        done += nb
-    res: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
-    res["state"] = cur
-    res["next"] = p
+    m = with_hooks(model)
+    upd = FlowUpdate(m, beta, rng, _serial(), batch, _cdtype(m))
+    sink = MemorySink(None if state is None else {**state, "step": 0})
+    with torch.no_grad():
+        Chain(upd, sink, _serial(), 0, n_steps).run()
+    res: dict[str, Any] = sink.arrays()
+    res["state"] = upd.state()
+    res["next"] = upd.p
     return res
 
 
@@ -109,72 +101,67 @@ def flow_mixed_chain(
     pattern: Sequence[str],
     n_cycles: int,
     seed: int,
-    U0: torch.Tensor | None = None,
     batch: int = 64,
     hmc_cfg: Any = None,
     n_overrelax: int = 0,
-    first_update: int = 0,
-    first_proposal: int = 0,
+    start: str = "hot",
 ) -> dict[str, Any]:
-    """``n_cycles`` repetitions of ``pattern`` (e.g. ``["flow", "heatbath"]``; entries from
-    :data:`MIXED_STEPS`). ``U0``: starting field (default: a Haar-random one); ``hmc_cfg``: object
-    with ``n_steps``, ``tau``, ``integrator``. Returns per elementary update ``kind`` (index into
-    ``pattern``), ``accepted``, ``S``, ``plaquette``, ``Q``; plus ``state``, ``next_update``,
-    ``next_proposal``.
+    """``n_cycles`` repetitions of ``pattern`` (entries of :data:`MIXED_STEPS`, e.g.
+    ``["flow", "heatbath"]``); ``hmc_cfg``: an object with ``n_steps``, ``tau``,
+    ``integrator`` and optionally ``lam``. The start field (``"hot"``: Haar random from step 0
+    of the local stream, ``"cold"``) is the state until the first accepted flow step or local
+    update. Returns per Markov step ``kind`` (index into ``pattern``), ``accepted``, ``S``,
+    ``logq``, ``logw``, ``plaquette``, ``Q``; the proposals' ``proposal_*``; ``state`` (the
+    final link field), ``pattern``.
     """
+    from hpcflow.lattice.groups import cold_field, random_field
     from hpcflow.rng import CounterRNG
-    from hpcflow.sampling.heatbath import heatbath_or_sweep
-    from hpcflow.sampling.hmc import HMC
 
-    _check_model(model)
-    pat = tuple(str(x) for x in pattern)
-    if not pat or any(x not in MIXED_STEPS for x in pat):
-        raise ValueError(f"mixed.pattern must be a non-empty list of {list(MIXED_STEPS)}, got {list(pattern)}")
+    pat = tuple(str(k) for k in pattern)
+    bad = [k for k in pat if k not in MIXED_STEPS]
+    if not pat or bad:
+        raise ValueError(f"mixed.pattern entries must be one of {list(MIXED_STEPS)} (at least one), "
+                         f"got {bad[0] if bad else 'none'!r}")
+    if "hmc" in pat and hmc_cfg is None:
+        raise ValueError("mixed.pattern contains 'hmc' but no hmc config was given")
     if int(n_cycles) < 1:
         raise ValueError(f"n_cycles must be >= 1, got {n_cycles}")
-    lat, group = model.lat, model.group
-    flow_rng, local_rng = CounterRNG(seed, FLOW_STREAM), CounterRNG(seed, LOCAL_STREAM)
-    hmc = None
+    from hpcflow.lattice.groups import get_group
+
+    m = with_hooks(model)
+    # DistributedFlow of a U(1) flow carries group None (angles); its links are U(1) links
+    group = get_group("u1") if m.group is None else m.group
+    lat, cdtype, comm = m.lat, _cdtype(m), _serial()
+    frng, lrng = CounterRNG(seed, FLOW_STREAM), CounterRNG(seed, LOCAL_STREAM)
+
+    def start_field() -> torch.Tensor:
+        if start == "hot":
+            return random_field(lat, group, lrng, step=0, dtype=cdtype)
+        return cold_field(lat, group, dtype=cdtype)
+
+    flow = FlowUpdate(m, beta, frng, comm, batch, cdtype, start_field)
+    local: dict[str, Any] = {}
+    if "heatbath" in pat:
+        local["heatbath"] = HeatbathUpdate(lat, group, beta, lrng, comm, cdtype,
+                                           n_overrelax=int(n_overrelax))
     if "hmc" in pat:
-        if hmc_cfg is None:
-            raise ValueError("mixed.pattern contains 'hmc' but no hmc config was given")
-        hmc = HMC(lat, group, float(beta), int(hmc_cfg.n_steps), float(hmc_cfg.tau),
-                  str(hmc_cfg.integrator), rng=local_rng)
-    # a proposal number no flow step reaches: the Haar start never collides with a proposal
-    U = model.prior.sample_counter(local_rng, 2**40, 1, dtype=model.cdtype)[0] if U0 is None \
-        else model.from_links(U0)
-    buf: dict[str, torch.Tensor] | None = None
-    buf_first = p = int(first_proposal)
-    t = int(first_update)
-    logw_cur: float | None = None
-    rows: dict[str, list] = {k: [] for k in ("kind", "accepted", "S", "plaquette", "Q")}
+        local["hmc"] = HMCUpdate(lat, group, beta, lrng, comm, cdtype, n_steps=int(hmc_cfg.n_steps),
+                                 tau=float(hmc_cfg.tau), integrator=str(hmc_cfg.integrator),
+                                 lam=getattr(hmc_cfg, "lam", None))
+    upd = MixedUpdate(flow, pat, local)
+    sink = MemorySink()
     with torch.no_grad():
-        for _ in range(int(n_cycles)):
-            for k, kind in enumerate(pat):
-                if kind == "flow":
-                    if buf is None or p - buf_first >= batch:
-                        buf, buf_first = theory_proposals(model, beta, flow_rng, p, batch), p
-                    if logw_cur is None:
-                        logw_cur = float(-model.action(U, beta) - model.log_prob(U[None])[0])
-                    j = p - buf_first
-                    lw = float(buf["logw"][j])
-                    u = float(flow_rng.uniform(torch.tensor([p]), ACCEPT_STEP, 1)[0, 0])
-                    acc = bool(math.log(u) < lw - logw_cur)
-                    if acc:
-                        U, logw_cur = buf["U"][j].clone(), lw
-                    p += 1
-                elif kind == "heatbath":
-                    links = heatbath_or_sweep(model.to_links(U), lat, group, float(beta), local_rng, t,
-                                              int(n_overrelax))
-                    U, acc, logw_cur = model.from_links(links), True, None
-                else:
-                    links, acc, _ = hmc.trajectory(model.to_links(U), t)
-                    U, logw_cur = model.from_links(links), None
-                t += 1
-                obs = model.observables(U)
-                for key, v in zip(rows, (k, bool(acc), float(model.action(U, beta)),
-                                         float(obs["plaquette"]), float(obs["Q"]))):
-                    rows[key].append(v)
-    res: dict[str, Any] = {k: np.asarray(v) for k, v in rows.items()}
-    res.update(state=U, next_update=t, next_proposal=p, pattern=list(pat))
+        Chain(upd, sink, comm, 0, int(n_cycles) * len(pat)).run()
+    res: dict[str, Any] = sink.arrays()
+    res["kind"] = np.asarray([pat.index(k) for k in res["kind"]], dtype=np.int64)
+    res["state"] = upd.links()
+    res["pattern"] = list(pat)
     return res
+
+
+def mixed_chain(model: Any, lat: Any, beta: float, pattern: Sequence[str], n_cycles: int, seed: int,
+                batch: int = 64, hmc_cfg: Any = None, n_overrelax: int = 0) -> dict[str, Any]:
+    """:func:`flow_mixed_chain` for a (U(1)) flow on ``lat`` (which must be the flow's lattice)."""
+    if tuple(lat.shape) != tuple(model.lat.shape):
+        raise ValueError(f"lat has shape {tuple(lat.shape)}, the flow {tuple(model.lat.shape)}")
+    return flow_mixed_chain(model, beta, pattern, n_cycles, seed, batch, hmc_cfg, n_overrelax)

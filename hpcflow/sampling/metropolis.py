@@ -14,27 +14,21 @@ any process grid and resumes bit for bit from ``(state, next proposal number)``.
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from hpcflow.flows.u1 import u1_action, u1_mean_cos_plaquette, u1_topological_charge
 from hpcflow.lattice.geometry import Lattice
 
 __all__ = [
     "ACCEPT_STEP",
     "chain_summary",
     "ess_fraction",
-    "flow_proposals",
     "metropolis_accept",
     "metropolis_chain",
     "reweighted_mean",
     "reweighted_mean_error",
-    "write_history",
 ]
 
 ACCEPT_STEP = 1
@@ -86,22 +80,6 @@ def metropolis_accept(logw_prop: torch.Tensor, logw0: float, uniforms: torch.Ten
     return index, accepted
 
 
-@torch.no_grad()
-def flow_proposals(model: Any, lat: Lattice, beta: float, rng: Any, first: int, batch: int,
-                   action=None) -> dict[str, torch.Tensor]:
-    """Proposals ``first..first+batch-1``: angles, ``S``, ``log q``, ``log w`` and observables."""
-    theta, logq = model.sample_counter(rng, first, batch)
-    s = action(theta) if action is not None else u1_action(theta, lat, beta)
-    return {
-        "theta": theta,
-        "S": s,
-        "logq": logq,
-        "logw": -s - logq,
-        "plaquette": u1_mean_cos_plaquette(theta, lat),
-        "Q": u1_topological_charge(theta, lat),
-    }
-
-
 def metropolis_chain(
     model: Any,
     lat: Lattice,
@@ -109,62 +87,20 @@ def metropolis_chain(
     n_steps: int,
     batch: int,
     rng: Any,
-    first: int = 0,
     state: dict[str, Any] | None = None,
-    progress: bool = False,
 ) -> dict[str, Any]:
-    """Run ``n_steps`` independence-Metropolis steps with flow proposals.
+    """``n_steps`` independence-Metropolis steps with proposals of a U(1) flow on ``lat``:
+    :func:`hpcflow.sampling.flow_chains.flow_chain` (the one chain engine) for a plain flow.
 
-    ``rng``: a ``CounterRNG``; ``first``: number of the first proposal (continuation);
-    ``state``: the incoming chain state ``{theta, S, logq, plaquette, Q}`` (default: the
-    first proposal is accepted unconditionally, which is exact after that step for an
-    independence sampler). Returns numpy arrays per step of the chain state (``S``, ``logq``,
-    ``logw``, ``plaquette``, ``Q``), the ``accepted`` flags, and the proposals' ``logw``,
-    ``plaquette``, ``Q`` (``proposal_*``, for importance-sampling estimates), plus ``state``
-    and ``next`` (the next proposal number).
+    Returns numpy arrays per step of the chain state (``S``, ``logq``, ``logw``,
+    ``plaquette``, ``Q``), the ``accepted`` flags, and the proposals' ``logw``, ``plaquette``,
+    ``Q`` (``proposal_*``, for importance-sampling estimates), plus ``state`` and ``next``.
     """
-    n_steps, batch = int(n_steps), int(batch)
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    keys = ("S", "logq", "logw", "plaquette", "Q")
-    extra = ("accepted", "proposal_logw", "proposal_plaquette", "proposal_Q")
-    out: dict[str, list] = {k: [] for k in keys + extra}
-    cur = dict(state) if state is not None else None
-    p = int(first)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from hpcflow.sampling.flow_chains import flow_chain
 
-        bar = tqdm(total=n_steps, desc="flow chain", dynamic_ncols=True)
-    done = 0
-    while done < n_steps:
-        nb = min(batch, n_steps - done)
-        prop = flow_proposals(model, lat, beta, rng, p, nb)
-        u = rng.uniform(torch.arange(p, p + nb), ACCEPT_STEP, 1)[:, 0]
-        logw0 = -math.inf if cur is None else float(cur["logw"])
-        idx, acc = metropolis_accept(prop["logw"], logw0, u)
-        for k in keys:
-            v = prop[k].detach().to(torch.float64).cpu().numpy()
-            prev = np.nan if cur is None else float(cur[k])
-            out[k].append(np.where(idx >= 0, v[np.maximum(idx, 0)], prev))
-        out["accepted"].append(acc)
-        for k in ("logw", "plaquette", "Q"):
-            out["proposal_" + k].append(prop[k].detach().to(torch.float64).cpu().numpy())
-        if idx[-1] >= 0:
-            j = int(idx[-1])
-            cur = {k: prop[k][j].detach().clone() for k in ("theta",) + keys}
-        p += nb
-        done += nb
-        if bar is not None:
-            bar.update(nb)
-    if bar is not None:
-        bar.close()
-    res: dict[str, Any] = {k: np.concatenate(v) for k, v in out.items()}
-    res["state"] = cur
-    res["next"] = p
-    return res
+    if tuple(lat.shape) != tuple(model.lat.shape):
+        raise ValueError(f"lat has shape {tuple(lat.shape)}, the flow {tuple(model.lat.shape)}")
+    return flow_chain(model, beta, n_steps, batch, rng, state=state)
 
 
 def chain_summary(res: dict[str, Any], n_therm: int = 0) -> dict[str, Any]:
@@ -184,19 +120,3 @@ def chain_summary(res: dict[str, Any], n_therm: int = 0) -> dict[str, Any]:
         out[name] = {"mean": float(g.mean), "error": float(g.error),
                      "tau_int": float(g.tau_int), "tau_int_error": float(g.tau_int_error)}
     return out
-
-
-def write_history(res: dict[str, Any], path: str | Path, first_step: int = 0) -> None:
-    """One JSON line per chain step: ``step, S, logq, logw, accepted, plaquette, Q``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps({
-                "step": first_step + i,
-                "S": float(res["S"][i]),
-                "logq": float(res["logq"][i]),
-                "logw": float(res["logw"][i]),
-                "accepted": bool(res["accepted"][i]),
-                "plaquette": float(res["plaquette"][i]),
-                "Q": float(res["Q"][i]),
-            }) + "\n" for i in range(len(res["accepted"])))

@@ -47,7 +47,6 @@ automatically when a checkpoint exists).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from typing import Any
@@ -56,6 +55,7 @@ import torch
 
 from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, config_to_dict, to_yaml
+from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RESUMABLE
 from hpcflow.io.checkpoint import (
     CheckpointError,
     config_fingerprint,
@@ -69,6 +69,8 @@ from hpcflow.io.ensemble import (
     committed_segments,
     remove_uncommitted,
 )
+from hpcflow.sampling.chain import Chain
+from hpcflow.sampling.updates import LOCAL_STREAM_OFFSET
 from hpcflow.signals import StopFlag
 
 __all__ = [
@@ -77,8 +79,9 @@ __all__ = [
     "EXIT_RESUMABLE",
     "FLOW_ALGORITHMS",
     "LOCAL_STREAM_OFFSET",
-    "ChainRunner",
+    "EnsembleSink",
     "chain_checkpoint_path",
+    "chain_of_config",
     "ensemble_attrs",
     "ensemble_dir",
     "load_model",
@@ -87,13 +90,7 @@ __all__ = [
     "sample",
 ]
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_RESUMABLE = 3  # == hpcflow.cli.EXIT_RESUMABLE: "stopped, checkpoint written, rerun to continue"
 FLOW_ALGORITHMS = ("flow", "mixed")
-# local updates (heat bath, HMC) of mixed chain c draw from stream LOCAL_STREAM_OFFSET + c, so
-# they never reuse a number of the flow proposals/accepts (stream c) of any chain
-LOCAL_STREAM_OFFSET = 2**32
 
 # Keys whose change makes a checkpoint belong to another run. run.n_steps is left out so a
 # finished chain can be extended; sample.checkpoint_every only moves segment boundaries.
@@ -174,247 +171,6 @@ def ensemble_attrs(cfg: Config, chain: int, comm: Any, model_sha256: str = "") -
     }
 
 
-class _Serial:
-    """The comm protocol for one rank without MPI (plus the driver helpers used here)."""
-
-    rank, size, is_root = 0, 1, True
-
-    def exchange(self, f: torch.Tensor, lat: Any, inner: int = 2) -> torch.Tensor:
-        return f
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def max(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def barrier(self) -> None:
-        pass
-
-    def allgather_object(self, obj: Any) -> list:
-        return [obj]
-
-    def bcast_object(self, obj: Any, root: int = 0) -> Any:
-        return obj
-
-    def any_error(self, exc: BaseException | None) -> None:
-        if exc is not None:
-            raise exc
-
-    def gather_field(self, f: torch.Tensor, lat: Any, inner: int = 2) -> torch.Tensor:
-        return f
-
-
-class _LocalUpdates:
-    """HMC or heat bath + overrelaxation on the group's (domain-decomposed) link field."""
-
-    def __init__(self, cfg: Config, lat: Any, comm: Any, rng: Any, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        from hpcflow.lattice.groups import get_group
-
-        self.cfg, self.lat, self.comm, self.rng = cfg, lat, comm, rng
-        self.group = get_group(cfg.group)
-        self.dtype, self.device = dtype, device
-        beta = cfg.action.beta
-        if cfg.algorithm == "hmc":
-            from hpcflow.sampling.hmc import HMC
-
-            self._hmc = HMC(lat, self.group, beta, cfg.hmc.n_steps, cfg.hmc.tau, cfg.hmc.integrator, rng,
-                            comm=comm, lam=cfg.hmc.lam)
-        self.U: torch.Tensor | None = None
-
-    def start(self, st: dict[str, Any] | None) -> None:
-        from hpcflow.comm.fields import local_from_global
-        from hpcflow.lattice.groups import cold_field, random_field
-
-        if st is None:
-            if self.cfg.run.start == "hot":
-                self.U = random_field(self.lat, self.group, self.rng, step=0, dtype=self.dtype,
-                                      device=self.device)
-            else:
-                self.U = cold_field(self.lat, self.group, dtype=self.dtype, device=self.device)
-            return
-        Ug = st["U"].to(self.dtype)
-        self.U = (local_from_global(Ug, self.lat) if self.comm.size > 1 else Ug).to(self.device)
-
-    def advance(self, step: int) -> bool:
-        from hpcflow.sampling.heatbath import heatbath_sweep, overrelax_sweep
-
-        assert self.U is not None
-        if self.cfg.algorithm == "hmc":
-            self.U, acc, _ = self._hmc.trajectory(self.U, step)
-            return bool(acc)
-        beta = self.cfg.action.beta
-        U = heatbath_sweep(self.U, self.lat, self.group, beta, self.rng, step, comm=self.comm)
-        for _ in range(self.cfg.heatbath.n_overrelax):
-            U = overrelax_sweep(U, self.lat, self.group, beta, comm=self.comm)
-        self.U = U
-        return True
-
-    def row(self) -> tuple[torch.Tensor, dict[str, float]]:
-        from hpcflow.lattice.action import average_plaquette, wilson_action
-
-        assert self.U is not None
-        self.U = self.comm.exchange(self.U, self.lat)  # valid halos for the measurements
-        S = float(wilson_action(self.U, self.lat, self.cfg.action.beta, comm=self.comm))
-        plaq = float(average_plaquette(self.U, self.lat, comm=self.comm))
-        return self.U, {"S": S, "log_q": math.nan, "log_w": math.nan, "plaquette": plaq}
-
-    def state(self) -> dict[str, Any]:
-        assert self.U is not None
-        Ug = self.comm.gather_field(self.U, self.lat) if self.comm.size > 1 else self.U
-        return {"U": Ug.detach().cpu().clone()}
-
-
-class _FlowUpdates:
-    """Independence Metropolis with flow proposals, alone or in a mixed pattern with local updates.
-
-    ``model`` is a :class:`hpcflow.flows.distributed.DistributedFlow` (one code path for one
-    rank and for a worker group of several ranks, each holding its sub-lattice with halos);
-    everything theory-specific goes through its hooks (``action``, ``observables``,
-    ``to_links``, ``from_links``), so U(1) and SU(N) flows run the same chain. Markov step
-    ``s`` (1-based) is ``pattern[(s - 1) % len(pattern)]`` (``("flow",)`` for ``algorithm:
-    flow``). Flow step number ``p`` (0-based, over the chain) uses proposal ``p``: prior draws
-    keyed on (global link, ``p``) and the accept uniform at index ``p``, step ``ACCEPT_STEP``,
-    of ``CounterRNG(seed, stream=chain)``; it accepts with probability ``min(1, w'/w)``,
-    ``log w = -S - log q`` (ALGORITHMS.md). This is the layout of
-    :func:`hpcflow.sampling.flow_chains.flow_chain` (``hpcflow run``), whose proposal and
-    accept code is shared here (:func:`theory_proposals`, :func:`metropolis_accept`), so chain 0
-    of ``hpcflow sample`` is the chain of ``hpcflow run``. Proposals are drawn in batches
-    aligned to multiples of ``sample.batch`` (proposal ``p`` lies in batch ``p // batch``
-    whatever the stop/resume history), so a resumed chain evaluates every proposal in the
-    same forward pass as an uninterrupted one: bit-identical. ``S`` and ``log q`` are global
-    sums (``comm.sum``, bitwise identical on every rank of the group), so the ranks of a group
-    always take the same decision. Heat bath/HMC steps (one rank per chain) use
-    ``CounterRNG(seed, stream=LOCAL_STREAM_OFFSET + chain)`` keyed on ``s``; after them the
-    state did not come from the flow, and its ``log q`` is recomputed by the inverse flow
-    (``model.log_prob``) when a row is stored or the next flow step needs it. Checkpoints hold
-    the *global* state (gathered), so they do not depend on the decomposition.
-    """
-
-    def __init__(self, cfg: Config, chain: int, lat: Any, comm: Any, model: Any) -> None:
-        from hpcflow.lattice.groups import get_group
-        from hpcflow.rng import CounterRNG
-
-        self.cfg, self.lat, self.comm, self.model = cfg, lat, comm, model
-        self.group = get_group(cfg.group)
-        self.cdtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
-        self.frng = CounterRNG(cfg.seed, stream=chain)
-        self.lrng = CounterRNG(cfg.seed, stream=LOCAL_STREAM_OFFSET + chain)
-        self.pattern = ("flow",) if cfg.algorithm == "flow" else tuple(cfg.mixed.pattern)
-        self.batch = int(cfg.sample.batch)
-        if "hmc" in self.pattern:
-            from hpcflow.sampling.hmc import HMC
-
-            self._hmc = HMC(lat, self.group, cfg.action.beta, cfg.hmc.n_steps, cfg.hmc.tau,
-                            cfg.hmc.integrator, self.lrng, comm=comm, lam=cfg.hmc.lam)
-        self.x: torch.Tensor | None = None  # current state in the model's variables (local, halos valid)
-        self.cur: dict[str, float] = {}
-        self.p = 0  # next proposal number
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_first = -1
-
-    # -- variables -------------------------------------------------------------------------
-    def links(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.to_links(x).to(self.cdtype)
-
-    def from_links(self, U: torch.Tensor) -> torch.Tensor:
-        return self.model.from_links(U)
-
-    def _measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        S = self.model.action(x, self.cfg.action.beta)
-        return S.to(torch.float64), self.model.observables(x)["plaquette"].to(torch.float64)
-
-    # -- updates ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def _proposal(self, p: int) -> int:
-        from hpcflow.sampling.flow_chains import theory_proposals
-
-        first = p - p % self.batch
-        if self._buf_first != first:
-            prop = theory_proposals(self.model, self.cfg.action.beta, self.frng, first, self.batch)
-            self._buf = {"x": prop["U"], "S": prop["S"].to(torch.float64),
-                         "log_q": prop["logq"].to(torch.float64), "log_w": prop["logw"].to(torch.float64),
-                         "plaquette": prop["plaquette"].to(torch.float64)}
-            self._buf_first = first
-        return p - first
-
-    @torch.no_grad()
-    def _current_logw(self) -> float:
-        assert self.x is not None
-        if math.isnan(self.cur["log_q"]):
-            lq = float(self.model.log_prob(self.x[None])[0])
-            self.cur["log_q"], self.cur["log_w"] = lq, -self.cur["S"] - lq
-        return self.cur["log_w"]
-
-    def start(self, st: dict[str, Any] | None) -> None:
-        if st is not None:
-            x = st["x"]
-            if x is not None:
-                x = x.to(self.model.cdtype)
-                if self.comm.size > 1:  # the checkpoint holds the global state
-                    from hpcflow.comm.fields import local_from_global
-
-                    x = local_from_global(x, self.lat, inner=self.model.inner)
-            self.x = x
-            self.cur = {k: float(v) for k, v in st["cur"].items()}
-            self.p = int(st["p"])
-
-    def _start_field(self) -> torch.Tensor:
-        from hpcflow.lattice.groups import cold_field, random_field
-
-        if self.cfg.run.start == "hot":  # step 0 of the local stream: no update uses it
-            U = random_field(self.lat, self.group, self.lrng, step=0, dtype=self.cdtype)
-        else:
-            U = cold_field(self.lat, self.group, dtype=self.cdtype)
-        return self.from_links(U)
-
-    @torch.no_grad()
-    def advance(self, step: int) -> bool:
-        from hpcflow.sampling.heatbath import heatbath_or_sweep
-        from hpcflow.sampling.metropolis import ACCEPT_STEP, metropolis_accept
-
-        kind = self.pattern[(step - 1) % len(self.pattern)]
-        if kind == "flow":
-            j = self._proposal(self.p)
-            u = self.frng.uniform(torch.tensor([self.p]), ACCEPT_STEP, 1)[:, 0]
-            # the very first state of a pure flow chain is its first proposal (log w0 = -inf,
-            # as in flow_chain: exact from there on)
-            lw0 = -math.inf if self.x is None else self._current_logw()
-            _, accepted = metropolis_accept(self._buf["log_w"][j : j + 1], lw0, u)
-            acc = bool(accepted[0])
-            if acc:
-                self.x = self._buf["x"][j].clone()
-                self.cur = {k: float(self._buf[k][j]) for k in ("S", "log_q", "log_w", "plaquette")}
-            self.p += 1
-            return acc
-        if self.x is None:
-            self.x = self._start_field()
-        U = self.links(self.x)
-        if kind == "heatbath":
-            U = heatbath_or_sweep(U, self.lat, self.group, self.cfg.action.beta, self.lrng, step,
-                                  self.cfg.heatbath.n_overrelax)
-            acc = True
-        else:
-            U, acc, _ = self._hmc.trajectory(U, step)
-        self.x = self.from_links(U)
-        S, plaq = self._measure(self.x)
-        self.cur = {"S": float(S), "log_q": math.nan, "log_w": math.nan, "plaquette": float(plaq)}
-        return bool(acc)
-
-    def row(self) -> tuple[torch.Tensor, dict[str, float]]:
-        assert self.x is not None
-        self._current_logw()
-        return self.links(self.x), dict(self.cur)
-
-    def state(self) -> dict[str, Any]:
-        x = self.x
-        if x is not None and self.comm.size > 1:  # global state: decomposition-independent
-            x = self.comm.gather_field(x, self.lat, inner=self.model.inner)
-        return {"x": None if x is None else x.detach().cpu().clone(), "cur": dict(self.cur),
-                "p": self.p, "rng_local": self.lrng.state_dict()}
-
-
 def model_checkpoint_path(cfg: Config) -> str:
     """The trained flow a flow/mixed chain samples with: ``<output.dir>/train/checkpoint.pt``."""
     return os.path.join(cfg.output.dir, "train", "checkpoint.pt")
@@ -424,7 +180,7 @@ def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
     """``(model, sha256 of its checkpoint file)``; a one-line :class:`CheckpointError` ("missing
     model") when the checkpoint is absent, unreadable, or from another lattice, group,
     architecture or beta."""
-    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.build import build_model
     from hpcflow.flows.train import load_flow_checkpoint
     from hpcflow.io.checkpoint import file_sha256
 
@@ -444,68 +200,35 @@ def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
     return model, sha
 
 
-class ChainRunner:
-    """One Markov chain of a worker group: update, store, commit, checkpoint, stop, resume.
+class EnsembleSink:
+    """The ensemble of one chain of a worker group: segment files, commits, chain checkpoint.
 
-    ``hmc``/``heatbath``: ``run.n_therm`` + ``run.n_steps`` steps on the group's process
-    grid. ``flow``/``mixed``: ``sample.n_therm`` + ``sample.n_steps`` Markov steps with the
-    model of ``<output.dir>/train/checkpoint.pt`` (``flow``: any number of ranks per chain,
-    domain-decomposed; ``mixed``: one rank per chain). Every ``run.measure_every``-th step after
-    thermalisation is stored.
+    Implements the chain-sink protocol of :mod:`hpcflow.sampling.chain` with the two-phase
+    commit of the module docstring: stored states fill segments of ``checkpoint_every`` rows;
+    a full segment is prepared, the checkpoint after its last row written to ``.ckpt.next``,
+    the segment renamed (the commit) and the checkpoint promoted. A stop commits the partial
+    segment (or just checkpoints); :meth:`recover` cleans up after a crash and verifies the
+    checkpoint against the committed segments before anything is touched.
     """
 
-    def __init__(self, cfg: Config, chain: int, comm: Any, lat: Any, stop: StopFlag) -> None:
-        from hpcflow.rng import CounterRNG
-
-        if cfg.algorithm not in ("hmc", "heatbath") + FLOW_ALGORITHMS:
-            raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; production sampling "
-                              f"supports hmc, heatbath, {', '.join(FLOW_ALGORITHMS)}")
-        self.cfg, self.chain, self.comm, self.lat, self.stop = cfg, chain, comm, lat, stop
+    def __init__(self, cfg: Config, chain: int, comm: Any, lat: Any, dtype: torch.dtype,
+                 n_rows_total: int, model_sha256: str, rng: Any) -> None:
+        self.cfg, self.chain, self.comm, self.lat, self.dtype = cfg, chain, comm, lat, dtype
         self.root = ensemble_dir(cfg)
         self.ckpt = chain_checkpoint_path(cfg, chain)
         self.ckpt_next = self.ckpt + ".next"
         self.fp = _fingerprint(cfg)
-        self.rng = CounterRNG(cfg.seed, stream=chain)
-        self.dtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
-        self.device = torch.device(cfg.device)
         self.K = cfg.sample.checkpoint_every
-        self.flow = cfg.algorithm in FLOW_ALGORITHMS
-        self.n_therm = cfg.sample.n_therm if self.flow else cfg.run.n_therm
-        n_steps = cfg.sample.n_steps if self.flow else cfg.run.n_steps
-        self.total = self.n_therm + n_steps
-        self.n_rows_total = n_steps // cfg.run.measure_every
+        self.n_rows_total = n_rows_total
+        self.model_sha256, self.rng = model_sha256, rng
         self.attrs: dict[str, Any] = {}
-        self.model_sha256 = ""
-        self.upd: _LocalUpdates | _FlowUpdates
-        if self.flow:
-            if comm.size > 1 and cfg.algorithm != "flow":
-                raise ConfigError(
-                    f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers} with {comm.size} ranks "
-                    f"per chain; algorithm {cfg.algorithm} (flow steps mixed with heat bath/HMC) runs on one "
-                    "rank per chain; allowed: algorithm flow on several ranks per chain, or one rank per "
-                    "chain (sample.n_workers = number of MPI ranks)")
-            from hpcflow.flows.distributed import DistributedFlow
-            from hpcflow.lattice.geometry import Lattice
+        self.n_rows = self.n_seg = 0
+        self.seg: SegmentWriter | None = None
+        self._ckpt_step = -1
+        self.snapshot: Any = None  # set by the Chain
 
-            plain, self.model_sha256 = load_model(cfg, Lattice(cfg.lattice.shape, backend=run_backend(cfg)))
-            try:
-                # the group's ranks each transform their sub-lattice (halo = the layers' reach);
-                # one rank: the same code on the whole lattice without halos
-                model = DistributedFlow(plain, comm if comm.size > 1 else None)
-            except ValueError as e:
-                raise ConfigError(f"{cfg.source}: domain-decomposed flow: {e}") from None
-            model.eval()
-            self.lat = model.lat
-            self.upd = _FlowUpdates(cfg, chain, model.lat, comm, model)
-        else:
-            self.upd = _LocalUpdates(cfg, lat, comm, self.rng, self.dtype, self.device)
-
-    def _stored(self, step: int) -> bool:
-        k = step - self.n_therm
-        return k > 0 and k % self.cfg.run.measure_every == 0
-
-    # -- files ----------------------------------------------------------------------------
-    def _recover(self, resume: bool | None) -> dict[str, Any] | None:
+    # -- recovery -------------------------------------------------------------------------
+    def _recover_root(self, resume: bool | None) -> dict[str, Any] | None:
         """Root: clean up after a crash and load the checkpoint (None: fresh start)."""
         segs = committed_segments(self.root, self.chain)
         if os.path.exists(self.ckpt_next):
@@ -544,9 +267,29 @@ class ChainRunner:
                                 f"of chain {self.chain}, found {len(segs)} in {self.root}")
         return st
 
-    def _snapshot(self, step: int, n_rows: int, n_segments: int) -> dict[str, Any]:
-        return {**self.upd.state(), "step": step, "n_rows": n_rows, "n_segments": n_segments,
-                "chain": self.chain, "rng": self.rng.state_dict(), "algorithm": self.cfg.algorithm,
+    def recover(self, resume: bool | None) -> dict[str, Any] | None:
+        comm = self.comm
+        st: dict[str, Any] | None = None
+        err: BaseException | None = None
+        if comm.is_root:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                st = self._recover_root(resume)
+            except (CheckpointError, EnsembleError, OSError) as e:
+                err = e
+        comm.any_error(err)
+        st = comm.bcast_object(st)
+        self.attrs = ensemble_attrs(self.cfg, self.chain, comm, self.model_sha256)
+        if st is not None:
+            self.n_rows, self.n_seg = int(st["n_rows"]), int(st["n_segments"])
+            self.rng.load_state_dict(st["rng"])
+            self._ckpt_step = int(st["step"])
+        return st
+
+    # -- files ----------------------------------------------------------------------------
+    def fields(self) -> dict[str, Any]:
+        return {"n_rows": self.n_rows, "n_segments": self.n_seg, "chain": self.chain,
+                "rng": self.rng.state_dict(), "algorithm": self.cfg.algorithm,
                 "model_sha256": self.model_sha256}
 
     def _checkpoint(self, state: dict[str, Any], path: str) -> None:
@@ -556,67 +299,78 @@ class ChainRunner:
             save_checkpoint(path, state, self.fp)
         self.comm.barrier()
 
-    def _commit(self, seg: SegmentWriter, step: int, n_rows: int, n_segments: int) -> None:
-        seg.prepare()
-        self._checkpoint(self._snapshot(step, n_rows, n_segments), self.ckpt_next)
-        seg.publish()  # commit point
+    def _commit(self, step: int) -> None:
+        assert self.seg is not None
+        self.n_seg += 1
+        self.seg.prepare()
+        self._checkpoint(self.snapshot(step), self.ckpt_next)
+        self.seg.publish()  # commit point
+        self.seg = None
         if self.comm.is_root:
             os.replace(self.ckpt_next, self.ckpt)
             fsync_dir(os.path.dirname(self.ckpt))
         self.comm.barrier()
 
-    # -- the chain -------------------------------------------------------------------------
-    def run(self, resume: bool | None = None) -> int:
-        cfg, comm, lat = self.cfg, self.comm, self.lat
-        st: dict[str, Any] | None = None
-        err: BaseException | None = None
-        if comm.is_root:
-            try:
-                os.makedirs(self.root, exist_ok=True)
-                st = self._recover(resume)
-            except (CheckpointError, EnsembleError, OSError) as e:
-                err = e
-        comm.any_error(err)
-        st = comm.bcast_object(st)
-        self.attrs = ensemble_attrs(cfg, self.chain, comm, self.model_sha256)
-        self.upd.start(st)
-        if st is None:
-            step, n_rows, n_seg = 0, 0, 0
-            self._ckpt_step = -1
+    # -- the chain's calls ------------------------------------------------------------------
+    def on_step(self, step: int, info: Any) -> None:
+        pass
+
+    def store(self, step: int, info: Any, update: Any) -> None:
+        comm = self.comm
+        if self.seg is None:
+            cap = min(self.K, self.n_rows_total - self.n_rows)
+            self.seg = SegmentWriter(self.root, self.chain, self.n_seg, self.lat, cap, self.dtype,
+                                     self.cfg.n_colors, self.attrs, comm if comm.size > 1 else None)
+        U = update.links()
+        rec = update.row()
+        self.seg.append(U, {"chain": self.chain, "step": step, "accepted": int(info.accepted),
+                            "multiplicity": 1, **rec})
+        self.n_rows += 1
+        if len(self.seg) == self.seg.capacity:
+            self._commit(step)
+
+    def stop(self, step: int) -> None:
+        if self.seg is not None and len(self.seg):
+            self._commit(step)
         else:
-            step, n_rows, n_seg = int(st["step"]), int(st["n_rows"]), int(st["n_segments"])
-            self.rng.load_state_dict(st["rng"])
-            self._ckpt_step = step
-        seg: SegmentWriter | None = None
-        while step < self.total:
-            step += 1
-            accepted = self.upd.advance(step)
-            if self._stored(step):
-                if seg is None:
-                    cap = min(self.K, self.n_rows_total - n_rows)
-                    seg = SegmentWriter(self.root, self.chain, n_seg, lat, cap, self.dtype,
-                                        cfg.n_colors, self.attrs, comm if comm.size > 1 else None)
-                U, rec = self.upd.row()
-                seg.append(U, {"chain": self.chain, "step": step, "accepted": int(accepted),
-                               "multiplicity": 1, **rec})
-                n_rows += 1
-                if len(seg) == seg.capacity:
-                    n_seg += 1
-                    self._commit(seg, step, n_rows, n_seg)
-                    seg = None
-            stop = any(comm.allgather_object(self.stop.stop_requested))
-            if stop and step < self.total:
-                if seg is not None and len(seg):
-                    n_seg += 1
-                    self._commit(seg, step, n_rows, n_seg)
-                else:
-                    self._checkpoint(self._snapshot(step, n_rows, n_seg), self.ckpt)
-                return EXIT_RESUMABLE
-        if seg is not None:  # cannot happen: capacities add up to n_rows_total
-            seg.abort()
+            self._checkpoint(self.snapshot(step), self.ckpt)
+
+    def finish(self, step: int) -> None:
+        if self.seg is not None:  # cannot happen: capacities add up to n_rows_total
+            self.seg.abort()
         if self._ckpt_step != step:  # steps after the last stored row (measure_every > 1)
-            self._checkpoint(self._snapshot(step, n_rows, n_seg), self.ckpt)
-        return EXIT_OK
+            self._checkpoint(self.snapshot(step), self.ckpt)
+
+
+def chain_of_config(cfg: Config, chain: int, comm: Any, lat: Any, stop: Any) -> Chain:
+    """Chain ``chain`` of ``hpcflow sample`` (``hpcflow run`` is chain 0 of it).
+
+    ``hmc``/``heatbath``: ``run.n_therm`` + ``run.n_steps`` steps on the group's process
+    grid. ``flow``/``mixed``: ``sample.n_therm`` + ``sample.n_steps`` Markov steps with the
+    model of ``<output.dir>/train/checkpoint.pt`` (``flow``: any number of ranks per chain,
+    domain-decomposed; ``mixed``: one rank per chain). Every ``run.measure_every``-th step
+    after thermalisation is stored.
+    """
+    from hpcflow.rng import CounterRNG
+    from hpcflow.run.chains import update_of_config
+
+    if cfg.algorithm not in ("hmc", "heatbath") + FLOW_ALGORITHMS:
+        raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; production sampling "
+                          f"supports hmc, heatbath, {', '.join(FLOW_ALGORITHMS)}")
+    flow = cfg.algorithm in FLOW_ALGORITHMS
+    if flow and comm.size > 1 and cfg.algorithm != "flow":
+        raise ConfigError(
+            f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers} with {comm.size} ranks "
+            f"per chain; algorithm {cfg.algorithm} (flow steps mixed with heat bath/HMC) runs on one "
+            "rank per chain; allowed: algorithm flow on several ranks per chain, or one rank per "
+            "chain (sample.n_workers = number of MPI ranks)")
+    update, lat, sha = update_of_config(cfg, chain, comm, lat)
+    n_therm = cfg.sample.n_therm if flow else cfg.run.n_therm
+    n_steps = cfg.sample.n_steps if flow else cfg.run.n_steps
+    dtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
+    sink = EnsembleSink(cfg, chain, comm, lat, dtype, n_steps // cfg.run.measure_every, sha,
+                        CounterRNG(cfg.seed, stream=chain))
+    return Chain(update, sink, comm, n_therm, n_steps, cfg.run.measure_every, stop=stop)
 
 
 def _group_comm(cfg: Config) -> tuple[int, Any, Any, Any]:
@@ -651,17 +405,18 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
         if use_mpi:
             chain, comm, lat, world = _group_comm(cfg)
         else:
-            from hpcflow.lattice.geometry import Lattice
+            from hpcflow.lattice.geometry import Lattice, SerialComm
 
             if cfg.sample.n_workers != 1:
                 raise ConfigError(f"{cfg.source}: key 'sample.n_workers': got {cfg.sample.n_workers}; "
                                   "allowed: 1 without MPI")
-            chain, comm, lat, world = 0, _Serial(), Lattice(cfg.lattice.shape, backend=run_backend(cfg)), _Serial()
+            comm = world = SerialComm()
+            chain, lat = 0, Lattice(cfg.lattice.shape, backend=run_backend(cfg))
         err: BaseException | None = None
         runner = None
         try:
-            runner = ChainRunner(cfg, chain, comm, lat, flag)
-        except (ConfigError, ValueError) as e:
+            runner = chain_of_config(cfg, chain, comm, lat, flag)
+        except (ConfigError, CheckpointError, ValueError) as e:
             err = e
         world.any_error(err)
         assert runner is not None

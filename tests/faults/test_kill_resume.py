@@ -197,7 +197,7 @@ def test_flow_chains_sigkill_then_resume(tmp_path) -> None:
     counts monotone, no duplicate checksum within a chain, final == uninterrupted run."""
     _require_mpirun()
     from hpcflow.config import load_config
-    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.build import build_model
     from hpcflow.flows.train import Trainer
     from hpcflow.lattice.geometry import Lattice
 

@@ -181,8 +181,8 @@ def test_decomposed_chain_same_proposals_and_decisions(group, collective):
     moved = 1 < int(ref["accepted"].sum()) < n
     for k in ("S", "logq", "plaquette", "Q", "proposal_logw", "proposal_plaquette"):
         ok = ok and torch.allclose(torch.as_tensor(res[k]), torch.as_tensor(ref[k]), rtol=0, atol=TOL)
-    want = local_from_global(_links(ref["state"]["U"], group), model.lat, _inner(group))
-    ok = ok and torch.allclose(_links(res["state"]["U"], group), want, rtol=0, atol=TOL)
+    want = local_from_global(_links(ref["state"]["x"], group), model.lat, _inner(group))
+    ok = ok and torch.allclose(_links(res["state"]["x"], group), want, rtol=0, atol=TOL)
     # every rank of the chain took the same decisions (bitwise identical log w)
     same = MPI.COMM_WORLD.allgather(res["proposal_logw"].tobytes())
     ok = ok and len(set(same)) == 1

@@ -38,7 +38,7 @@ def _cfg(out, train_steps: int, n_steps: int):  # type: ignore[no-untyped-def]
 
 
 def _flow_ensemble(out, train_steps: int, n_steps: int):  # type: ignore[no-untyped-def]
-    from hpcflow.flow_driver import build_model
+    from hpcflow.flows.build import build_model
     from hpcflow.flows.train import Trainer
     from hpcflow.lattice.geometry import Lattice
 

@@ -49,7 +49,7 @@ def test_resume_with_other_config_is_refused(tmp_path, capsys):
     rc = main(["run", *BASE, "--set", f"output.dir={out}", "--set", "action.beta=3.0", "--resume"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "run.rank0.ckpt" in err and len(err.strip().splitlines()) == 1
+    assert "run.ckpt" in err and len(err.strip().splitlines()) == 1
     assert (out / "history.jsonl").read_bytes() == before
 
 
@@ -68,7 +68,7 @@ def test_sigterm_checkpoints_and_exits_3_then_resume_completes(tmp_path):
     assert p.returncode == EXIT_RESUMABLE, stderr
     assert "stopped by SIGTERM" in stdout
     done = len(history(out))
-    assert (out / "checkpoints" / "run.rank0.ckpt").exists() and done >= 5
+    assert (out / "checkpoints" / "run.ckpt").exists() and done >= 5
     # resume with a short total: finishes at once from the checkpoint, nothing lost
     n = done  # the checkpoint holds every measurement made before the stop
     assert main(["run", "--set", "algorithm=hmc", *BASE, "--set", f"output.dir={out}",

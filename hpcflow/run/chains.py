@@ -1,0 +1,90 @@
+"""From a config to a chain's update: the one place where ``Config`` meets the updates.
+
+``hpcflow run`` and ``hpcflow sample`` both build their chain here, so the same config and
+seed give the same chain (``run`` is chain 0 of ``sample``): stream ``c`` for chain ``c``,
+mixed chains' heat-bath/HMC steps on stream ``LOCAL_STREAM_OFFSET + c``, every parameter
+of the config section passed explicitly (``hmc.lam`` included).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hpcflow.config import Config
+from hpcflow.sampling.updates import (
+    LOCAL_STREAM_OFFSET,
+    FlowUpdate,
+    HeatbathUpdate,
+    HMCUpdate,
+    MixedUpdate,
+)
+
+__all__ = ["complex_dtype", "local_update", "update_of_config"]
+
+
+def complex_dtype(cfg: Config) -> torch.dtype:
+    return torch.complex64 if cfg.precision == "float32" else torch.complex128
+
+
+def local_update(cfg: Config, kind: str, lat: Any, comm: Any, rng: Any) -> Any:
+    """The heat-bath or HMC update of ``cfg`` on ``lat`` drawing from ``rng``."""
+    common = (lat, cfg.group, cfg.action.beta, rng, comm, complex_dtype(cfg), cfg.device, cfg.run.start)
+    if kind == "heatbath":
+        return HeatbathUpdate(*common, n_overrelax=cfg.heatbath.n_overrelax)
+    if kind == "hmc":
+        return HMCUpdate(*common, n_steps=cfg.hmc.n_steps, tau=cfg.hmc.tau,
+                         integrator=cfg.hmc.integrator, lam=cfg.hmc.lam)
+    raise ValueError(f"no local update {kind!r}; allowed: heatbath, hmc")
+
+
+def update_of_config(cfg: Config, chain: int, comm: Any, lat: Any,
+                     model: Any = None) -> tuple[Any, Any, str]:
+    """``(update, lattice, model sha256)`` of chain ``chain`` of ``cfg``.
+
+    ``hmc``/``heatbath``: the link update on ``lat`` (stream ``chain``). ``flow``/``mixed``:
+    independence Metropolis with ``model`` (default: the trained model of
+    ``<output.dir>/train/checkpoint.pt``, whose sha256 is returned), run as a
+    ``DistributedFlow`` on ``comm`` (its lattice is returned: halos of the layers' reach).
+    """
+    from hpcflow.lattice.groups import cold_field, get_group, random_field
+    from hpcflow.rng import CounterRNG
+
+    rng = CounterRNG(cfg.seed, stream=chain)
+    if cfg.algorithm in ("hmc", "heatbath"):
+        return local_update(cfg, cfg.algorithm, lat, comm, rng), lat, ""
+    from hpcflow.flows.distributed import DistributedFlow
+
+    sha = ""
+    if model is None:
+        from hpcflow.backend import run_backend
+        from hpcflow.lattice.geometry import Lattice
+        from hpcflow.sampling.production import load_model
+
+        model, sha = load_model(cfg, Lattice(cfg.lattice.shape, backend=run_backend(cfg)))
+    if not isinstance(model, DistributedFlow):
+        try:
+            # the group's ranks each transform their sub-lattice (halo = the layers' reach);
+            # one rank: the same code on the whole lattice without halos
+            model = DistributedFlow(model, comm if comm.size > 1 else None)
+        except ValueError as e:
+            from hpcflow.config import ConfigError
+
+            raise ConfigError(f"{cfg.source}: domain-decomposed flow: {e}") from None
+    model.eval()
+    flat = model.lat
+    group = get_group(cfg.group)
+    cdtype = complex_dtype(cfg)
+    lrng = CounterRNG(cfg.seed, stream=LOCAL_STREAM_OFFSET + chain)
+
+    def start_field() -> torch.Tensor:
+        if cfg.run.start == "hot":  # step 0 of the local stream: no update uses it
+            return random_field(flat, group, lrng, step=0, dtype=cdtype)
+        return cold_field(flat, group, dtype=cdtype)
+
+    flow = FlowUpdate(model, cfg.action.beta, rng, comm, cfg.sample.batch, cdtype, start_field)
+    if cfg.algorithm == "flow":
+        return flow, flat, sha
+    local = {k: local_update(cfg, k, flat, comm, lrng) for k in set(cfg.mixed.pattern) - {"flow"}}
+    return MixedUpdate(flow, cfg.mixed.pattern, local), flat, sha
