@@ -26,5 +26,5 @@ setup(
         "cuda": ["cupy-cuda12x"],
         "test": ["pytest", "pytest-mpi", "ruff"],
     },
-    entry_points={"console_scripts": ["hpcflow=hpcflow.cli:main"]},
+    entry_points={"console_scripts": ["hpcflow=hpcflow.run.cli:main"]},
 )

@@ -47,9 +47,9 @@ from hpcflow.lattice.geometry import Lattice
 from hpcflow.lattice.groups import get_group
 from hpcflow.lattice.observables import topological_charge_u1_2d
 from hpcflow.rng import CounterRNG
+from hpcflow.sampling.flow_chains import metropolis_chain
 from hpcflow.sampling.heatbath import heatbath_sweep
 from hpcflow.sampling.hmc import HMC
-from hpcflow.sampling.metropolis import metropolis_chain
 
 
 @dataclass(frozen=True)

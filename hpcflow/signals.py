@@ -4,7 +4,7 @@ Batch systems ask a job to stop before its time limit (Slurm ``--signal=B:USR1@1
 SIGTERM on preemption or ``scancel``); a user presses Ctrl-C (SIGINT). :class:`StopFlag`
 turns SIGTERM, SIGUSR1 and SIGINT into a flag that the main loop polls between steps: the
 loop finishes (or drops) the current step, checkpoints, and exits with status 3
-(``hpcflow.cli.EXIT_RESUMABLE``, "stopped, resumable": rerun the same command). Nothing is
+(``hpcflow.run.cli.EXIT_RESUMABLE``, "stopped, resumable": rerun the same command). Nothing is
 done inside the handler itself, which is the only async-signal-safe choice in Python.
 """
 

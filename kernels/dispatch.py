@@ -140,7 +140,7 @@ def plaquette_re_tr(U: torch.Tensor, lat: Lattice, backend: str = "auto") -> tor
     """``Re tr P_{mu nu}(x)`` per plane and site, ``(*B, n_planes, *lat.shape)``."""
     name = resolve_backend(backend, U)
     if name == "torch":
-        from hpcflow.lattice.action import plaquette_re_tr_torch
+        from hpcflow.lattice.reference import plaquette_re_tr_torch
 
         return plaquette_re_tr_torch(U, lat)
     impl = _impl(name)
@@ -153,7 +153,7 @@ def plaquette_sum(U: torch.Tensor, lat: Lattice, backend: str = "auto") -> torch
     """``sum_{x interior, mu<nu} Re tr P_{mu nu}(x)``, shape ``(*B)`` (local to this rank)."""
     name = resolve_backend(backend, U)
     if name == "torch":
-        from hpcflow.lattice.action import plaquette_re_tr_torch
+        from hpcflow.lattice.reference import plaquette_re_tr_torch
 
         return lat.interior_sum(plaquette_re_tr_torch(U, lat), inner=0).sum(-1)
     impl = _impl(name)
@@ -166,7 +166,7 @@ def staple_sum(U: torch.Tensor, lat: Lattice, backend: str = "auto") -> torch.Te
     """Staple sum ``A_mu(x)`` (shape of ``U``); exact on interior sites."""
     name = resolve_backend(backend, U)
     if name == "torch" or _needs_grad(U):
-        from hpcflow.lattice.action import staple_sum_torch
+        from hpcflow.lattice.reference import staple_sum_torch
 
         return staple_sum_torch(U, lat)
     return _impl(name).staple_sum(U, lat)

@@ -162,13 +162,13 @@ def _check_dir(mu: int, parity: int, nd: int) -> None:
 
 
 def _constants():  # type: ignore[no-untyped-def]
-    from hpcflow.sampling import heatbath as hb
+    from hpcflow.lattice import draws
 
-    return hb._BLOCKS_PER_CONFIG, hb._MAX_ROUNDS, hb._KP_ALPHA_MIN
+    return draws.BLOCKS_PER_CONFIG, draws.MAX_ROUNDS, draws.KP_ALPHA_MIN
 
 
 def _run_heatbath(lib, U, nbatch, geo, mu, parity, beta, rng, step) -> None:  # type: ignore[no-untyped-def]
-    from hpcflow.sampling.heatbath import _check_beta
+    from hpcflow.lattice.draws import check_heatbath_beta as _check_beta
 
     beta = _check_beta(beta)
     step = rng._check_step(step)
@@ -244,7 +244,7 @@ def _sweeps_vn(U, lat, beta, rng, step, n_sweeps, first_hb):  # type: ignore[no-
     """``n_sweeps`` sweeps (the first a heat-bath sweep when ``first_hb``, the others
     overrelaxation), each followed by ``reproject_if_drifted`` (same tolerance and projection;
     the violation of every link is computed inside the kernel while it updates the link)."""
-    from hpcflow.sampling.hmc import as_group
+    from hpcflow.lattice.groups import as_group
 
     n, nbatch, real = _check(U, lat)
     _Geom(lat)  # even extents
@@ -307,7 +307,7 @@ def _reproject_if_drifted(lib, U, lat, n, nbatch, geo, comm):  # type: ignore[no
     violation (max over interior links of ``|U^dag U - 1|`` and ``|det U - 1|``) computed by
     the host library: the same global decision (``comm.max``) and the same projection
     (``group.project``), without torch's batched det (most of a sweep's time otherwise)."""
-    from hpcflow.sampling.hmc import as_group
+    from hpcflow.lattice.groups import as_group
 
     tol = 1e3 * torch.finfo(torch.float64 if U.dtype == torch.complex128 else torch.float32).eps
     dev = torch.tensor(lib.hpcflow_hb_unitarity_violation(U.data_ptr(), nbatch, geo.ext, geo.halo),
@@ -323,7 +323,7 @@ def heatbath_sweep_host(U: torch.Tensor, lat: Lattice, beta: float, rng, step: i
     """One heat-bath sweep (sub-steps ``(mu, parity)``, ``comm.exchange`` before each, then
     ``reproject_if_drifted``): ``hpcflow.sampling.heatbath.heatbath_sweep`` on the host.
     Returns a new tensor."""
-    from hpcflow.sampling.heatbath import _check_beta
+    from hpcflow.lattice.draws import check_heatbath_beta as _check_beta
 
     _check_beta(beta)
     return _sweep(U, lat, beta, rng, step, comm, False)
@@ -342,7 +342,7 @@ def heatbath_or_sweep_host(U: torch.Tensor, lat: Lattice, beta: float, rng, step
     if isinstance(n_or, bool) or not isinstance(n_or, int) or n_or < 0:
         raise ValueError(f"n_or must be an int >= 0, got {n_or!r}")
     if _vn_ok(U, lat, comm):
-        from hpcflow.sampling.heatbath import _check_beta
+        from hpcflow.lattice.draws import check_heatbath_beta as _check_beta
 
         beta = _check_beta(beta)
         with torch.no_grad():

@@ -18,7 +18,7 @@ decomposed run equals the single-rank run. Momenta are drawn in C++ (``philox.h`
 exact port of CounterRNG; :func:`sample_momenta_host`) equal to
 :func:`hpcflow.sampling.hmc.sample_momenta` on interior links (torch draws for other rngs),
 and the Metropolis step is :func:`hpcflow.sampling.hmc.metropolis_accept`: the chain is the
-torch chain. In ``hmc_trajectory_host`` the Wilson actions of H come from the first and last
+torch chain. In ``hpcflow.sampling.hmc.hmc_trajectory_host`` the Wilson actions of H come from the first and last
 force's staples (``sum Re tr(U A) = 4 sum Re tr P``), the kinetic energy of the new momenta
 from the draw kernel, and one staple buffer serves every force.
 
@@ -37,7 +37,9 @@ Public API (all return new tensors; inputs are not modified):
 * ``leapfrog_host(U, P, lat, group, beta, n_steps, tau, comm=None) -> (U, P)``
 * ``omelyan_host(U, P, lat, group, beta, n_steps, tau, comm=None, lam=OMELYAN_LAMBDA)``
 * ``hamiltonian_host(U, P, lat, beta, comm=None) -> float64 (*B)``
-* ``hmc_trajectory_host(hmc, U, step) -> (U_next, accepted, dH)`` (as ``HMC.trajectory``)
+* ``MDState``, ``leapfrog_steps``, ``omelyan_steps``, ``momenta_host``, ``kinetic_local``,
+  ``rng_key``, ``info_of``: the pieces ``hpcflow.sampling.hmc.hmc_trajectory_host`` (the
+  trajectory on these kernels, as ``HMC.trajectory``) is made of
 * ``wilson_flow_host(u, lat, eps, n_steps, comm=None) -> flowed field``
 
 One shared library per (N, real type, Nd) is built at first use through
@@ -65,7 +67,6 @@ __all__ = [
     "force_host",
     "group_exp",
     "hamiltonian_host",
-    "hmc_trajectory_host",
     "kinetic_energy_host",
     "leapfrog_host",
     "load_md_library",
@@ -82,6 +83,8 @@ __all__ = [
 _SOURCES = ("su_n.cuh", "host_harness.h", "philox.h", "md_host.cpp")
 #: Luscher RK3 stages as (a, c) of ``X <- a eps Z + c X``: exponents Z0/4,
 #: 8/9 Z1 - 17/36 Z0, 3/4 Z2 - 8/9 Z1 + 17/36 Z0.
+#: The Omelyan 2MN parameter (= hpcflow.sampling.hmc.OMELYAN_LAMBDA, tested equal).
+OMELYAN_LAMBDA = 0.1932
 _RK3 = ((0.25, 0.0), (8.0 / 9.0, -17.0 / 9.0), (0.75, -1.0))
 
 
@@ -137,7 +140,7 @@ def supports_md_host(U: torch.Tensor, lat: Lattice) -> bool:
 
 
 # ---- thin wrappers (in place on private buffers) -------------------------------------------
-def _info(U: torch.Tensor, lat: Lattice):  # type: ignore[no-untyped-def]
+def info_of(U: torch.Tensor, lat: Lattice):  # type: ignore[no-untyped-def]
     info = field_info(U, lat)
     if U.device.type != "cpu":
         raise ValueError(f"MD host kernels need CPU tensors, got U on {U.device}")
@@ -179,7 +182,7 @@ def _links_(U, P, info, eps: float) -> None:  # type: ignore[no-untyped-def]
 def update_momenta(U: torch.Tensor, A: torch.Tensor, P: torch.Tensor, lat: Lattice, k: float,
                    eps: float) -> torch.Tensor:
     """``P - eps * k * TA(U A)`` on interior links (halo links of P unchanged)."""
-    info = _info(U, lat)
+    info = info_of(U, lat)
     _check_same(A, U, "A")
     _check_same(P, U, "P")
     P = _owned(P)
@@ -189,7 +192,7 @@ def update_momenta(U: torch.Tensor, A: torch.Tensor, P: torch.Tensor, lat: Latti
 
 def update_links(U: torch.Tensor, P: torch.Tensor, lat: Lattice, eps: float) -> torch.Tensor:
     """``exp(eps P) U`` on interior links (halo links of U unchanged)."""
-    info = _info(U, lat)
+    info = info_of(U, lat)
     _check_same(P, U, "P")
     U = _owned(U)
     _links_(U, as_kernel_input(P), info, eps)
@@ -210,7 +213,7 @@ def group_exp(X: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     return out
 
 
-def _kinetic_local(P: torch.Tensor, info) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def kinetic_local(P: torch.Tensor, info) -> torch.Tensor:  # type: ignore[no-untyped-def]
     out = torch.empty(info.batch_shape, dtype=torch.float64)
     ext, halo = _geom(info)
     _lib(info).hpcflow_md_kinetic_energy(as_kernel_input(P).data_ptr(), out.data_ptr(),
@@ -223,7 +226,7 @@ def kinetic_energy_host(P: torch.Tensor, lat: Lattice, comm=None) -> torch.Tenso
     ``hmc.kinetic_energy``)."""
     from hpcflow.lattice.geometry import as_comm
 
-    return as_comm(comm).sum(_kinetic_local(P, _info(P, lat)))
+    return as_comm(comm).sum(kinetic_local(P, info_of(P, lat)))
 
 
 def unitarity_violation_host(U: torch.Tensor, lat: Lattice, comm=None) -> float:  # type: ignore[no-untyped-def]
@@ -231,7 +234,7 @@ def unitarity_violation_host(U: torch.Tensor, lat: Lattice, comm=None) -> float:
     ranks) of ``|U^dag U - 1|`` and, for SU(N), ``|det U - 1|``."""
     from hpcflow.lattice.geometry import as_comm
 
-    info = _info(U, lat)
+    info = info_of(U, lat)
     out = torch.zeros(1, dtype=torch.float64)
     ext, halo = _geom(info)
     _lib(info).hpcflow_md_unitarity_violation(as_kernel_input(U).data_ptr(), out.data_ptr(),
@@ -245,7 +248,7 @@ def reproject_if_drifted_host(U: torch.Tensor, lat: Lattice, group, tol: float |
                               comm=None) -> torch.Tensor:
     """``hmc.reproject_if_drifted`` with the host unitarity check (same default tolerance
     ``1e3 * eps`` of the dtype, same global decision, same ``group.project``)."""
-    from hpcflow.sampling.hmc import as_group
+    from hpcflow.lattice.groups import as_group
 
     if tol is None:
         tol = 1e3 * torch.finfo(torch.float32 if U.dtype == torch.complex64 else torch.float64).eps
@@ -257,7 +260,7 @@ def reproject_if_drifted_host(U: torch.Tensor, lat: Lattice, group, tol: float |
 def force_host(U: torch.Tensor, lat: Lattice, beta: float) -> torch.Tensor:
     """``F = (beta/N) TA(U A)`` on interior links (0 on halo links), from the host staple and
     the fused momentum kernel (``0 - (-1) k TA(U A)``); ``U`` must have valid halos."""
-    info = _info(U, lat)
+    info = info_of(U, lat)
     u = as_kernel_input(U)
     F = torch.zeros_like(u)
     _momenta_(u, host.staple_sum(u, lat), F, info, beta / info.n, -1.0)
@@ -283,7 +286,7 @@ def hamiltonian_host(U: torch.Tensor, P: torch.Tensor, lat: Lattice, beta: float
 
 
 # ---- momenta --------------------------------------------------------------------------------
-def _rng_key(rng):  # type: ignore[no-untyped-def]
+def rng_key(rng):  # type: ignore[no-untyped-def]
     """``rng.key_site`` of a counter-based generator (CounterRNG), else None (torch draws)."""
     key = getattr(rng, "key_site", None)
     if key is None or not hasattr(rng, "normal"):
@@ -291,11 +294,11 @@ def _rng_key(rng):  # type: ignore[no-untyped-def]
     return int(key[0]), int(key[1])
 
 
-def _momenta_host(lat: Lattice, group, key, step: int, dtype: torch.dtype,  # type: ignore[no-untyped-def]
+def momenta_host(lat: Lattice, group, key, step: int, dtype: torch.dtype,  # type: ignore[no-untyped-def]
                   batch: tuple[int, ...], with_ke: bool):
     """``(P, ke)``: host momenta (interior links; halo links 0) and, if ``with_ke``, the local
     kinetic energy ``0.5 sum tr(P^dag P)`` float64 ``(*B)`` (else None)."""
-    from hpcflow.sampling.hmc import as_group
+    from hpcflow.lattice.groups import as_group
 
     group = as_group(group)
     if isinstance(step, bool) or not 0 <= int(step) < 2**32:
@@ -304,7 +307,7 @@ def _momenta_host(lat: Lattice, group, key, step: int, dtype: torch.dtype,  # ty
     shape = (*batch, lat.nd, *lat.shape, n, n)
     padded = any(lat.halo > 0 and d in lat.padded_dims for d in range(lat.nd))
     P = (torch.zeros if padded else torch.empty)(shape, dtype=dtype)
-    info = _info(P, lat)
+    info = info_of(P, lat)
     gen = _generators(group)
     ext, halo = _geom(info)
     arr = ctypes.c_int * info.nd
@@ -338,10 +341,10 @@ def sample_momenta_host(lat: Lattice, group, rng, step: int,  # type: ignore[no-
     ``key_site`` (CounterRNG)."""
     from hpcflow.lattice.groups import _batch_tuple
 
-    key = _rng_key(rng)
+    key = rng_key(rng)
     if key is None:
         raise TypeError(f"sample_momenta_host needs a counter-based rng with key_site, got {rng!r}")
-    return _momenta_host(lat, group, key, step, dtype, _batch_tuple(batch), False)[0]
+    return momenta_host(lat, group, key, step, dtype, _batch_tuple(batch), False)[0]
 
 
 # ---- integrators -----------------------------------------------------------------------------
@@ -361,16 +364,16 @@ def _private(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class _MD:
+class MDState:
     """Private state of one integration: owned contiguous U and P, updated in place, and one
     staple buffer reused by every force."""
 
     def __init__(self, U, P, lat, group, beta, comm, own_p=False, src=None):  # type: ignore[no-untyped-def]
         from hpcflow.lattice.geometry import as_comm
-        from hpcflow.sampling.hmc import as_group
+        from hpcflow.lattice.groups import as_group
 
         self.group = as_group(group)
-        self.info = _info(U, lat)
+        self.info = info_of(U, lat)
         if self.group.N != self.info.n:
             raise ValueError(f"group {self.group.name} does not match N = {self.info.n} of U")
         _check_same(P, U, "P")
@@ -405,7 +408,7 @@ class _MD:
                                           self._ext, self._halo, float(eps))
 
 
-def _leapfrog(md: _MD, n_steps: int, tau: float, r0=None, r1=None) -> None:  # type: ignore[no-untyped-def]
+def leapfrog_steps(md: MDState, n_steps: int, tau: float, r0=None, r1=None) -> None:  # type: ignore[no-untyped-def]
     """hmc.leapfrog on md; ``r0``/``r1``: ``sum Re tr(U A)`` of the first/last force (the
     Wilson actions of the initial and final fields)."""
     eps = tau / n_steps
@@ -415,8 +418,8 @@ def _leapfrog(md: _MD, n_steps: int, tau: float, r0=None, r1=None) -> None:  # t
         md.momenta(eps if i < n_steps - 1 else 0.5 * eps, r1 if i == n_steps - 1 else None)
 
 
-def _omelyan(md: _MD, n_steps: int, tau: float, lam: float, r0=None, r1=None) -> None:  # type: ignore[no-untyped-def]
-    """hmc.omelyan on md (``r0``, ``r1`` as in :func:`_leapfrog`)."""
+def omelyan_steps(md: MDState, n_steps: int, tau: float, lam: float, r0=None, r1=None) -> None:  # type: ignore[no-untyped-def]
+    """hmc.omelyan on md (``r0``, ``r1`` as in :func:`leapfrog_steps`)."""
     eps = tau / n_steps
     md.momenta(lam * eps, r0)
     for i in range(n_steps):
@@ -430,8 +433,8 @@ def _omelyan(md: _MD, n_steps: int, tau: float, lam: float, r0=None, r1=None) ->
 def leapfrog_host(U: torch.Tensor, P: torch.Tensor, lat: Lattice, group, beta: float,  # type: ignore[no-untyped-def]
                   n_steps: int, tau: float, comm=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hpcflow.sampling.hmc.leapfrog` with the host kernels (same arguments and result)."""
-    md = _MD(U, P, lat, group, beta, comm)
-    _leapfrog(md, n_steps, tau)
+    md = MDState(U, P, lat, group, beta, comm)
+    leapfrog_steps(md, n_steps, tau)
     return md.U, md.P
 
 
@@ -439,63 +442,10 @@ def omelyan_host(U: torch.Tensor, P: torch.Tensor, lat: Lattice, group, beta: fl
                  n_steps: int, tau: float, comm=None, lam: float | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hpcflow.sampling.hmc.omelyan` with the host kernels (same arguments and result)."""
-    from hpcflow.sampling.hmc import OMELYAN_LAMBDA
-
     lam = OMELYAN_LAMBDA if lam is None else lam
-    md = _MD(U, P, lat, group, beta, comm)
-    _omelyan(md, n_steps, tau, lam)
+    md = MDState(U, P, lat, group, beta, comm)
+    omelyan_steps(md, n_steps, tau, lam)
     return md.U, md.P
-
-
-def hmc_trajectory_host(hmc, U: torch.Tensor, step: int):  # type: ignore[no-untyped-def]
-    """:meth:`hpcflow.sampling.hmc.HMC.trajectory` with the host kernels: same momenta
-    (``sample_momenta``, drawn in C++ for a counter-based rng), same accept draw
-    (``metropolis_accept``), same counters (``hmc.n_trajectories``, ``hmc.n_accepted``), same
-    re-projection; returns ``(U_next, accepted, dH)`` (bool/float unbatched, tensors of shape
-    ``B`` batched). A rejected unbatched trajectory returns ``U`` itself."""
-    from hpcflow.lattice.geometry import as_comm
-    from hpcflow.sampling.hmc import _check_links, metropolis_accept, sample_momenta
-
-    lat, group, comm = hmc.lat, hmc.group, as_comm(hmc.comm)
-    batch = _check_links(U, lat, group)
-    with torch.no_grad():
-        key = _rng_key(hmc.rng)
-        if key is not None and U.device.type == "cpu":
-            P, ke0 = _momenta_host(lat, group, key, step, U.dtype, tuple(batch), True)
-        else:
-            P = sample_momenta(lat, group, hmc.rng, step, U.dtype, U.device, batch)
-            ke0 = _kinetic_local(P, _info(P, lat))
-        # H = KE + S_W: S_W(U) = -(beta/N) sum Re tr P = -(beta/N) sum Re tr(U A) / 4 from the
-        # staples of the first and of the last force (both on freshly exchanged fields)
-        Ux = comm.exchange(U, lat)
-        md = _MD(Ux, P, lat, group, hmc.beta, comm, own_p=True, src=U)
-        r0 = torch.empty(tuple(batch), dtype=torch.float64)
-        r1 = torch.empty(tuple(batch), dtype=torch.float64)
-        if hmc.integrator == "leapfrog":
-            _leapfrog(md, hmc.n_steps, hmc.tau, r0, r1)
-        else:
-            _omelyan(md, hmc.n_steps, hmc.tau, hmc.lam, r0, r1)
-        U1, P1 = md.U, md.P
-        del md
-        kb = -float(hmc.beta) / U.shape[-1] / 4.0
-        H0 = comm.sum(ke0) + kb * comm.sum(r0)
-        H1 = comm.sum(_kinetic_local(P1, _info(P1, lat))) + kb * comm.sum(r1)
-        dH = H1 - H0
-        acc = metropolis_accept(dH, hmc.rng, step)
-        hmc.n_trajectories += max(acc.numel(), 1)
-        hmc.n_accepted += int(acc.sum())
-        if bool(acc.any()):
-            U1 = reproject_if_drifted_host(U1, lat, group, hmc.reproject_tol, comm)
-        if bool(acc.all()):
-            U_next = U1
-        elif not bool(acc.any()):
-            U_next = U
-        else:
-            sel = acc.to(U.device).reshape(acc.shape + (1,) * (U.dim() - len(batch)))
-            U_next = torch.where(sel, U1, U)
-        if not batch:
-            return U_next, bool(acc), float(dH)
-        return U_next, acc, dH
 
 
 # ---- Wilson flow -------------------------------------------------------------------------------
@@ -505,15 +455,15 @@ def wilson_flow_host(u: torch.Tensor, lat: Lattice, eps: float, n_steps: int,
     ``n_steps`` steps of size ``eps``; halos exchanged before each stage). Interior links
     equal the torch result to rounding; halo links are left as the last exchange made them
     (the torch path also moves them, with wrapped forces: exchange before using them)."""
-    from hpcflow.lattice.action import check_link_field
     from hpcflow.lattice.geometry import as_comm
+    from hpcflow.lattice.reference import check_link_field
 
     check_link_field(u, lat)
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
         raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    info = _info(u, lat)
+    info = info_of(u, lat)
     cm = as_comm(comm)
     ext, halo = _geom(info)
     lib = _lib(info)

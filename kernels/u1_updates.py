@@ -105,9 +105,9 @@ def load_u1_library() -> ctypes.CDLL:
 
 @functools.cache
 def _blocks_per_config() -> int:
-    from hpcflow.sampling.heatbath import _BLOCKS_PER_CONFIG
+    from hpcflow.lattice.draws import BLOCKS_PER_CONFIG
 
-    return int(_BLOCKS_PER_CONFIG)
+    return int(BLOCKS_PER_CONFIG)
 
 
 def supports_u1_host(U: torch.Tensor, lat: Lattice, even: bool = True) -> bool:

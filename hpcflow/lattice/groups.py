@@ -21,6 +21,7 @@ from hpcflow.lattice.geometry import Lattice
 
 __all__ = [
     "GROUP_NAMES",
+    "as_group",
     "SU2",
     "SUN",
     "U1",
@@ -420,3 +421,12 @@ def cold_field(
     """Cold start: all links the identity, shape ``(*batch, nd, *lat.shape, N, N)``."""
     b = _batch_tuple(batch)
     return group.identity((*b, lat.nd, *lat.shape), dtype=dtype, device=device)
+
+
+def as_group(group: Group | str) -> Group:
+    """A ``Group`` from a group object or its name (``"u1"``, ``"su2"``, ``"su3"``)."""
+    if isinstance(group, str):
+        return get_group(group)
+    if not hasattr(group, "N") or not hasattr(group, "n_algebra"):
+        raise TypeError(f"group must be a Group or one of 'u1', 'su2', 'su3', got {group!r}")
+    return group

@@ -8,11 +8,13 @@ of the config section passed explicitly (``hmc.lam`` included).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from hpcflow.config import Config
+from hpcflow.io.checkpoint import CheckpointError
 from hpcflow.sampling.updates import (
     LOCAL_STREAM_OFFSET,
     FlowUpdate,
@@ -21,7 +23,36 @@ from hpcflow.sampling.updates import (
     MixedUpdate,
 )
 
-__all__ = ["complex_dtype", "local_update", "update_of_config"]
+__all__ = ["complex_dtype", "load_model", "local_update", "model_checkpoint_path", "update_of_config"]
+
+
+def model_checkpoint_path(cfg: Config) -> str:
+    """The trained flow a flow/mixed chain samples with: ``<output.dir>/train/checkpoint.pt``."""
+    return os.path.join(cfg.output.dir, "train", "checkpoint.pt")
+
+
+def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
+    """``(model, sha256 of its checkpoint file)``; a one-line :class:`CheckpointError` ("missing
+    model") when the checkpoint is absent, unreadable, or from another lattice, group,
+    architecture or beta."""
+    from hpcflow.flows.build import build_model
+    from hpcflow.flows.train import load_flow_checkpoint
+    from hpcflow.io.checkpoint import file_sha256
+
+    path = model_checkpoint_path(cfg)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing model: algorithm {cfg.algorithm} needs a trained flow; "
+                              "run `hpcflow train CONFIG` with the same config first")
+    model = build_model(cfg, lat)
+    sha = file_sha256(path)
+    try:
+        load_flow_checkpoint(model, path, cfg.action.beta)
+    except Exception as e:  # noqa: BLE001 - unpickling/shape errors of a foreign file: one clear line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: missing model for this run: the checkpoint does not fit "
+                              f"({msg})") from None
+    model.eval()
+    return model, sha
 
 
 def complex_dtype(cfg: Config) -> torch.dtype:
@@ -60,7 +91,6 @@ def update_of_config(cfg: Config, chain: int, comm: Any, lat: Any,
     if model is None:
         from hpcflow.backend import run_backend
         from hpcflow.lattice.geometry import Lattice
-        from hpcflow.sampling.production import load_model
 
         model, sha = load_model(cfg, Lattice(cfg.lattice.shape, backend=run_backend(cfg)))
     if not isinstance(model, DistributedFlow):

@@ -13,7 +13,7 @@ Sinks (all with the same small protocol, :class:`Sink`):
 * :class:`MemorySink`: rows in memory (library calls: ``flow_chain``, ``mixed_chain``);
 * :class:`HistorySink`: ``hpcflow run``: measurements per stored state in
   ``history.jsonl`` and a chain checkpoint every ``checkpoint_every`` steps;
-* ``hpcflow.sampling.production.EnsembleSink``: ``hpcflow sample``: segment files with the
+* ``hpcflow.run.sample.EnsembleSink``: ``hpcflow sample``: segment files with the
   two-phase commit protocol of the ensemble.
 """
 

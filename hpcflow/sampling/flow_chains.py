@@ -38,6 +38,7 @@ __all__ = [
     "MIXED_STEPS",
     "flow_chain",
     "flow_mixed_chain",
+    "metropolis_chain",
     "mixed_chain",
     "with_hooks",
 ]
@@ -165,3 +166,24 @@ def mixed_chain(model: Any, lat: Any, beta: float, pattern: Sequence[str], n_cyc
     if tuple(lat.shape) != tuple(model.lat.shape):
         raise ValueError(f"lat has shape {tuple(lat.shape)}, the flow {tuple(model.lat.shape)}")
     return flow_mixed_chain(model, beta, pattern, n_cycles, seed, batch, hmc_cfg, n_overrelax)
+
+
+def metropolis_chain(
+    model: Any,
+    lat: Any,
+    beta: float,
+    n_steps: int,
+    batch: int,
+    rng: Any,
+    state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``n_steps`` independence-Metropolis steps with proposals of a U(1) flow on ``lat``:
+    :func:`hpcflow.sampling.flow_chains.flow_chain` (the one chain engine) for a plain flow.
+
+    Returns numpy arrays per step of the chain state (``S``, ``logq``, ``logw``,
+    ``plaquette``, ``Q``), the ``accepted`` flags, and the proposals' ``logw``, ``plaquette``,
+    ``Q`` (``proposal_*``, for importance-sampling estimates), plus ``state`` and ``next``.
+    """
+    if tuple(lat.shape) != tuple(model.lat.shape):
+        raise ValueError(f"lat has shape {tuple(lat.shape)}, the flow {tuple(model.lat.shape)}")
+    return flow_chain(model, beta, n_steps, batch, rng, state=state)

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from hpcflow.lattice import draws
 from hpcflow.lattice.geometry import Lattice, SerialComm
 from hpcflow.sampling.hmc import _check_links, _comm, as_group, reproject_if_drifted
 
@@ -49,9 +50,11 @@ __all__ = [
     "von_mises",
 ]
 
-_MAX_ROUNDS = 10_000  # rejection rounds; acceptance >= ~0.3 makes 100 rounds already 1e-15
-_BLOCKS_PER_CONFIG = 3 * _MAX_ROUNDS  # counter blocks (round, subgroup) per configuration
-_KP_ALPHA_MIN = 2.0  # below this Creutz's method accepts better than Kennedy-Pendleton
+# the counter layout the host kernels share (hpcflow.lattice.draws)
+_MAX_ROUNDS = draws.MAX_ROUNDS
+_BLOCKS_PER_CONFIG = draws.BLOCKS_PER_CONFIG
+_KP_ALPHA_MIN = draws.KP_ALPHA_MIN
+_check_beta = draws.check_heatbath_beta
 
 
 def su2_subgroups(N: int) -> list[tuple[int, int]]:
@@ -277,14 +280,6 @@ def _overrelax_links(Ul: torch.Tensor, Al: torch.Tensor, group) -> torch.Tensor:
         U = _apply_rows(w, U, i, j)
         M = _apply_rows(w, M, i, j)
     return U.to(Ul.dtype)
-
-
-def _check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite real number, got {beta!r}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0 for the heat bath, got {beta}")
-    return float(beta)
 
 
 def _substep_(U, lat, group, beta, rng, step, mu, mask, comm, overrelax):  # type: ignore[no-untyped-def]

@@ -26,11 +26,13 @@ from collections.abc import Callable
 import torch
 
 from hpcflow.lattice.geometry import Lattice, SerialComm
+from hpcflow.lattice.groups import as_group
 
 __all__ = [
     "HMC",
     "as_group",
     "force",
+    "hmc_trajectory_host",
     "hamiltonian",
     "kinetic_energy",
     "leapfrog",
@@ -43,17 +45,6 @@ __all__ = [
 
 OMELYAN_LAMBDA = 0.1932  # Omelyan, Mryglod, Folk 2003: minimal-norm 2nd-order scheme (2MN)
 _INTEGRATORS = ("omelyan", "leapfrog")
-
-
-def as_group(group):  # type: ignore[no-untyped-def]
-    """A ``Group`` from a group object or its name (``"u1"``, ``"su2"``, ``"su3"``)."""
-    if isinstance(group, str):
-        from hpcflow.lattice.groups import get_group
-
-        return get_group(group)
-    if not hasattr(group, "N") or not hasattr(group, "n_algebra"):
-        raise TypeError(f"group must be a Group or one of 'u1', 'su2', 'su3', got {group!r}")
-    return group
 
 
 def _comm(comm: SerialComm | None) -> SerialComm:
@@ -273,6 +264,57 @@ def reproject_if_drifted(
 
 
 # ---- the sampler ------------------------------------------------------------------------------
+def hmc_trajectory_host(hmc: HMC, U: torch.Tensor, step: int):  # type: ignore[no-untyped-def]
+    """:meth:`HMC.trajectory` with the host kernels (``hpcflow.kernels.md_host``): same momenta
+    (``sample_momenta``, drawn in C++ for a counter-based rng), same accept draw
+    (``metropolis_accept``), same counters (``hmc.n_trajectories``, ``hmc.n_accepted``), same
+    re-projection; returns ``(U_next, accepted, dH)`` (bool/float unbatched, tensors of shape
+    ``B`` batched). A rejected unbatched trajectory returns ``U`` itself."""
+    from hpcflow.kernels import md_host as mh
+    from hpcflow.lattice.geometry import as_comm
+
+    lat, group, comm = hmc.lat, hmc.group, as_comm(hmc.comm)
+    batch = _check_links(U, lat, group)
+    with torch.no_grad():
+        key = mh.rng_key(hmc.rng)
+        if key is not None and U.device.type == "cpu":
+            P, ke0 = mh.momenta_host(lat, group, key, step, U.dtype, tuple(batch), True)
+        else:
+            P = sample_momenta(lat, group, hmc.rng, step, U.dtype, U.device, batch)
+            ke0 = mh.kinetic_local(P, mh.info_of(P, lat))
+        # H = KE + S_W: S_W(U) = -(beta/N) sum Re tr P = -(beta/N) sum Re tr(U A) / 4 from the
+        # staples of the first and of the last force (both on freshly exchanged fields)
+        Ux = comm.exchange(U, lat)
+        md = mh.MDState(Ux, P, lat, group, hmc.beta, comm, own_p=True, src=U)
+        r0 = torch.empty(tuple(batch), dtype=torch.float64)
+        r1 = torch.empty(tuple(batch), dtype=torch.float64)
+        if hmc.integrator == "leapfrog":
+            mh.leapfrog_steps(md, hmc.n_steps, hmc.tau, r0, r1)
+        else:
+            mh.omelyan_steps(md, hmc.n_steps, hmc.tau, hmc.lam, r0, r1)
+        U1, P1 = md.U, md.P
+        del md
+        kb = -float(hmc.beta) / U.shape[-1] / 4.0
+        H0 = comm.sum(ke0) + kb * comm.sum(r0)
+        H1 = comm.sum(mh.kinetic_local(P1, mh.info_of(P1, lat))) + kb * comm.sum(r1)
+        dH = H1 - H0
+        acc = metropolis_accept(dH, hmc.rng, step)
+        hmc.n_trajectories += max(acc.numel(), 1)
+        hmc.n_accepted += int(acc.sum())
+        if bool(acc.any()):
+            U1 = mh.reproject_if_drifted_host(U1, lat, group, hmc.reproject_tol, comm)
+        if bool(acc.all()):
+            U_next = U1
+        elif not bool(acc.any()):
+            U_next = U
+        else:
+            sel = acc.to(U.device).reshape(acc.shape + (1,) * (U.dim() - len(batch)))
+            U_next = torch.where(sel, U1, U)
+        if not batch:
+            return U_next, bool(acc), float(dH)
+        return U_next, acc, dH
+
+
 def _u1_host_trajectory(hmc: HMC, U: torch.Tensor, step: int):  # type: ignore[no-untyped-def]
     """``HMC.trajectory`` of a whole 2D U(1) lattice in one C++ call (kernels/u1_updates)."""
     from hpcflow.kernels.u1_updates import hmc_trajectory_u1
@@ -351,7 +393,7 @@ class HMC:
         if u1_updates.supports_u1_host(U, self.lat, even=False):
             return _u1_host_trajectory
         if md_host.supports_md_host(U, self.lat):
-            return md_host.hmc_trajectory_host
+            return hmc_trajectory_host
         return None
 
     @property

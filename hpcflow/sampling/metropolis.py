@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcflow.lattice.geometry import Lattice
-
 __all__ = [
     "ACCEPT_STEP",
     "chain_summary",
     "ess_fraction",
     "metropolis_accept",
-    "metropolis_chain",
     "reweighted_mean",
     "reweighted_mean_error",
 ]
@@ -78,29 +75,6 @@ def metropolis_accept(logw_prop: torch.Tensor, logw0: float, uniforms: torch.Ten
         index[i] = cur
         accepted[i] = acc
     return index, accepted
-
-
-def metropolis_chain(
-    model: Any,
-    lat: Lattice,
-    beta: float,
-    n_steps: int,
-    batch: int,
-    rng: Any,
-    state: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``n_steps`` independence-Metropolis steps with proposals of a U(1) flow on ``lat``:
-    :func:`hpcflow.sampling.flow_chains.flow_chain` (the one chain engine) for a plain flow.
-
-    Returns numpy arrays per step of the chain state (``S``, ``logq``, ``logw``,
-    ``plaquette``, ``Q``), the ``accepted`` flags, and the proposals' ``logw``, ``plaquette``,
-    ``Q`` (``proposal_*``, for importance-sampling estimates), plus ``state`` and ``next``.
-    """
-    from hpcflow.sampling.flow_chains import flow_chain
-
-    if tuple(lat.shape) != tuple(model.lat.shape):
-        raise ValueError(f"lat has shape {tuple(lat.shape)}, the flow {tuple(model.lat.shape)}")
-    return flow_chain(model, beta, n_steps, batch, rng, state=state)
 
 
 def chain_summary(res: dict[str, Any], n_therm: int = 0) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def _flow_cfg(out: str) -> dict:
 
 
 def _cmd(cfg_path: str) -> list[str]:
-    return ["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "hpcflow.sampling.production",
+    return ["mpirun", "--oversubscribe", "-n", "2", sys.executable, "-m", "hpcflow.run.sample",
             cfg_path]
 
 

@@ -136,7 +136,7 @@ def test_host_momenta_equal_sample_momenta(gname, gs, local, origin, dtype, halo
         inner = lat.interior_slices(2)
         _close(P[inner], ref[inner], 1e-14 if dtype == torch.complex128 else 2e-6, "momenta")
         assert bool((P.abs().sum((-1, -2))[..., ~lat.interior()] == 0).all())
-    P, ke = md_host._momenta_host(lat, group, rng.key_site, 3, dtype, batch, True)
+    P, ke = md_host.momenta_host(lat, group, rng.key_site, 3, dtype, batch, True)
     ke_ref = hmc_mod.kinetic_energy(P, lat)
     _close(ke, ke_ref, 1e-13 * float(ke_ref.abs().max()), "kinetic")
 
@@ -170,7 +170,7 @@ def test_trajectory_equals_torch(gname, gs, dtype, integrator, halo, batch):
     h_ref = _hmc(lat, group, gname, integrator, comm, n_steps, tau)
     h = _hmc(lat, group, gname, integrator, comm, n_steps, tau)
     Ur, accr, dHr = h_ref.trajectory(U, 3)
-    Uh, acc, dH = md_host.hmc_trajectory_host(h, U, 3)
+    Uh, acc, dH = hmc_mod.hmc_trajectory_host(h, U, 3)
     H0 = float(hmc_mod.hamiltonian(U, P, lat, BETA[gname], comm).abs().max())
     _close(dH, dHr, tol * H0, "dH")  # dH is a difference of two O(H) sums
     if batch:
@@ -190,7 +190,7 @@ def test_trajectory_does_not_modify_inputs_and_accepts_sometimes():
     assert torch.equal(U, U0) and torch.equal(P, P0)
     h = _hmc(lat, group, "su2", "omelyan", None, n_steps=8, tau=0.5)
     for s in range(1, 4):
-        U, acc, dH = md_host.hmc_trajectory_host(h, U, s)
+        U, acc, dH = hmc_mod.hmc_trajectory_host(h, U, s)
         assert math.isfinite(dH)
     assert h.n_trajectories == 3 and h.n_accepted >= 1
     assert float(hmc_mod.unitarity_violation(U, lat)) < 1e-12
@@ -262,3 +262,9 @@ def test_unitarity_check_and_reprojection(gname, gs, dtype):
     _close(md_host.reproject_if_drifted_host(Ud, lat, group), hmc_mod.reproject_if_drifted(Ud, lat, group),
            TOL[dtype], "reprojected")
     assert torch.equal(md_host.reproject_if_drifted_host(U, lat, group, tol=1.0), U)
+
+
+def test_omelyan_lambda_is_the_samplers() -> None:
+    """md_host keeps its own copy of the Omelyan parameter (kernels import nothing of
+    hpcflow.sampling): it must be the sampler's."""
+    assert md_host.OMELYAN_LAMBDA == hmc_mod.OMELYAN_LAMBDA

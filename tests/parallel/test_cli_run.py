@@ -13,8 +13,8 @@ import pytest
 from mpi4py import MPI
 
 from hpcflow.config import load_config
-from hpcflow.driver import run, run_baseline
 from hpcflow.lattice.geometry import SerialComm
+from hpcflow.run.driver import run, run_baseline
 
 WORLD = MPI.COMM_WORLD
 SIZE, RANK = WORLD.Get_size(), WORLD.Get_rank()

@@ -37,7 +37,7 @@ from hpcflow.backend import run_backend
 from hpcflow.config import ConfigError, config_from_dict
 from hpcflow.io.ensemble import SegmentWriter, field_checksum, open_ensemble
 from hpcflow.lattice.geometry import Lattice, SerialComm
-from hpcflow.sampling.production import EXIT_OK, chain_of_config, ensemble_dir, sample
+from hpcflow.run.sample import EXIT_OK, chain_of_config, ensemble_dir, sample
 from hpcflow.signals import StopFlag
 
 WORLD = MPI.COMM_WORLD
@@ -238,7 +238,7 @@ class _StopAfter(StopFlag):
 @pytest.mark.mpi
 def test_decomposed_flow_chain_equals_one_rank(collective) -> None:
     """One flow chain on all P ranks (sub-lattice per rank) == the one-rank chain; == flow_chain."""
-    from hpcflow.sampling.production import EXIT_RESUMABLE
+    from hpcflow.run.sample import EXIT_RESUMABLE
 
     base = _tmpdir()
     try:
@@ -256,8 +256,8 @@ def test_decomposed_flow_chain_equals_one_rank(collective) -> None:
         from hpcflow.comm import LatticeComm, ProcessGrid
         from hpcflow.flows.distributed import DistributedFlow
         from hpcflow.rng import CounterRNG
+        from hpcflow.run.sample import load_model
         from hpcflow.sampling.flow_chains import flow_chain
-        from hpcflow.sampling.production import load_model
 
         plain, _ = load_model(cfg, Lattice(cfg.lattice.shape))
         dist = DistributedFlow(plain, LatticeComm(ProcessGrid(cfg.lattice.shape, DOMAIN_GRID)))

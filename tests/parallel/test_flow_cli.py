@@ -16,7 +16,7 @@ import pytest
 from mpi4py import MPI
 
 from hpcflow.config import load_config, to_yaml
-from hpcflow.driver import run
+from hpcflow.run.driver import run
 
 WORLD = MPI.COMM_WORLD
 SIZE, RANK = WORLD.Get_size(), WORLD.Get_rank()

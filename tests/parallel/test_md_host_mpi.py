@@ -15,6 +15,7 @@ from hpcflow.kernels import md_host
 from hpcflow.lattice.geometry import Lattice, SerialComm
 from hpcflow.lattice.groups import get_group, random_field
 from hpcflow.rng import CounterRNG
+from hpcflow.sampling import hmc as hmc_mod
 from hpcflow.sampling.hmc import HMC
 
 SIZE = MPI.COMM_WORLD.Get_size()
@@ -34,7 +35,7 @@ def _chain(lat, group, gname, integrator, comm, U, n_traj=2):  # type: ignore[no
               rng=CounterRNG(13, stream=2), comm=comm)
     accs, dhs = [], []
     for s in range(1, n_traj + 1):
-        U, acc, dH = md_host.hmc_trajectory_host(hmc, U, s)
+        U, acc, dH = hmc_mod.hmc_trajectory_host(hmc, U, s)
         U = comm.exchange(U, lat)
         accs.append(bool(acc))
         dhs.append(float(dH))

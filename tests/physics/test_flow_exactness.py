@@ -18,12 +18,8 @@ from hpcflow.flows import build_u1_flow
 from hpcflow.flows.train import Trainer
 from hpcflow.lattice.geometry import Lattice
 from hpcflow.rng import CounterRNG
-from hpcflow.sampling.metropolis import (
-    chain_summary,
-    metropolis_chain,
-    reweighted_mean_error,
-)
-from hpcflow.sampling.mixed import mixed_chain
+from hpcflow.sampling.flow_chains import metropolis_chain, mixed_chain
+from hpcflow.sampling.metropolis import chain_summary, reweighted_mean_error
 
 pytestmark = pytest.mark.slow
 L = 4

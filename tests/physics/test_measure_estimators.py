@@ -21,7 +21,7 @@ import torch
 from hpcflow.analysis import exact, gamma_method
 from hpcflow.config import config_from_dict
 from hpcflow.io import measure_ensemble, open_ensemble
-from hpcflow.sampling.production import EXIT_OK, ensemble_dir, sample
+from hpcflow.run.sample import EXIT_OK, ensemble_dir, sample
 
 L, BETA, SEED = 4, 1.5, 4242
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,7 +57,7 @@ def _independent_acceptance(cfg, root: str) -> tuple[float, float]:  # type: ign
     from hpcflow.flows.u1 import links_from_angles
     from hpcflow.lattice.action import wilson_action
     from hpcflow.lattice.geometry import Lattice
-    from hpcflow.sampling.production import load_model
+    from hpcflow.run.sample import load_model
 
     lat = Lattice(cfg.lattice.shape)
     model, _ = load_model(cfg, lat)
@@ -80,7 +80,7 @@ def test_measure_prints_unbiased_numbers(tmp_path, train_steps: int, n_steps: in
     cfg, root = _flow_ensemble(tmp_path, train_steps, n_steps)
     plaq = exact.u1_2d_plaquette(BETA, L=L)
     want = {"plaquette": plaq, "S": -BETA * L * L * plaq}
-    r = subprocess.run([sys.executable, "-m", "hpcflow.cli", "measure", root], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "hpcflow.run.cli", "measure", root], cwd=REPO,
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcflow import campaign as cp
+from hpcflow.run import campaign as cp
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts" / "slurm_test_cluster.sh"

@@ -1,4 +1,4 @@
-"""hpcflow.campaign: campaign YAML validation, expansion, scripts, (re)submission logic, status.
+"""hpcflow.run.campaign: campaign YAML validation, expansion, scripts, (re)submission logic, status.
 
 Submission is checked against a recording fake of sbatch/squeue/scancel here; the real
 scheduler is exercised in tests/slurm/test_slurm_campaign.py.
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hpcflow import campaign as cp
+from hpcflow.run import campaign as cp
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcflow.cli import EXIT_BAD_INPUT, main
+from hpcflow.run.cli import EXIT_BAD_INPUT, main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from hpcflow.config import config_from_dict
-from hpcflow.driver import run
 from hpcflow.io import open_ensemble
-from hpcflow.sampling.production import EXIT_OK, ensemble_dir, sample
+from hpcflow.run.driver import run
+from hpcflow.run.sample import EXIT_OK, ensemble_dir, sample
 
 
 def _cfg(out, algorithm: str, **extra):  # type: ignore[no-untyped-def]

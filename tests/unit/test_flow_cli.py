@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpcflow.cli import EXIT_BAD_INPUT, EXIT_RESUMABLE, main
+from hpcflow.run.cli import EXIT_BAD_INPUT, EXIT_RESUMABLE, main
 
 DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "u1_2d_hmc.yaml")
 TINY = [DEMO, "--set", "algorithm=flow", "--set", "flow.n_layers=2", "--set", "flow.hidden=[4]",

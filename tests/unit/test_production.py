@@ -22,7 +22,7 @@ import torch
 from hpcflow.config import config_from_dict
 from hpcflow.io.checkpoint import CheckpointError
 from hpcflow.io.ensemble import EnsembleError, committed_segments, open_ensemble
-from hpcflow.sampling.production import (
+from hpcflow.run.sample import (
     EXIT_OK,
     EXIT_RESUMABLE,
     chain_checkpoint_path,
@@ -158,7 +158,7 @@ def test_real_signal_exit_3_then_resume(tmp_path, reference, sig) -> None:
     assert sample(ref_cfg, use_mpi=False) == EXIT_OK
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_raw(cfg)))
-    cmd = [sys.executable, "-m", "hpcflow.sampling.production", str(path)]
+    cmd = [sys.executable, "-m", "hpcflow.run.sample", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     p = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     seg0 = os.path.join(ensemble_dir(cfg), "chain000", "seg000000.h5")
@@ -182,7 +182,7 @@ def test_real_signal_exit_3_then_resume(tmp_path, reference, sig) -> None:
 def test_entry_point_bad_input_exit_2(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("action: {beta: -1}\n")
-    r = subprocess.run([sys.executable, "-m", "hpcflow.sampling.production", str(bad)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "hpcflow.run.sample", str(bad)], cwd=REPO,
                        env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
                        timeout=120, check=False)
     assert r.returncode == 2 and "action.beta" in r.stderr
@@ -250,7 +250,7 @@ def test_flow_chain_is_the_metropolis_chain(tmp_path, trained, flow_reference) -
     from hpcflow.io.checkpoint import file_sha256
     from hpcflow.lattice.geometry import Lattice
     from hpcflow.rng import CounterRNG
-    from hpcflow.sampling.metropolis import metropolis_chain
+    from hpcflow.sampling.flow_chains import metropolis_chain
 
     cfg = make_flow_cfg(tmp_path)
     lat = Lattice(cfg.lattice.shape)
@@ -350,8 +350,8 @@ def test_su2_flow_chain_is_flow_chain(tmp_path, su2_reference) -> None:
     from hpcflow.flows.distributed import DistributedFlow
     from hpcflow.lattice.geometry import Lattice
     from hpcflow.rng import CounterRNG
+    from hpcflow.run.sample import load_model
     from hpcflow.sampling.flow_chains import flow_chain
-    from hpcflow.sampling.production import load_model
 
     model_path, (rec, Us) = su2_reference
     with_model(tmp_path, model_path)

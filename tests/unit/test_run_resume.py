@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcflow.cli import EXIT_RESUMABLE, main
+from hpcflow.run.cli import EXIT_RESUMABLE, main
 
 DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "u1_2d_hmc.yaml")
 BASE = [DEMO, "--set", "algorithm=hmc", "--set", "lattice.shape=[4,4]", "--set", "run.n_therm=3", "--set", "run.progress=false",

@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hpcflow.config import ConfigError, default_yaml, load_config, to_yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["campaign"]:  # its own parser (hpcflow.campaign), options included
-        from hpcflow.campaign import main as campaign_main
+    if argv[:1] == ["campaign"]:  # its own parser (hpcflow.run.campaign), options included
+        from hpcflow.run.campaign import main as campaign_main
 
         return campaign_main(argv[1:])
     parser = build_parser()
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         if args.command == "info":
-            from hpcflow.info import collect_info, format_info
+            from hpcflow.run.info import collect_info, format_info
 
             info = collect_info()
             if args.config is not None:
@@ -185,15 +185,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _import_ildg(args.path)
         cfg = load_config(args.config, args.overrides)
         if args.command == "sample":
-            from hpcflow.sampling.production import sample
+            from hpcflow.run.sample import sample
 
             return sample(cfg, resume=args.resume)
         if args.command == "run":
-            from hpcflow.driver import run
+            from hpcflow.run.driver import run
 
             return run(cfg, resume=args.resume).exit_code
         if args.command == "train":
-            from hpcflow.driver import train
+            from hpcflow.run.driver import train
 
             return train(cfg, resume=args.resume).exit_code
     except ConfigError as e:

@@ -69,6 +69,7 @@ from hpcflow.io.ensemble import (
     committed_segments,
     remove_uncommitted,
 )
+from hpcflow.run.chains import load_model, model_checkpoint_path, update_of_config
 from hpcflow.sampling.chain import Chain
 from hpcflow.sampling.updates import LOCAL_STREAM_OFFSET
 from hpcflow.signals import StopFlag
@@ -169,35 +170,6 @@ def ensemble_attrs(cfg: Config, chain: int, comm: Any, model_sha256: str = "") -
         "layout": "U[row, mu, x_0..x_{Nd-1}, i, j], link x -> x+mu; checksum = SciDAC suma<<32|sumb "
                   "of big-endian site bytes (site = Nd links, rank x_0 fastest)",
     }
-
-
-def model_checkpoint_path(cfg: Config) -> str:
-    """The trained flow a flow/mixed chain samples with: ``<output.dir>/train/checkpoint.pt``."""
-    return os.path.join(cfg.output.dir, "train", "checkpoint.pt")
-
-
-def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
-    """``(model, sha256 of its checkpoint file)``; a one-line :class:`CheckpointError` ("missing
-    model") when the checkpoint is absent, unreadable, or from another lattice, group,
-    architecture or beta."""
-    from hpcflow.flows.build import build_model
-    from hpcflow.flows.train import load_flow_checkpoint
-    from hpcflow.io.checkpoint import file_sha256
-
-    path = model_checkpoint_path(cfg)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing model: algorithm {cfg.algorithm} needs a trained flow; "
-                              "run `hpcflow train CONFIG` with the same config first")
-    model = build_model(cfg, lat)
-    sha = file_sha256(path)
-    try:
-        load_flow_checkpoint(model, path, cfg.action.beta)
-    except Exception as e:  # noqa: BLE001 - unpickling/shape errors of a foreign file: one clear line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: missing model for this run: the checkpoint does not fit "
-                              f"({msg})") from None
-    model.eval()
-    return model, sha
 
 
 class EnsembleSink:
@@ -352,7 +324,6 @@ def chain_of_config(cfg: Config, chain: int, comm: Any, lat: Any, stop: Any) -> 
     after thermalisation is stored.
     """
     from hpcflow.rng import CounterRNG
-    from hpcflow.run.chains import update_of_config
 
     if cfg.algorithm not in ("hmc", "heatbath") + FLOW_ALGORITHMS:
         raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; production sampling "
@@ -426,12 +397,12 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hpcflow.sampling.production CONFIG [--set k=v ...] [--fresh|--resume]``."""
+    """``python -m hpcflow.run.sample CONFIG [--set k=v ...] [--fresh|--resume]``."""
     import argparse
 
     from hpcflow.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m hpcflow.sampling.production")
+    p = argparse.ArgumentParser(prog="python -m hpcflow.run.sample")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     g = p.add_mutually_exclusive_group()
