@@ -16,6 +16,8 @@ setup(
         "hpcflow.comm",
         "hpcflow.flows",
         "hpcflow.io",
+        "hpcflow.run",
+        "hpcflow.run.campaign",
         "hpcflow.kernels",
     ],
     # the top-level kernels/ folder (CUDA sources, host harness, loader) is hpcflow.kernels

@@ -27,12 +27,12 @@ from types import SimpleNamespace
 
 import torch
 
+from hpcflow.analysis.reweighting import ess as ess_fraction
 from hpcflow.flows import build_u1_flow
 from hpcflow.flows.train import Trainer
 from hpcflow.lattice.geometry import Lattice
 from hpcflow.rng import CounterRNG
 from hpcflow.sampling.flow_chains import metropolis_chain
-from hpcflow.sampling.metropolis import ess_fraction
 
 REFERENCE_MS = 45.5
 

@@ -18,11 +18,13 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from hpcflow.kernels.backends import BACKENDS
 
 __all__ = [
     "ConfigError",
@@ -48,7 +50,6 @@ __all__ = [
 GROUPS = ("u1", "su2", "su3")
 ALGORITHMS = ("hmc", "heatbath", "flow", "mixed")
 PRECISIONS = ("float64", "float32")
-BACKENDS = ("auto", "torch", "host", "cuda")
 INTEGRATORS = ("omelyan", "leapfrog")
 KERNELS = ("ncp", "spline")
 SCHEDULES = ("constant", "cosine", "step")
@@ -309,65 +310,100 @@ def _as_float(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> float:
     return float(v)
 
 
+def _as_bool(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> bool:
+    if not isinstance(v, bool):
+        raise ctx.fail(key, v, "true or false")
+    return v
+
+
+def _as_path(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.fail(key, v, "a non-empty path string")
+    return v
+
+
+def _as_device(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> str:
+    ok = isinstance(v, str) and (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()))
+    if not ok:
+        raise ctx.fail(key, v, "cpu, cuda or cuda:N")
+    return v
+
+
+def _as_extents(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or len(v) not in (2, 4):
+        raise ctx.fail(key, v, "a list of 2 (2D) or 4 (4D) integer extents, e.g. [8, 8]")
+    return tuple(_as_int(ctx, f"{key}[{i}]", x, {"ge": 2}, "an integer extent") for i, x in enumerate(v))
+
+
+def _as_grid(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or len(v) == 0:
+        raise ctx.fail(key, v, "null or a list with one positive integer per lattice dimension")
+    return tuple(_as_int(ctx, f"{key}[{i}]", x, {"ge": 1}) for i, x in enumerate(v))
+
+
+def _as_intlist(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise ctx.fail(key, v, "a list of positive integers, e.g. [8, 8]")
+    return tuple(_as_int(ctx, f"{key}[{i}]", x, meta) for i, x in enumerate(v))
+
+
+def _as_strlist(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """A list of ``meta['choices']``; a string is split at commas and blanks."""
+    choices = meta["choices"]
+    if isinstance(v, str):
+        v = v.replace(",", " ").split()
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ctx.fail(key, v, f"a non-empty list of {', '.join(choices)}")
+    for i, x in enumerate(v):
+        if x not in choices:
+            raise ctx.fail(f"{key}[{i}]", x, ", ".join(choices))
+    return tuple(v)
+
+
+def _as_looplist(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(v, (list, tuple)):
+        raise ctx.fail(key, v, "a list of [R, T] pairs, e.g. [[1, 1], [2, 2]]")
+    out = []
+    for i, x in enumerate(v):
+        if not isinstance(x, (list, tuple)) or len(x) != 2:
+            raise ctx.fail(f"{key}[{i}]", x, "a pair [R, T] of positive integers")
+        out.append(tuple(_as_int(ctx, f"{key}[{i}]", y, {"ge": 1}) for y in x))
+    return tuple(out)
+
+
+def _as_choice(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> str:
+    """One of ``meta['choices']``, case-insensitive; stored in lower case."""
+    choices = meta["choices"]
+    if not isinstance(v, str) or v.lower() not in choices:
+        raise ctx.fail(key, v, ", ".join(choices))
+    return v.lower()
+
+
+# field metadata ``kind`` -> converter; a field without a kind is a choice among ``choices``
+_CONVERTERS: dict[str, Callable[[_Ctx, str, Any, Mapping[str, Any]], Any]] = {
+    "int": _as_int,
+    "float": _as_float,
+    "bool": _as_bool,
+    "path": _as_path,
+    "device": _as_device,
+    "extents": _as_extents,
+    "grid": _as_grid,
+    "intlist": _as_intlist,
+    "strlist": _as_strlist,
+    "looplist": _as_looplist,
+}
+
+
 def _convert(ctx: _Ctx, key: str, v: Any, f: dataclasses.Field) -> Any:
+    """The value of field ``f`` at dotted ``key``, checked and converted by its ``kind``."""
     meta = f.metadata
-    kind = meta.get("kind")
-    choices = meta.get("choices")
-    if kind == "int":
-        return _as_int(ctx, key, v, meta)
-    if kind == "float":
-        return _as_float(ctx, key, v, meta)
-    if kind == "bool":
-        if not isinstance(v, bool):
-            raise ctx.fail(key, v, "true or false")
-        return v
-    if kind == "path":
-        if not isinstance(v, str) or not v.strip():
-            raise ctx.fail(key, v, "a non-empty path string")
-        return v
-    if kind == "device":
-        ok = isinstance(v, str) and (
-            v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()))
-        if not ok:
-            raise ctx.fail(key, v, "cpu, cuda or cuda:N")
-        return v
-    if kind == "extents":
-        if not isinstance(v, (list, tuple)) or len(v) not in (2, 4):
-            raise ctx.fail(key, v, "a list of 2 (2D) or 4 (4D) integer extents, e.g. [8, 8]")
-        return tuple(_as_int(ctx, f"{key}[{i}]", x, {"ge": 2}, "an integer extent")
-                     for i, x in enumerate(v))
-    if kind == "grid":
-        if v is None:
-            return None
-        if not isinstance(v, (list, tuple)) or len(v) == 0:
-            raise ctx.fail(key, v, "null or a list with one positive integer per lattice dimension")
-        return tuple(_as_int(ctx, f"{key}[{i}]", x, {"ge": 1}) for i, x in enumerate(v))
-    if kind == "intlist":
-        if not isinstance(v, (list, tuple)):
-            raise ctx.fail(key, v, "a list of positive integers, e.g. [8, 8]")
-        return tuple(_as_int(ctx, f"{key}[{i}]", x, meta) for i, x in enumerate(v))
-    if kind == "strlist":
-        if isinstance(v, str):
-            v = v.replace(",", " ").split()
-        if not isinstance(v, (list, tuple)) or not v:
-            raise ctx.fail(key, v, f"a non-empty list of {', '.join(choices)}")
-        for i, x in enumerate(v):
-            if x not in choices:
-                raise ctx.fail(f"{key}[{i}]", x, ", ".join(choices))
-        return tuple(v)
-    if kind == "looplist":
-        if not isinstance(v, (list, tuple)):
-            raise ctx.fail(key, v, "a list of [R, T] pairs, e.g. [[1, 1], [2, 2]]")
-        out = []
-        for i, x in enumerate(v):
-            if not isinstance(x, (list, tuple)) or len(x) != 2:
-                raise ctx.fail(f"{key}[{i}]", x, "a pair [R, T] of positive integers")
-            out.append(tuple(_as_int(ctx, f"{key}[{i}]", y, {"ge": 1}) for y in x))
-        return tuple(out)
-    if choices is not None:
-        if not isinstance(v, str) or v.lower() not in choices:
-            raise ctx.fail(key, v, ", ".join(choices))
-        return v.lower()
+    convert = _CONVERTERS.get(meta.get("kind", ""))
+    if convert is not None:
+        return convert(ctx, key, v, meta)
+    if meta.get("choices") is not None:
+        return _as_choice(ctx, key, v, meta)
     raise AssertionError(f"unhandled config field {key}")  # pragma: no cover
 
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hpcflow.dtypes import real_dtype
+
 if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (dispatch)
     from hpcflow.lattice.geometry import Lattice
 
@@ -44,10 +46,6 @@ class FieldInfo:
         for e in self.ext:
             v *= e
         return v
-
-
-def real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.complex128 else torch.float32
 
 
 def field_info(U: torch.Tensor, lat: Lattice) -> FieldInfo:

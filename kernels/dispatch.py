@@ -30,11 +30,10 @@ if TYPE_CHECKING:  # type hints only: hpcflow.lattice imports this package (disp
     from hpcflow.lattice.geometry import Lattice
 
 from .autograd import PlaquetteField, PlaquetteSum
+from .backends import BACKENDS
 
 __all__ = ["BACKENDS", "choose_backend", "host_compiler", "host_path", "plaquette_re_tr", "plaquette_sum",
            "resolve_backend", "staple_sum"]
-
-BACKENDS = ("auto", "torch", "host", "cuda")
 
 
 def host_compiler() -> str | None:

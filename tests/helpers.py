@@ -97,5 +97,7 @@ class PeriodicHaloComm(SerialComm):
     Only valid when ``lat.local_shape == lat.global_shape`` (one rank, halo-padded array).
     """
 
-    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+    decomposed = True  # halos to fill, like a LatticeComm
+
+    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2, width: int | None = None) -> torch.Tensor:
         return pad_periodic(f, lat, inner)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hpcflow.analysis.gamma import GammaResult, gamma_method_ratio
 
@@ -44,9 +45,20 @@ def normalized_weights(log_w: np.ndarray) -> np.ndarray:
     return np.exp(a - logsumexp(a))
 
 
-def ess(log_w: np.ndarray) -> float:
-    """Effective sample size fraction ``ESS/N = exp(2 lse(log w) - lse(2 log w)) / N`` in (0, 1]."""
-    a = _log_w(log_w)
+def ess(log_w: ArrayLike, strict: bool = True) -> float:
+    """Effective sample size fraction ``ESS/N = exp(2 lse(log w) - lse(2 log w)) / N`` in (0, 1].
+
+    The one ESS of hpcflow (training metrics, chain summaries, analysis). ``log_w``: any
+    array-like of log-weights (a detached CPU torch tensor too). Invalid weights (empty, NaN,
+    +inf, all -inf) raise ``ValueError``, or give NaN with ``strict=False`` (training metrics
+    of a diverging step, which the trainer then reports by its loss).
+    """
+    try:
+        a = _log_w(np.asarray(log_w))
+    except ValueError:
+        if strict:
+            raise
+        return math.nan
     # ESS is shift invariant; shifting first avoids cancelling two large logsumexps
     a = a - a.max()
     return math.exp(2 * logsumexp(a) - logsumexp(2 * a)) / a.size

@@ -39,7 +39,9 @@ def check_replicas(replicas: Any, size: int) -> int:
 
 
 class ReplicaComm:
-    """The comm protocol over the data-parallel dimension, as the ``Trainer`` sees it.
+    """The :class:`hpcflow.lattice.geometry.Reducer` protocol over the data-parallel
+    dimension, as the ``Trainer`` sees it (only ``rank``/``size``/``is_root``/``sum``/``max``:
+    it is no full ``Comm``, since the replicas share no lattice to exchange halos of).
 
     ``rank`` = replica index, ``size`` = number of replicas, ``is_root`` = world rank 0.
     ``sum`` adds per-replica values (identical within a replica) over the replicas, in replica
@@ -67,6 +69,10 @@ class HybridGrid:
     ``world_size``; ``replica_comm``: :class:`ReplicaComm` for the trainer. All arguments are
     validated on every rank before the first collective call, so bad input raises the same
     ``ValueError`` everywhere and never hangs.
+
+    It implements :class:`hpcflow.lattice.geometry.Collective` over the whole world
+    (``is_root``, ``max``, ``barrier``, ``allgather_object``: the chain's stop agreement), not
+    the lattice ``Comm`` protocol: that is ``domain``'s.
     """
 
     def __init__(
@@ -136,7 +142,7 @@ class HybridGrid:
         """Wait for every world rank."""
         self.world.Barrier()
 
-    def allgather_object(self, obj: object) -> list:
+    def allgather_object(self, obj: Any) -> list[Any]:
         """Every world rank's ``obj`` (e.g. stop requests that all replica groups agree on)."""
         return self.world.allgather(obj)
 

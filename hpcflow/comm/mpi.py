@@ -357,7 +357,7 @@ class _AllSum(torch.autograd.Function):
 
 
 class LatticeComm:
-    """The MPI implementation of the ``comm`` protocol of ``hpcflow.lattice.geometry``.
+    """The MPI implementation of :class:`hpcflow.lattice.geometry.Comm` (the whole protocol).
 
     ``LatticeComm(grid)`` with a :class:`ProcessGrid`; ``local_lattice(halo)`` gives this
     rank's :class:`Lattice`. Physics calls ``exchange(f, lat, inner)``, ``sum``, ``max``,
@@ -373,6 +373,12 @@ class LatticeComm:
         # detected once; host staging is used for CUDA tensors otherwise
         self.gpu_aware = gpu_aware_mpi() if gpu_aware is None else bool(gpu_aware)
         self._wire = _Wire(self.gpu_aware)
+
+    @property
+    def decomposed(self) -> bool:
+        """Always True: the lattice lives on a process grid (of one rank, possibly), so
+        ``local_lattice`` may carry halos that ``exchange`` fills."""
+        return True
 
     @classmethod
     def create(

@@ -21,20 +21,11 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from hpcflow.lattice.geometry import Lattice, SerialComm
+from hpcflow.dtypes import complex_dtype, real_dtype
+from hpcflow.lattice.geometry import Comm, Lattice, SerialComm
 from hpcflow.lattice.groups import Group
 
-__all__ = ["Bijection", "Flow", "GaugeFlow", "GaugeTheory", "complex_dtype", "real_dtype"]
-
-
-def real_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for single precision (float32, complex64), else float64."""
-    return torch.float32 if dtype in (torch.float32, torch.complex64) else torch.float64
-
-
-def complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    """complex64 for single precision (float32, complex64), else complex128."""
-    return torch.complex64 if dtype in (torch.float32, torch.complex64) else torch.complex128
+__all__ = ["Bijection", "Flow", "GaugeFlow", "GaugeTheory"]
 
 
 class Bijection(torch.nn.Module):
@@ -108,10 +99,10 @@ class GaugeTheory:
     #: trailing matrix axes of a field: 0 for U(1) angles, 2 for ``N x N`` link matrices
     inner: int = 2
 
-    def __init__(self, lat: Lattice, group: Group, comm: Any = None) -> None:
+    def __init__(self, lat: Lattice, group: Group, comm: Comm | None = None) -> None:
         self.lat = lat
         self.group = group
-        self.comm = SerialComm() if comm is None else comm
+        self.comm: Comm = SerialComm() if comm is None else comm
         self.prior = self.make_prior()
 
     @property
@@ -123,7 +114,7 @@ class GaugeTheory:
         """``(nd, *lat.shape)`` plus ``(N, N)`` for matrix variables."""
         return (self.lat.nd, *self.lat.shape, *([self.group.N] * self.inner))
 
-    def on(self, lat: Lattice, comm: Any = None) -> GaugeTheory:
+    def on(self, lat: Lattice, comm: Comm | None = None) -> GaugeTheory:
         """The same theory on another (e.g. halo-padded local) lattice with sums over ``comm``."""
         return type(self)(lat, self.group, comm)
 

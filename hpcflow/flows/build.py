@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hpcflow.dtypes import precision_dtypes
 from hpcflow.flows.arch import REAL_DTYPES, check_flow_config, flow_architecture
 from hpcflow.flows.base import GaugeFlow
 from hpcflow.lattice.geometry import Lattice
@@ -54,7 +55,7 @@ def build_model(cfg: Any, lat: Lattice) -> GaugeFlow:
     from hpcflow.lattice.groups import get_group
     from hpcflow.rng import spawn_seed
 
-    dtype = torch.float32 if cfg.precision == "float32" else torch.float64
+    dtype = precision_dtypes(cfg.precision)[1]
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spawn_seed(cfg.seed, zlib.crc32(b"model-init")) % 2**63)

@@ -37,12 +37,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
 from hpcflow.flows.base import GaugeFlow
-from hpcflow.lattice.geometry import Lattice, SerialComm
+from hpcflow.lattice.geometry import Comm, Lattice, SerialComm
 
 __all__ = ["DistributedFlow", "local_flow", "sum_gradients"]
 
@@ -104,7 +103,7 @@ class DistributedFlow(GaugeFlow):
     """
 
     def __init__(
-        self, flow: GaugeFlow, comm: Any = None, checkpoint_layers: bool = False,
+        self, flow: GaugeFlow, comm: Comm | None = None, checkpoint_layers: bool = False,
         pad_all: bool = False,
     ) -> None:
         if not isinstance(flow, GaugeFlow) or isinstance(flow, DistributedFlow):
@@ -114,14 +113,9 @@ class DistributedFlow(GaugeFlow):
         # the halo width each layer needs, from its receptive field (module docstring)
         widths = [int(layer.halo) for layer in flow.layers]
         halo = max(widths, default=0)
-        if hasattr(comm, "local_lattice"):
-            lat = comm.local_lattice(global_shape, halo=max(halo, 1), pad_all=pad_all)
-            lat = dataclasses.replace(lat, backend=flow.lat.backend)
-        elif pad_all:
-            raise ValueError("pad_all needs a comm with local_lattice (hpcflow.comm.LatticeComm), "
-                             f"got {type(comm).__name__}")
-        else:
-            lat = Lattice(global_shape, backend=flow.lat.backend)
+        # SerialComm: the whole lattice without halos (and a ValueError for pad_all)
+        lat = comm.local_lattice(global_shape, halo=max(halo, 1), pad_all=pad_all)
+        lat = dataclasses.replace(lat, backend=flow.lat.backend)
         local = local_flow(flow, lat)
         # the local layers (and their state_dict keys) replace the single-rank ones
         super().__init__(lat, flow.theory.on(lat, comm), local.layers, flow.arch)

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from hpcflow.analysis.reweighting import ess
 from hpcflow.flows.distributed import DistributedFlow, sum_gradients
-from hpcflow.flows.train import Trainer, _check_meta, acceptance_estimate, ess_fraction
+from hpcflow.flows.train import Trainer, _check_meta, acceptance_estimate
 from hpcflow.lattice.geometry import SerialComm
 
 __all__ = ["TRAIN_STREAM", "DistributedTrainer"]
@@ -143,7 +144,7 @@ class DistributedTrainer(Trainer):
         return {
             "step": self.step,
             "loss": loss,
-            "ess": ess_fraction(logw),
+            "ess": ess(logw.detach().to(torch.float64).cpu(), strict=False),
             "acceptance": acceptance_estimate(logw),
             "lr": lr,
             "time": time.perf_counter() - t0,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hpcflow.flows.base import complex_dtype, real_dtype
+from hpcflow.dtypes import complex_dtype, real_dtype
 from hpcflow.lattice.geometry import Lattice
 from hpcflow.lattice.groups import Group, get_group, random_field
 

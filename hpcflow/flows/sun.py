@@ -60,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hpcflow.dtypes import real_dtype
 from hpcflow.flows.arch import check_flow_config, flow_architecture
-from hpcflow.flows.base import Bijection, GaugeFlow, GaugeTheory, real_dtype
+from hpcflow.flows.base import Bijection, GaugeFlow, GaugeTheory
 from hpcflow.flows.conv4d import LatticeCNN, PadFnNd, circular_pad_nd
 from hpcflow.flows.kernels1d import (
     TWO_PI,
@@ -72,7 +73,7 @@ from hpcflow.flows.kernels1d import (
 )
 from hpcflow.flows.prior import HaarPriorSUN
 from hpcflow.lattice.action import average_plaquette, link, plaquette, wilson_action
-from hpcflow.lattice.geometry import Lattice
+from hpcflow.lattice.geometry import Comm, Lattice
 from hpcflow.lattice.groups import Group, dagger, get_group
 
 __all__ = [
@@ -387,7 +388,7 @@ class SUNTheory(GaugeTheory):
 
     inner = 2
 
-    def __init__(self, lat: Lattice, group: Group | str, comm: Any = None) -> None:
+    def __init__(self, lat: Lattice, group: Group | str, comm: Comm | None = None) -> None:
         super().__init__(lat, get_group(group) if isinstance(group, str) else group, comm)
 
     def make_prior(self) -> HaarPriorSUN:

@@ -22,26 +22,20 @@ from typing import Any
 
 import torch
 
+from hpcflow.analysis.reweighting import ess
 from hpcflow.flows.u1 import u1_action
-from hpcflow.lattice.geometry import Lattice, SerialComm
+from hpcflow.lattice.geometry import Lattice, Reducer, SerialComm
 
 __all__ = [
     "Trainer",
     "acceptance_estimate",
     "atomic_torch_save",
-    "ess_fraction",
     "load_flow_checkpoint",
     "make_scheduler",
     "plot_metrics",
 ]
 
 SCHEDULES = ("constant", "cosine", "step")
-
-
-def ess_fraction(logw: torch.Tensor) -> float:
-    """``ESS/N = exp(2 logsumexp(log w) - logsumexp(2 log w)) / N`` (PHYSICS.md)."""
-    logw = logw.detach().to(torch.float64)
-    return float(torch.exp(2 * torch.logsumexp(logw, 0) - torch.logsumexp(2 * logw, 0))) / len(logw)
 
 
 def acceptance_estimate(logw: torch.Tensor) -> float:
@@ -152,13 +146,13 @@ class Trainer:
         beta: float,
         train_cfg: Any,
         out_dir: str | Path,
-        comm: Any = None,
+        comm: Reducer | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
         action: Callable[[torch.Tensor], torch.Tensor] | None = None,
         progress: bool = True,
     ) -> None:
-        self.comm = comm if comm is not None else SerialComm()
+        self.comm: Reducer = comm if comm is not None else SerialComm()
         self.model = model.to(dtype)
         self.lat = lat
         self.beta = float(beta)
@@ -269,7 +263,7 @@ class Trainer:
         return {
             "step": self.step,
             "loss": loss,
-            "ess": ess_fraction(logw),
+            "ess": ess(logw.detach().to(torch.float64).cpu(), strict=False),
             "acceptance": acceptance_estimate(logw),
             "lr": lr,
             "time": time.perf_counter() - t0,

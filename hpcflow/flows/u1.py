@@ -34,7 +34,7 @@ from hpcflow.flows.base import Bijection, GaugeFlow, GaugeTheory
 from hpcflow.flows.context import ContextCNN, circular_pad
 from hpcflow.flows.kernels1d import TWO_PI, CircularKernel, make_kernel
 from hpcflow.flows.prior import HaarPriorU1
-from hpcflow.lattice.geometry import Lattice
+from hpcflow.lattice.geometry import Comm, Lattice
 from hpcflow.lattice.groups import Group, get_group
 
 __all__ = [
@@ -247,7 +247,7 @@ class U1Theory(GaugeTheory):
 
     inner = 0
 
-    def __init__(self, lat: Lattice, group: Group | None = None, comm: Any = None) -> None:
+    def __init__(self, lat: Lattice, group: Group | None = None, comm: Comm | None = None) -> None:
         super().__init__(lat, get_group("u1") if group is None else group, comm)
 
     def make_prior(self) -> HaarPriorU1:

@@ -39,6 +39,7 @@ import torch
 
 from hpcflow.io.checkpoint import fsync_dir
 from hpcflow.io.lime import scidac_checksum, xor_combine
+from hpcflow.lattice.geometry import Comm
 
 __all__ = [
     "ROW_FIELDS",
@@ -117,7 +118,7 @@ def _site_ranks_x0_fastest(lat: Any) -> np.ndarray:
     return r.reshape(-1).numpy()
 
 
-def field_checksum(U_local: torch.Tensor, lat: Any, comm: Any = None, ranks: np.ndarray | None = None) -> int:
+def field_checksum(U_local: torch.Tensor, lat: Any, comm: Comm | None = None, ranks: np.ndarray | None = None) -> int:
     """SciDAC checksum ``suma << 32 | sumb`` of a (decomposed) link field, in storage precision.
 
     Each rank checksums its interior sites (site = its Nd links, big-endian bytes); the
@@ -134,7 +135,7 @@ def field_checksum(U_local: torch.Tensor, lat: Any, comm: Any = None, ranks: np.
     if ranks is None:
         ranks = _site_ranks_x0_fastest(lat)
     part = scidac_checksum(be.view(np.uint8).reshape(n, -1), ranks)
-    if comm is not None and getattr(comm, "size", 1) > 1:
+    if comm is not None and comm.size > 1:
         a, b = xor_combine(comm.allgather_object(part))
     else:
         a, b = part
@@ -169,8 +170,8 @@ class SegmentWriter:
         self.tmp = _tmp_path(self.final)
         self.capacity = capacity
         self.rows: dict[str, list] = {k: [] for k in ROW_FIELDS}
-        self.parallel = comm is not None and getattr(comm, "size", 1) > 1
-        self.is_root = comm is None or getattr(comm, "is_root", True)
+        self.parallel = comm is not None and comm.size > 1
+        self.is_root = comm is None or comm.is_root
         h5py = _h5py()
         if self.is_root:
             os.makedirs(chain_dir(root, chain), exist_ok=True)

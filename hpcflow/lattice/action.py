@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hpcflow.kernels import dispatch as kernel_dispatch
-from hpcflow.lattice.geometry import Lattice, as_comm
+from hpcflow.lattice.geometry import Comm, Lattice, as_comm
 from hpcflow.lattice.reference import (
     check_link_field,
     link,
@@ -60,20 +60,20 @@ def staple_sum(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
     return kernel_dispatch.staple_sum(u, lat, lat.backend)
 
 
-def _interior_plaquette_sum(u: torch.Tensor, lat: Lattice, comm) -> torch.Tensor:
+def _interior_plaquette_sum(u: torch.Tensor, lat: Lattice, comm: Comm | None) -> torch.Tensor:
     re = plaquette_re_tr(u, lat)
     local = lat.interior_sum(re, inner=0).sum(-1)
     return as_comm(comm).sum(local)
 
 
-def average_plaquette(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+def average_plaquette(u: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """``<P> = (1/N) Re tr P`` averaged over interior sites (all ranks) and planes, ``(*B)``."""
     check_link_field(u, lat)
     n = u.shape[-1]
     return _interior_plaquette_sum(u, lat, comm) / (n * lat.n_planes * lat.volume)
 
 
-def wilson_action(u: torch.Tensor, lat: Lattice, beta: float, comm=None) -> torch.Tensor:
+def wilson_action(u: torch.Tensor, lat: Lattice, beta: float, comm: Comm | None = None) -> torch.Tensor:
     """Wilson action ``S = -(beta/N) sum_{x, mu<nu} Re tr P_{mu nu}(x)``, shape ``(*B)``."""
     check_link_field(u, lat)
     n = u.shape[-1]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Lattice", "SerialComm"]
+__all__ = ["Collective", "Comm", "Lattice", "Reducer", "SerialComm", "as_comm"]
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,111 @@ class Lattice:
         return g.sum(dim=tuple(range(-(self.nd + inner), 0)))
 
 
+class Reducer(Protocol):
+    """The smallest comm protocol: who am I, and sums / maxima over a group of ranks.
+
+    What a data-parallel trainer needs (``hpcflow.comm.hybrid.ReplicaComm`` implements only
+    this). ``sum`` and ``max`` are collective: every member calls them, and every member gets
+    the same (bitwise identical) result.
+    """
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def is_root(self) -> bool: ...
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def max(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class Collective(Protocol):
+    """The collective calls that keep the ranks of a run in step (stop agreement, writers).
+
+    Every :class:`Comm` is one; so is ``hpcflow.comm.hybrid.HybridGrid`` (the whole world of
+    replicas x domains), which is no :class:`Comm` (it has no lattice of its own).
+    """
+
+    @property
+    def is_root(self) -> bool: ...
+
+    def max(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
+
+    def allgather_object(self, obj: Any) -> list[Any]: ...
+
+
+class Comm(Reducer, Protocol):
+    """The comm protocol of one lattice: what physics and the chain engine call.
+
+    Implemented completely by :class:`SerialComm` (one rank owns the whole lattice; every
+    reduction is the identity) and ``hpcflow.comm.LatticeComm`` (MPI domain decomposition).
+    Physics code takes ``comm: Comm | None`` (``None`` = :class:`SerialComm`, see
+    :func:`as_comm`) and never asks which implementation it holds: ``decomposed`` says
+    whether the lattice is split over a process grid (``LatticeComm``, even of one rank), and
+    ``local_lattice`` gives this rank's :class:`Lattice` either way.
+    """
+
+    @property
+    def decomposed(self) -> bool: ...
+
+    def local_lattice(
+        self, global_shape: Sequence[int] | None = None, halo: int = 1, pad_all: bool = False
+    ) -> Lattice: ...
+
+    def exchange(
+        self, f: torch.Tensor, lat: Lattice, inner: int = 2, width: int | None = None
+    ) -> torch.Tensor: ...
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def min(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def bcast(self, t: torch.Tensor, root: int = 0) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
+
+    def allgather_object(self, obj: Any) -> list[Any]: ...
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any: ...
+
+    def any_error(self, exc: BaseException | None) -> None: ...
+
+    def gather_field(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor: ...
+
+    def ordered_product(self, m: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+
 class SerialComm:
-    """The comm protocol (``hpcflow.comm.protocol.Comm``) of one rank owning the whole
-    lattice: no halos, no MPI; every reduction is the identity."""
+    """The :class:`Comm` protocol of one rank owning the whole lattice: no halos, no MPI;
+    every reduction is the identity."""
 
     rank = 0
     size = 1
     is_root = True
+    decomposed = False
 
-    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+    def local_lattice(
+        self, global_shape: Sequence[int] | None = None, halo: int = 1, pad_all: bool = False
+    ) -> Lattice:
+        """The whole lattice without halos (``halo`` is ignored: whole dimensions wrap exactly
+        through :meth:`Lattice.shift`). ``pad_all`` needs halos filled by an exchange, which a
+        serial comm does not do: ``ValueError``."""
+        if global_shape is None:
+            raise ValueError("SerialComm.local_lattice needs the global_shape (there is no process grid)")
+        if pad_all:
+            raise ValueError("pad_all needs a decomposed comm (hpcflow.comm.LatticeComm) to fill "
+                             "the halos, got SerialComm")
+        return Lattice(tuple(global_shape))
+
+    def exchange(
+        self, f: torch.Tensor, lat: Lattice, inner: int = 2, width: int | None = None
+    ) -> torch.Tensor:
         return f
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -211,7 +307,8 @@ class SerialComm:
         return m
 
 
-def as_comm(comm: SerialComm | None) -> SerialComm:
+def as_comm(comm: Comm | None) -> Comm:
+    """``comm``, or :class:`SerialComm` for ``None`` (a single-rank run)."""
     return SerialComm() if comm is None else comm
 
 

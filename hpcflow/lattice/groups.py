@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hpcflow.dtypes import complex_dtype, real_dtype
 from hpcflow.lattice.geometry import Lattice
 
 __all__ = [
@@ -43,10 +44,6 @@ _COMPLEX = (torch.complex64, torch.complex128)
 def dagger(m: torch.Tensor) -> torch.Tensor:
     """Conjugate transpose of the trailing two dimensions."""
     return m.conj().transpose(-1, -2)
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.complex64 else torch.float64
 
 
 def _check_complex(dtype: torch.dtype, name: str = "dtype") -> None:
@@ -106,7 +103,7 @@ class Group:
     def algebra_from_coords(self, w: torch.Tensor) -> torch.Tensor:
         """``X = i sum_a w_a T_a`` from real coordinates ``w`` of shape ``(..., n_algebra)``."""
         self._check_last(w, self.n_algebra, "w")
-        cdtype = torch.complex64 if w.dtype == torch.float32 else torch.complex128
+        cdtype = complex_dtype(w.dtype)
         t = self.generators(cdtype, w.device)
         return 1j * torch.einsum("...a,aij->...ij", w.to(cdtype), t)
 
@@ -137,7 +134,7 @@ class Group:
         self, normals: torch.Tensor, dtype: torch.dtype = torch.complex128
     ) -> torch.Tensor:
         """Gaussian algebra element ``i sum_a w_a T_a`` from ``n_algebra`` normals (HMC momenta)."""
-        return self.algebra_from_coords(normals.to(_real_dtype(dtype)))
+        return self.algebra_from_coords(normals.to(real_dtype(dtype)))
 
     # ---- checks ------------------------------------------------------------------------
     @staticmethod
@@ -227,9 +224,7 @@ class SUN(Group):
         n = self.N
         self._check_last(normals, 2 * n * n, "normals")
         rdtype = normals.dtype if normals.dtype in (torch.float32, torch.float64) else torch.float64
-        z = torch.complex(normals[..., : n * n], normals[..., n * n :]).to(
-            torch.complex64 if rdtype == torch.float32 else torch.complex128
-        )
+        z = torch.complex(normals[..., : n * n], normals[..., n * n :]).to(complex_dtype(rdtype))
         z = z.reshape(*normals.shape[:-1], n, n)
         q, r = torch.linalg.qr(z)
         d = torch.diagonal(r, dim1=-2, dim2=-1)
@@ -273,7 +268,7 @@ class SU2(SUN):
 
 def _su2_from_quaternion(a: torch.Tensor) -> torch.Tensor:
     """``a0 1 + i (a1 s1 + a2 s2 + a3 s3)`` from a real ``(..., 4)`` tensor."""
-    c = torch.complex128 if a.dtype == torch.float64 else torch.complex64
+    c = complex_dtype(a.dtype)
     a0, a1, a2, a3 = (a[..., k].to(c) for k in range(4))
     row0 = torch.stack([a0 + 1j * a3, a2 + 1j * a1], -1)
     row1 = torch.stack([-a2 + 1j * a1, a0 - 1j * a3], -1)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from hpcflow.lattice.action import check_link_field, link, plaquette, staple_sum
-from hpcflow.lattice.geometry import Lattice, as_comm
+from hpcflow.lattice.geometry import Comm, Lattice, as_comm
 from hpcflow.lattice.groups import dagger, group_for_field
 
 __all__ = [
@@ -48,7 +48,7 @@ def wilson_line(u: torch.Tensor, lat: Lattice, mu: int, length: int) -> torch.Te
     return line
 
 
-def wilson_loop(u: torch.Tensor, lat: Lattice, r: int, t: int, comm=None) -> torch.Tensor:
+def wilson_loop(u: torch.Tensor, lat: Lattice, r: int, t: int, comm: Comm | None = None) -> torch.Tensor:
     """Rectangular ``R x T`` Wilson loop ``(1/N) Re tr W``, shape ``(*B)``.
 
     ``W(x) = L_mu^R(x) L_nu^T(x+R mu) L_mu^R(x+T nu)^dag L_nu^T(x)^dag``, averaged over
@@ -71,11 +71,12 @@ def wilson_loop(u: torch.Tensor, lat: Lattice, r: int, t: int, comm=None) -> tor
             re = (x * y.conj()).real.sum((-1, -2))
             s = lat.interior_sum(re, inner=0)
             acc = s if acc is None else acc + s
+    assert acc is not None  # nd >= 2: at least one plane
     total = as_comm(comm).sum(acc)
     return total / (n * 2 * lat.n_planes * lat.volume)
 
 
-def polyakov_loop(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+def polyakov_loop(u: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """Polyakov loop ``(1/N) tr prod_t U_{nd-1}(xs, t)``, averaged over spatial sites, complex ``(*B)``.
 
     The ordered product runs along the last direction over this rank's interior time slices.
@@ -88,11 +89,12 @@ def polyakov_loop(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
     nd = lat.nd
     lt = lat.global_shape[-1]
     g_t = lt // lat.local_shape[-1]
-    if g_t > 1 and not hasattr(comm, "ordered_product"):
+    if g_t > 1 and not as_comm(comm).decomposed:
+        # a serial comm's ordered_product is the identity: it would give a local loop
         raise NotImplementedError(
             "polyakov_loop needs the last direction local to one rank "
-            f"(local extent {lat.local_shape[-1]}, global {lt}) or a comm with "
-            "ordered_product (hpcflow.comm.LatticeComm)"
+            f"(local extent {lat.local_shape[-1]}, global {lt}) or a decomposed comm "
+            "(hpcflow.comm.LatticeComm)"
         )
     ut = link(u, lat, nd - 1)[lat.interior_slices(inner=2)]
     # ordered product over the time slices of the interior: U(xs, 0) U(xs, 1) ...
@@ -100,7 +102,7 @@ def polyakov_loop(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
     for k in range(1, lat.local_shape[-1]):
         prod = prod @ ut.select(-3, k)
     if g_t > 1:
-        prod = comm.ordered_product(prod, nd - 1)
+        prod = as_comm(comm).ordered_product(prod, nd - 1)
     tr = _trace(prod)  # (*B, *spatial interior)
     n = u.shape[-1]
     spatial_dims = tuple(range(-(nd - 1), 0))
@@ -108,7 +110,7 @@ def polyakov_loop(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
     return as_comm(comm).sum(local) / (n * g_t * (lat.volume // lt))
 
 
-def topological_charge_u1_2d(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+def topological_charge_u1_2d(u: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """Geometric charge of 2D U(1): ``Q = (1/2pi) sum_x arg P_01(x)``, ``arg`` in ``(-pi, pi]``.
 
     An exact integer on the torus: the link angles cancel in the sum of raw plaquette angles,
@@ -209,7 +211,7 @@ def clover_field_strength(u: torch.Tensor, lat: Lattice) -> torch.Tensor:
     return torch.stack(out, dim=-(lat.nd + 3))
 
 
-def topological_charge_clover(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+def topological_charge_clover(u: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """Clover charge ``Q = -(1/32 pi^2) sum_x eps_{mu nu rho sigma} tr(F_{mu nu} F_{rho sigma})``.
 
     ``F`` anti-Hermitian (Luscher, arXiv 1006.4518, eq. (5.1)); equivalently ``+1/(32 pi^2)``
@@ -233,7 +235,7 @@ def topological_charge_clover(u: torch.Tensor, lat: Lattice, comm=None) -> torch
     return -as_comm(comm).sum(local) / (4 * math.pi**2)
 
 
-def energy_density_clover(u: torch.Tensor, lat: Lattice, comm=None) -> torch.Tensor:
+def energy_density_clover(u: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """Clover action density ``<E> = -(1/V) sum_x sum_{mu<nu} tr(F_{mu nu} F_{mu nu})``.
 
     Equals ``(1/4) G^a_{mu nu} G^a_{mu nu}`` summed over all ``mu, nu`` for ``F = G^a T^a``

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hpcflow.config import Config
+from hpcflow.dtypes import precision_dtypes
 from hpcflow.io.checkpoint import CheckpointError
 from hpcflow.sampling.updates import (
     LOCAL_STREAM_OFFSET,
@@ -23,7 +24,7 @@ from hpcflow.sampling.updates import (
     MixedUpdate,
 )
 
-__all__ = ["complex_dtype", "load_model", "local_update", "model_checkpoint_path", "update_of_config"]
+__all__ = ["load_model", "local_update", "model_checkpoint_path", "update_of_config"]
 
 
 def model_checkpoint_path(cfg: Config) -> str:
@@ -55,13 +56,9 @@ def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
     return model, sha
 
 
-def complex_dtype(cfg: Config) -> torch.dtype:
-    return torch.complex64 if cfg.precision == "float32" else torch.complex128
-
-
 def local_update(cfg: Config, kind: str, lat: Any, comm: Any, rng: Any) -> Any:
     """The heat-bath or HMC update of ``cfg`` on ``lat`` drawing from ``rng``."""
-    common = (lat, cfg.group, cfg.action.beta, rng, comm, complex_dtype(cfg), cfg.device, cfg.run.start)
+    common = (lat, cfg.group, cfg.action.beta, rng, comm, precision_dtypes(cfg.precision)[0], cfg.device, cfg.run.start)
     if kind == "heatbath":
         return HeatbathUpdate(*common, n_overrelax=cfg.heatbath.n_overrelax)
     if kind == "hmc":
@@ -105,7 +102,7 @@ def update_of_config(cfg: Config, chain: int, comm: Any, lat: Any,
     model.eval()
     flat = model.lat
     group = get_group(cfg.group)
-    cdtype = complex_dtype(cfg)
+    cdtype = precision_dtypes(cfg.precision)[0]
     lrng = CounterRNG(cfg.seed, stream=LOCAL_STREAM_OFFSET + chain)
 
     def start_field() -> torch.Tensor:

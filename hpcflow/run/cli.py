@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RESUMABLE
 
 __all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_RESUMABLE"]
-
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -104,14 +103,16 @@ def _data_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointError, EnsembleError, ILDGError, LimeError)
 
 
-def _import_ildg(path: str) -> int:
+# ---- one function per sub-command: (parsed arguments) -> exit status -----------------------
+def _cmd_import(args: argparse.Namespace) -> int:
+    """Read an ILDG file from another code, verify its checksums, print its metadata and plaquette."""
     import torch
 
     from hpcflow.io import read_ildg
     from hpcflow.lattice.action import average_plaquette
     from hpcflow.lattice.geometry import Lattice
 
-    U, meta = read_ildg(path, verify=True)
+    U, meta = read_ildg(args.path, verify=True)
     lat = Lattice(tuple(U.shape[1:-2]))
     out = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, list, tuple))}
     out["plaquette"] = float(average_plaquette(U.to(torch.complex128), lat))
@@ -119,8 +120,106 @@ def _import_ildg(path: str) -> int:
     return EXIT_OK
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hpcflow.run.info import collect_info, format_info
+
+    info = collect_info()
+    if args.config is not None:
+        from hpcflow.backend import run_backend
+        from hpcflow.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        info["backend_of_config"] = f"{run_backend(cfg)} (backend: {cfg.backend} in {cfg.source})"
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return EXIT_OK
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from hpcflow.config import default_yaml, load_config, to_yaml
+
+    if args.defaults:
+        print(default_yaml(), end="")
+        return EXIT_OK
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return EXIT_OK
+
+
+def _cmd_exact(args: argparse.Namespace) -> int:
+    from hpcflow.analysis import u1_2d_exact
+
+    if args.L < 2 or args.beta < 0:
+        return _fail(f"exact: --L must be >= 2 and --beta >= 0, got L={args.L}, beta={args.beta}")
+    ex = u1_2d_exact(args.beta, L=args.L)
+    areas = {f"W_area{a}": ex.wilson_loop(a) for a in (1, 2, 4, 9)}
+    print(json.dumps({"L": args.L, "beta": args.beta, "plaquette": ex.plaquette, "Q2": ex.q2,
+                      "chi_Q": ex.chi_q, **areas}, indent=2))
+    return EXIT_OK
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from hpcflow.io import ensemble_info
+
+    if args.ensemble_command != "info":
+        return _fail("ensemble: expected an action: info")
+    print(ensemble_info(args.path))
+    return EXIT_OK
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from hpcflow.io import measure_ensemble
+
+    print(json.dumps(measure_ensemble(args.path, chain=args.chain), indent=2, default=float,
+                     allow_nan=False))
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hpcflow.io import export_ildg
+
+    suma, sumb = export_ildg(args.path, args.out, index=args.index, chain=args.chain,
+                             overwrite=args.overwrite)
+    print(f"wrote {args.out} (ILDG, SciDAC checksum suma={suma:08x} sumb={sumb:08x})")
+    return EXIT_OK
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from hpcflow.config import load_config
+    from hpcflow.run.sample import sample
+
+    return sample(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hpcflow.config import load_config
+    from hpcflow.run.driver import run
+
+    return run(load_config(args.config, args.overrides), resume=args.resume).exit_code
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hpcflow.config import load_config
+    from hpcflow.run.driver import train
+
+    return train(load_config(args.config, args.overrides), resume=args.resume).exit_code
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "info": _cmd_info,
+    "config": _cmd_config,
+    "exact": _cmd_exact,
+    "ensemble": _cmd_ensemble,
+    "measure": _cmd_measure,
+    "export": _cmd_export,
+    "import": _cmd_import,
+    "sample": _cmd_sample,
+    "run": _cmd_run,
+    "train": _cmd_train,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from hpcflow.config import ConfigError, default_yaml, load_config, to_yaml
+    """``hpcflow COMMAND ...``: parse, call the command's function, turn bad input into one line and exit 2."""
+    from hpcflow.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["campaign"]:  # its own parser (hpcflow.run.campaign), options included
@@ -132,70 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    command = _COMMANDS.get(args.command)
+    if command is None:
+        parser.error(f"unknown command {args.command}")
     try:
-        if args.command == "info":
-            from hpcflow.run.info import collect_info, format_info
-
-            info = collect_info()
-            if args.config is not None:
-                from hpcflow.backend import run_backend
-
-                cfg = load_config(args.config, args.overrides)
-                info["backend_of_config"] = f"{run_backend(cfg)} (backend: {cfg.backend} in {cfg.source})"
-            print(json.dumps(info, indent=2) if args.json else format_info(info))
-            return EXIT_OK
-        if args.command == "config":
-            if args.defaults:
-                print(default_yaml(), end="")
-                return EXIT_OK
-            cfg = load_config(args.config, args.overrides)
-            print(to_yaml(cfg), end="")
-            return EXIT_OK
-        if args.command == "exact":
-            from hpcflow.analysis import u1_2d_exact
-
-            if args.L < 2 or args.beta < 0:
-                return _fail(f"exact: --L must be >= 2 and --beta >= 0, got L={args.L}, beta={args.beta}")
-            ex = u1_2d_exact(args.beta, L=args.L)
-            areas = {f"W_area{a}": ex.wilson_loop(a) for a in (1, 2, 4, 9)}
-            print(json.dumps({"L": args.L, "beta": args.beta, "plaquette": ex.plaquette, "Q2": ex.q2,
-                              "chi_Q": ex.chi_q, **areas}, indent=2))
-            return EXIT_OK
-        if args.command == "ensemble":
-            from hpcflow.io import ensemble_info
-
-            if args.ensemble_command != "info":
-                return _fail("ensemble: expected an action: info")
-            print(ensemble_info(args.path))
-            return EXIT_OK
-        if args.command == "measure":
-            from hpcflow.io import measure_ensemble
-
-            print(json.dumps(measure_ensemble(args.path, chain=args.chain), indent=2, default=float,
-                             allow_nan=False))
-            return EXIT_OK
-        if args.command == "export":
-            from hpcflow.io import export_ildg
-
-            suma, sumb = export_ildg(args.path, args.out, index=args.index, chain=args.chain,
-                                     overwrite=args.overwrite)
-            print(f"wrote {args.out} (ILDG, SciDAC checksum suma={suma:08x} sumb={sumb:08x})")
-            return EXIT_OK
-        if args.command == "import":
-            return _import_ildg(args.path)
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "sample":
-            from hpcflow.run.sample import sample
-
-            return sample(cfg, resume=args.resume)
-        if args.command == "run":
-            from hpcflow.run.driver import run
-
-            return run(cfg, resume=args.resume).exit_code
-        if args.command == "train":
-            from hpcflow.run.driver import train
-
-            return train(cfg, resume=args.resume).exit_code
+        return command(args)
     except ConfigError as e:
         return _fail(f"config error: {e}")
     except _data_errors() as e:
@@ -207,8 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hpcflow: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command}")
-    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":  # pragma: no cover

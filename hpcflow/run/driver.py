@@ -22,8 +22,10 @@ import torch
 
 from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, to_yaml
+from hpcflow.dtypes import precision_dtypes
 from hpcflow.exit_codes import EXIT_OK, EXIT_RESUMABLE
 from hpcflow.flows.build import build_model
+from hpcflow.lattice.geometry import Comm, Lattice
 
 __all__ = ["RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
 
@@ -36,14 +38,7 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
-def dtypes(cfg: Config) -> tuple[torch.dtype, torch.dtype]:
-    """(complex dtype of links, real dtype) for the configured precision."""
-    if cfg.precision == "float32":
-        return torch.complex64, torch.float32
-    return torch.complex128, torch.float64
-
-
-def make_comm(cfg: Config) -> Any:
+def make_comm(cfg: Config) -> Comm:
     """The lattice communicator: MPI when launched with several ranks, else serial."""
     from hpcflow.lattice.geometry import SerialComm
 
@@ -58,16 +53,12 @@ def make_comm(cfg: Config) -> Any:
     return LatticeComm.from_config(cfg)
 
 
-def make_lattice(cfg: Config, comm: Any) -> Any:
-    from hpcflow.lattice.geometry import Lattice
-
-    if hasattr(comm, "local_lattice"):
-        # the halo must cover the reach of every measured quantity: max(R, T) of the
-        # Wilson loops (updates and plaquettes need 1)
-        loops = [max(r, t) for r, t in cfg.measure.wilson_loops if max(r, t) <= min(cfg.lattice.shape)]
-        lat = comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
-        return dataclasses.replace(lat, backend=run_backend(cfg))
-    return Lattice(cfg.lattice.shape, backend=run_backend(cfg))
+def make_lattice(cfg: Config, comm: Comm) -> Lattice:
+    # the halo must cover the reach of every measured quantity: max(R, T) of the Wilson
+    # loops (updates and plaquettes need 1); a serial comm gives the whole lattice, no halo
+    loops = [max(r, t) for r, t in cfg.measure.wilson_loops if max(r, t) <= min(cfg.lattice.shape)]
+    lat = comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
+    return dataclasses.replace(lat, backend=run_backend(cfg))
 
 
 def exact_values(cfg: Config) -> dict[str, dict]:
@@ -324,13 +315,13 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
 
 # ---- flows: train, then sample (algorithm: flow | mixed) ------------------------------------
 def _real_dtype(cfg: Config) -> torch.dtype:
-    return torch.float32 if cfg.precision == "float32" else torch.float64
+    return precision_dtypes(cfg.precision)[1]
 
 
 def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
     from hpcflow.flows.train import Trainer
 
-    if getattr(comm, "hybrid", None) is not None:  # domain-decomposed flow (issue 7)
+    if isinstance(comm, _HybridComm):  # domain-decomposed flow (issue 7)
         return _distributed_trainer(cfg, model, comm.hybrid)
 
     kwargs: dict[str, Any] = {}
@@ -413,7 +404,7 @@ def run_flow(cfg: Config, resume: bool = False) -> RunResult:
         comm, lat, model = dist
     else:
         comm = make_comm(cfg)
-        if comm.size > 1 and not hasattr(comm, "local_lattice"):
+        if comm.size > 1 and not comm.decomposed:
             raise ConfigError(f"{cfg.source}: flows run data-parallel only in training so far; "
                               "sample with one rank")
         lat = _flow_lattice(cfg)
@@ -460,11 +451,11 @@ def run_flow(cfg: Config, resume: bool = False) -> RunResult:
     return result
 
 
-def _serial_if_plain(comm: Any) -> Any:
+def _serial_if_plain(comm: Comm) -> Comm:
     """Flow chains without a domain decomposition run on one rank: a serial communicator."""
     from hpcflow.lattice.geometry import SerialComm
 
-    return comm if hasattr(comm, "local_lattice") else SerialComm()
+    return comm if comm.decomposed else SerialComm()
 
 
 # ---- domain-decomposed flows (issue 7): world = train.replicas x domain grid -----------------

@@ -55,6 +55,7 @@ import torch
 
 from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, config_to_dict, to_yaml
+from hpcflow.dtypes import precision_dtypes
 from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RESUMABLE
 from hpcflow.io.checkpoint import (
     CheckpointError,
@@ -338,7 +339,7 @@ def chain_of_config(cfg: Config, chain: int, comm: Any, lat: Any, stop: Any) -> 
     update, lat, sha = update_of_config(cfg, chain, comm, lat)
     n_therm = cfg.sample.n_therm if flow else cfg.run.n_therm
     n_steps = cfg.sample.n_steps if flow else cfg.run.n_steps
-    dtype = torch.complex64 if cfg.precision == "float32" else torch.complex128
+    dtype = precision_dtypes(cfg.precision)[0]
     sink = EnsembleSink(cfg, chain, comm, lat, dtype, n_steps // cfg.run.measure_every, sha,
                         CounterRNG(cfg.seed, stream=chain))
     return Chain(update, sink, comm, n_therm, n_steps, cfg.run.measure_every, stop=stop)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hpcflow.exit_codes import EXIT_OK, EXIT_RESUMABLE
+from hpcflow.lattice.geometry import Collective, Comm
 from hpcflow.sampling.updates import StepInfo, Update
 
 __all__ = ["Chain", "HistorySink", "MemorySink", "Sink"]
@@ -67,7 +68,7 @@ class Chain:
     called after every step (progress bars, logs), or None.
     """
 
-    def __init__(self, update: Update, sink: Sink, control: Any, n_therm: int, n_steps: int,
+    def __init__(self, update: Update, sink: Sink, control: Collective, n_therm: int, n_steps: int,
                  measure_every: int = 1, stop: Any = None,
                  progress: Callable[[int, StepInfo], None] | None = None) -> None:
         if n_therm < 0 or n_steps < 0 or measure_every < 1:
@@ -177,7 +178,7 @@ class HistorySink:
     the checkpointed records plus what followed. ``log(msg)`` prints on the root rank.
     """
 
-    def __init__(self, out: str, comm: Any, measure: Callable[[Any], dict[str, float]],
+    def __init__(self, out: str, comm: Comm, measure: Callable[[Any], dict[str, float]],
                  fingerprint: str, checkpoint_every: int, writer: bool | None = None,
                  flow: bool = False, log: Callable[[str], None] = print) -> None:
         self.out, self.comm, self.measure, self.fp = out, comm, measure, fingerprint

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcflow.dtypes import complex_dtype
 from hpcflow.sampling.chain import Chain, MemorySink
 from hpcflow.sampling.updates import (
     LOCAL_STREAM_OFFSET,
@@ -68,7 +69,7 @@ def _cdtype(model: Any) -> torch.dtype:
     dt = getattr(model, "cdtype", torch.complex128)
     if dt.is_complex:
         return dt
-    return torch.complex64 if dt == torch.float32 else torch.complex128
+    return complex_dtype(dt)
 
 
 def flow_chain(model: Any, beta: float, n_steps: int, batch: int, rng: Any,

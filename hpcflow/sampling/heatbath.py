@@ -35,8 +35,8 @@ import math
 import torch
 
 from hpcflow.lattice import draws
-from hpcflow.lattice.geometry import Lattice, SerialComm
-from hpcflow.sampling.hmc import _check_links, _comm, as_group, reproject_if_drifted
+from hpcflow.lattice.geometry import Comm, Lattice, as_comm
+from hpcflow.sampling.hmc import _check_links, as_group, reproject_if_drifted
 
 __all__ = [
     "checkerboard_masks",
@@ -313,25 +313,25 @@ def _prepare(U, lat, group, beta):  # type: ignore[no-untyped-def]
 
 def heatbath_substep(
     U: torch.Tensor, lat: Lattice, group, beta: float, rng, step: int,  # type: ignore[no-untyped-def]
-    mu: int, parity: int, comm: SerialComm | None = None,
+    mu: int, parity: int, comm: Comm | None = None,
 ) -> torch.Tensor:
     """Heat bath of the interior links ``U_mu(x)`` with global parity ``parity`` (new tensor)."""
     group, beta, _, Ub = _prepare(U, lat, group, beta)
     mask = (lat.parity(U.device) == parity) & lat.interior(U.device)
     with torch.no_grad():
-        Ub = _substep_(Ub.clone(), lat, group, beta, rng, step, mu, mask, _comm(comm), False)
+        Ub = _substep_(Ub.clone(), lat, group, beta, rng, step, mu, mask, as_comm(comm), False)
     return Ub.reshape(U.shape)
 
 
 def overrelax_substep(
     U: torch.Tensor, lat: Lattice, group, beta: float, mu: int, parity: int,  # type: ignore[no-untyped-def]
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
 ) -> torch.Tensor:
     """Overrelaxation of the interior links ``U_mu(x)`` of parity ``parity`` (new tensor)."""
     group, beta, _, Ub = _prepare(U, lat, group, beta)
     mask = (lat.parity(U.device) == parity) & lat.interior(U.device)
     with torch.no_grad():
-        Ub = _substep_(Ub.clone(), lat, group, beta, None, 0, mu, mask, _comm(comm), True)
+        Ub = _substep_(Ub.clone(), lat, group, beta, None, 0, mu, mask, as_comm(comm), True)
     return Ub.reshape(U.shape)
 
 
@@ -360,7 +360,7 @@ def _host_sweeps(U: torch.Tensor, lat: Lattice, group):  # type: ignore[no-untyp
 
 def heatbath_sweep(
     U: torch.Tensor, lat: Lattice, group, beta: float, rng, step: int,  # type: ignore[no-untyped-def]
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
 ) -> torch.Tensor:
     """One heat-bath sweep over all links: sub-steps ``(mu, parity)``; returns a new field.
 
@@ -370,7 +370,7 @@ def heatbath_sweep(
     same result to rounding).
     """
     group, beta, _, Ub = _prepare(U, lat, group, beta)
-    comm = _comm(comm)
+    comm = as_comm(comm)
     host = _host_sweeps(U, lat, group)
     if host == "u1":
         from hpcflow.kernels.u1_updates import heatbath_sweep_u1
@@ -389,11 +389,11 @@ def heatbath_sweep(
 
 def overrelax_sweep(
     U: torch.Tensor, lat: Lattice, group, beta: float,  # type: ignore[no-untyped-def]
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
 ) -> torch.Tensor:
     """One overrelaxation sweep (keeps the action exactly; ``beta`` only for validation)."""
     group, beta, _, Ub = _prepare(U, lat, group, beta)
-    comm = _comm(comm)
+    comm = as_comm(comm)
     host = _host_sweeps(U, lat, group)
     if host == "u1":
         from hpcflow.kernels.u1_updates import overrelax_sweep_u1
@@ -412,7 +412,7 @@ def overrelax_sweep(
 
 def heatbath_or_sweep(
     U: torch.Tensor, lat: Lattice, group, beta: float, rng, step: int,  # type: ignore[no-untyped-def]
-    n_or: int = 1, comm: SerialComm | None = None,
+    n_or: int = 1, comm: Comm | None = None,
 ) -> torch.Tensor:
     """One heat-bath sweep followed by ``n_or`` overrelaxation sweeps (the usual compound)."""
     if isinstance(n_or, bool) or not isinstance(n_or, int) or n_or < 0:
@@ -421,7 +421,7 @@ def heatbath_or_sweep(
     if _host_sweeps(U, lat, group) == "sun":
         from hpcflow.kernels.heatbath_host import heatbath_or_sweep_host
 
-        return heatbath_or_sweep_host(U, lat, beta, rng, step, n_or, _comm(comm))
+        return heatbath_or_sweep_host(U, lat, beta, rng, step, n_or, as_comm(comm))
     U = heatbath_sweep(U, lat, group, beta, rng, step, comm)
     for _ in range(n_or):
         U = overrelax_sweep(U, lat, group, beta, comm)

@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from hpcflow.lattice.geometry import Lattice, SerialComm
+from hpcflow.dtypes import real_dtype
+from hpcflow.lattice.geometry import Comm, Lattice, as_comm
 from hpcflow.lattice.groups import as_group
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "hamiltonian",
     "kinetic_energy",
     "leapfrog",
-    "metropolis_accept",
+    "accept_dH",
     "omelyan",
     "reproject_if_drifted",
     "sample_momenta",
@@ -47,17 +48,9 @@ OMELYAN_LAMBDA = 0.1932  # Omelyan, Mryglod, Folk 2003: minimal-norm 2nd-order s
 _INTEGRATORS = ("omelyan", "leapfrog")
 
 
-def _comm(comm: SerialComm | None) -> SerialComm:
-    return SerialComm() if comm is None else comm
-
-
 def _link_mask(lat: Lattice, device: torch.device) -> torch.Tensor:
     """Bool mask broadcastable to a link field ``(nd, *shape, N, N)``: interior links."""
     return lat.interior(device)[None, ..., None, None]
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.complex64 else torch.float64
 
 
 def _check_links(U: torch.Tensor, lat: Lattice, group, name: str = "U") -> tuple[int, ...]:  # type: ignore[no-untyped-def]
@@ -97,16 +90,16 @@ def sample_momenta(
 
     group = as_group(group)
     idx = batched_index(lat.global_link_index(device), lat.nd * lat.volume, tuple(batch))
-    w = rng.normal(idx, step, group.n_algebra, dtype=_real_dtype(dtype))
+    w = rng.normal(idx, step, group.n_algebra, dtype=real_dtype(dtype))
     # algebra_from_coords uses T_a with tr T_a T_b = 1/2 for SU(N): t_a = sqrt(2) T_a
     scale = 1.0 if group.N == 1 else math.sqrt(2.0)
     return group.algebra_from_coords(scale * w).to(dtype)
 
 
-def kinetic_energy(P: torch.Tensor, lat: Lattice, comm: SerialComm | None = None) -> torch.Tensor:
+def kinetic_energy(P: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
     """``(1/2) sum_{x in interior, mu} tr(P^dag P)`` summed over all ranks, float64 ``(*B)``."""
     pp = (P.real.double() ** 2 + P.imag.double() ** 2).sum(dim=(-2, -1)).sum(-(lat.nd + 1))
-    return _comm(comm).sum(0.5 * lat.interior_sum(pp, inner=0))
+    return as_comm(comm).sum(0.5 * lat.interior_sum(pp, inner=0))
 
 
 def hamiltonian(
@@ -114,12 +107,12 @@ def hamiltonian(
     P: torch.Tensor,
     lat: Lattice,
     beta: float,
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
 ) -> torch.Tensor:
     """``H = (1/2) sum tr(P^dag P) + S_W(U)`` (global, float64 ``(*B)``); halos refreshed first."""
     from hpcflow.lattice.action import wilson_action
 
-    comm = _comm(comm)
+    comm = as_comm(comm)
     U = comm.exchange(U, lat)
     return kinetic_energy(P, lat, comm) + wilson_action(U, lat, beta, comm=comm).double()
 
@@ -141,7 +134,7 @@ def force(U: torch.Tensor, lat: Lattice, group, beta: float) -> torch.Tensor:  #
 ForceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _make_force(lat: Lattice, group, beta: float, comm: SerialComm) -> ForceFn:  # type: ignore[no-untyped-def]
+def _make_force(lat: Lattice, group, beta: float, comm: Comm) -> ForceFn:  # type: ignore[no-untyped-def]
     def f(U: torch.Tensor) -> torch.Tensor:
         # the staple reaches one site across the boundary: refresh the halos first
         return force(comm.exchange(U, lat), lat, group, beta)
@@ -166,14 +159,14 @@ def leapfrog(
     beta: float,
     n_steps: int,
     tau: float,
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leapfrog (2nd order): ``P -= eps/2 F; U = exp(eps P) U; P -= eps/2 F``, ``eps = tau/n``.
 
     Consecutive half-steps in P are merged: ``n_steps + 1`` force evaluations. Error of H
     over a fixed trajectory length is O(eps^2).
     """
-    group, comm = as_group(group), _comm(comm)
+    group, comm = as_group(group), as_comm(comm)
     f = _make_force(lat, group, beta, comm)
     mask = _link_mask(lat, U.device)
     eps = tau / n_steps
@@ -192,7 +185,7 @@ def omelyan(
     beta: float,
     n_steps: int,
     tau: float,
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
     lam: float = OMELYAN_LAMBDA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Omelyan 2MN (Omelyan, Mryglod, Folk, Comput. Phys. Commun. 151 (2003) 272).
@@ -201,7 +194,7 @@ def omelyan(
     U = exp(eps/2 P) U; P -= lam eps F``. Time-reversible and symplectic like leapfrog,
     with a smaller O(eps^2) error coefficient at ``lam ~ 0.1932``; 2 n + 1 forces.
     """
-    group, comm = as_group(group), _comm(comm)
+    group, comm = as_group(group), as_comm(comm)
     f = _make_force(lat, group, beta, comm)
     mask = _link_mask(lat, U.device)
     eps = tau / n_steps
@@ -216,7 +209,7 @@ def omelyan(
 
 
 # ---- accept / reject and hygiene ------------------------------------------------------------
-def metropolis_accept(dH: torch.Tensor, rng, step: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def accept_dH(dH: torch.Tensor, rng, step: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """Accept with probability ``min(1, exp(-dH))``; ``dH`` of shape ``(*B)``, bool result.
 
     The uniforms are chain-level draws (``rng.uniform_scalar(step, n)``: a reserved key,
@@ -229,7 +222,7 @@ def metropolis_accept(dH: torch.Tensor, rng, step: int) -> torch.Tensor:  # type
     return torch.isfinite(dH) & (u < torch.exp(-dH))
 
 
-def unitarity_violation(U: torch.Tensor, lat: Lattice, comm: SerialComm | None = None) -> float:
+def unitarity_violation(U: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> float:
     """Max over interior links (and ranks) of ``|U^dag U - 1|`` and ``|det U - 1|`` (SU(N))."""
     n = U.shape[-1]
     eye = torch.eye(n, dtype=U.dtype, device=U.device)
@@ -237,8 +230,8 @@ def unitarity_violation(U: torch.Tensor, lat: Lattice, comm: SerialComm | None =
     if n > 1:
         dev = torch.maximum(dev, (torch.linalg.det(U) - 1).abs())
     dev = dev[lat.interior_slices(inner=0)].amax().double()
-    c = _comm(comm)
-    return float(c.max(dev) if hasattr(c, "max") else dev)
+    c = as_comm(comm)
+    return float(c.max(dev))
 
 
 def reproject_if_drifted(
@@ -246,7 +239,7 @@ def reproject_if_drifted(
     lat: Lattice,
     group,  # type: ignore[no-untyped-def]
     tol: float | None = None,
-    comm: SerialComm | None = None,
+    comm: Comm | None = None,
 ) -> torch.Tensor:
     """Project all links back onto the group if the global unitarity violation exceeds ``tol``.
 
@@ -257,7 +250,7 @@ def reproject_if_drifted(
     decision uses a global max, so all ranks project together.
     """
     if tol is None:
-        tol = 1e3 * torch.finfo(_real_dtype(U.dtype)).eps
+        tol = 1e3 * torch.finfo(real_dtype(U.dtype)).eps
     if unitarity_violation(U, lat, comm) > tol:
         U = as_group(group).project(U)
     return U
@@ -267,7 +260,7 @@ def reproject_if_drifted(
 def hmc_trajectory_host(hmc: HMC, U: torch.Tensor, step: int):  # type: ignore[no-untyped-def]
     """:meth:`HMC.trajectory` with the host kernels (``hpcflow.kernels.md_host``): same momenta
     (``sample_momenta``, drawn in C++ for a counter-based rng), same accept draw
-    (``metropolis_accept``), same counters (``hmc.n_trajectories``, ``hmc.n_accepted``), same
+    (``accept_dH``), same counters (``hmc.n_trajectories``, ``hmc.n_accepted``), same
     re-projection; returns ``(U_next, accepted, dH)`` (bool/float unbatched, tensors of shape
     ``B`` batched). A rejected unbatched trajectory returns ``U`` itself."""
     from hpcflow.kernels import md_host as mh
@@ -298,7 +291,7 @@ def hmc_trajectory_host(hmc: HMC, U: torch.Tensor, step: int):  # type: ignore[n
         H0 = comm.sum(ke0) + kb * comm.sum(r0)
         H1 = comm.sum(mh.kinetic_local(P1, mh.info_of(P1, lat))) + kb * comm.sum(r1)
         dH = H1 - H0
-        acc = metropolis_accept(dH, hmc.rng, step)
+        acc = accept_dH(dH, hmc.rng, step)
         hmc.n_trajectories += max(acc.numel(), 1)
         hmc.n_accepted += int(acc.sum())
         if bool(acc.any()):
@@ -347,7 +340,7 @@ class HMC:
         tau: float,
         integrator: str = "omelyan",
         rng=None,  # type: ignore[no-untyped-def]
-        comm: SerialComm | None = None,
+        comm: Comm | None = None,
         lam: float = OMELYAN_LAMBDA,
         reproject_tol: float | None = None,
     ) -> None:
@@ -372,7 +365,7 @@ class HMC:
         self.tau = float(tau)
         self.integrator = integrator
         self.rng = rng
-        self.comm = _comm(comm)
+        self.comm = as_comm(comm)
         self.lam = float(lam)
         self.reproject_tol = reproject_tol
         self.n_trajectories = 0
@@ -428,7 +421,7 @@ class HMC:
             U1, P1 = self.integrate(U, P)
             H1 = hamiltonian(U1, P1, self.lat, self.beta, self.comm)
             dH = H1 - H0
-            acc = metropolis_accept(dH, self.rng, step)
+            acc = accept_dH(dH, self.rng, step)
             self.n_trajectories += max(acc.numel(), 1)
             self.n_accepted += int(acc.sum())
             if bool(acc.any()):

@@ -19,25 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcflow.analysis.reweighting import ess
+
 __all__ = [
     "ACCEPT_STEP",
     "chain_summary",
-    "ess_fraction",
-    "metropolis_accept",
+    "independence_walk",
     "reweighted_mean",
     "reweighted_mean_error",
 ]
 
 ACCEPT_STEP = 1
-
-
-def ess_fraction(logw: np.ndarray) -> float:
-    """``ESS/N = exp(2 LSE(log w) - LSE(2 log w)) / N`` of importance weights (PHYSICS.md)."""
-    logw = np.asarray(logw, dtype=np.float64)
-    m = logw.max()
-    a = np.log(np.exp(logw - m).sum()) + m
-    b = np.log(np.exp(2 * (logw - m)).sum()) + 2 * m
-    return float(np.exp(2 * a - b) / len(logw))
 
 
 def reweighted_mean(obs: np.ndarray, logw: np.ndarray) -> float:
@@ -55,7 +47,7 @@ def reweighted_mean_error(obs: np.ndarray, logw: np.ndarray) -> tuple[float, flo
     return mean, float(np.sqrt((w**2 * (o - mean) ** 2).sum()) / w.sum())
 
 
-def metropolis_accept(logw_prop: torch.Tensor, logw0: float, uniforms: torch.Tensor):
+def independence_walk(logw_prop: torch.Tensor, logw0: float, uniforms: torch.Tensor):
     """Walk an independence-Metropolis chain over proposals with ``log w`` = ``logw_prop``.
 
     Returns ``(index, accepted)``: ``index[i]`` is the proposal the chain sits on after step
@@ -85,7 +77,7 @@ def chain_summary(res: dict[str, Any], n_therm: int = 0) -> dict[str, Any]:
         "n_steps": len(res["accepted"]),
         "n_therm": int(n_therm),
         "acceptance": float(np.mean(res["accepted"][n_therm:])),
-        "ess_per_proposal": ess_fraction(res["proposal_logw"]),
+        "ess_per_proposal": ess(res["proposal_logw"]),
     }
     obs = {"plaquette": res["plaquette"][n_therm:], "Q": res["Q"][n_therm:],
            "Q2": res["Q"][n_therm:] ** 2}

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import torch
 
+from hpcflow.lattice.geometry import Comm
+
 __all__ = [
     "LOCAL_STREAM_OFFSET",
     "MIXED_STEPS",
@@ -76,13 +78,13 @@ class Update(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
-def _global(comm: Any, f: torch.Tensor, lat: Any, inner: int = 2) -> torch.Tensor:
+def _global(comm: Comm, f: torch.Tensor, lat: Any, inner: int = 2) -> torch.Tensor:
     """The global field of a (possibly) decomposed local one, on the CPU (checkpoints)."""
     g = comm.gather_field(f, lat, inner=inner) if comm.size > 1 else f
     return g.detach().cpu().clone()
 
 
-def _local(comm: Any, g: torch.Tensor, lat: Any, inner: int = 2) -> torch.Tensor:
+def _local(comm: Comm, g: torch.Tensor, lat: Any, inner: int = 2) -> torch.Tensor:
     if comm.size > 1:
         from hpcflow.comm.fields import local_from_global
 
@@ -95,7 +97,7 @@ class _LinkUpdate:
 
     kind = "local"
 
-    def __init__(self, lat: Any, group: Any, beta: float, rng: Any, comm: Any,
+    def __init__(self, lat: Any, group: Any, beta: float, rng: Any, comm: Comm,
                  dtype: torch.dtype, device: torch.device | str, start: str) -> None:
         from hpcflow.lattice.groups import get_group
 
@@ -139,7 +141,7 @@ class HeatbathUpdate(_LinkUpdate):
 
     kind = "heatbath"
 
-    def __init__(self, lat: Any, group: Any, beta: float, rng: Any, comm: Any, dtype: torch.dtype,
+    def __init__(self, lat: Any, group: Any, beta: float, rng: Any, comm: Comm, dtype: torch.dtype,
                  device: torch.device | str = "cpu", start: str = "hot", n_overrelax: int = 0) -> None:
         super().__init__(lat, group, beta, rng, comm, dtype, device, start)
         self.n_overrelax = int(n_overrelax)
@@ -161,7 +163,7 @@ class HMCUpdate(_LinkUpdate):
 
     kind = "hmc"
 
-    def __init__(self, lat: Any, group: Any, beta: float, rng: Any, comm: Any, dtype: torch.dtype,
+    def __init__(self, lat: Any, group: Any, beta: float, rng: Any, comm: Comm, dtype: torch.dtype,
                  device: torch.device | str = "cpu", start: str = "hot", n_steps: int = 10,
                  tau: float = 1.0, integrator: str = "omelyan", lam: float | None = None) -> None:
         from hpcflow.sampling.hmc import HMC, OMELYAN_LAMBDA
@@ -205,7 +207,7 @@ class FlowUpdate:
 
     kind = "flow"
 
-    def __init__(self, model: Any, beta: float, rng: Any, comm: Any, batch: int,
+    def __init__(self, model: Any, beta: float, rng: Any, comm: Comm, batch: int,
                  cdtype: torch.dtype = torch.complex128,
                  start_field: Callable[[], torch.Tensor] | None = None) -> None:
         self.model, self.beta, self.rng, self.comm = model, float(beta), rng, comm
@@ -259,12 +261,12 @@ class FlowUpdate:
 
     @torch.no_grad()
     def advance(self, step: int) -> StepInfo:
-        from hpcflow.sampling.metropolis import ACCEPT_STEP, metropolis_accept
+        from hpcflow.sampling.metropolis import ACCEPT_STEP, independence_walk
 
         j = self._proposal(self.p)
         u = self.rng.uniform(torch.tensor([self.p]), ACCEPT_STEP, 1)[:, 0]
         lw0 = -math.inf if self.x is None else self._current_logw()
-        _, accepted = metropolis_accept(self._buf["log_w"][j : j + 1], lw0, u)
+        _, accepted = independence_walk(self._buf["log_w"][j : j + 1], lw0, u)
         acc = bool(accepted[0])
         prop = {k: float(self._buf[k][j]) for k in ("log_w", "plaquette", "Q")}
         if acc:

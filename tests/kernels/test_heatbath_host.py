@@ -43,7 +43,9 @@ class PeriodicHaloComm(SerialComm):
     """One rank owning the whole lattice on a halo-padded array: ``exchange`` refills the
     halos from the periodic interior (what the MPI exchange does on a 1-rank grid)."""
 
-    def exchange(self, f, lat, inner=2):
+    decomposed = True  # halos to fill, like a LatticeComm
+
+    def exchange(self, f, lat, inner=2, width=None):
         inner_part = f[lat.interior_slices(inner)]
         nd = lat.nd
         h = lat.halo

@@ -15,7 +15,7 @@ import torch
 from hpcflow.comm import local_from_global
 from hpcflow.kernels import host, md_host
 from hpcflow.lattice import action, observables
-from hpcflow.lattice.geometry import Lattice
+from hpcflow.lattice.geometry import Lattice, SerialComm
 from hpcflow.lattice.groups import get_group, random_field
 from hpcflow.rng import CounterRNG
 from hpcflow.sampling import hmc as hmc_mod
@@ -25,20 +25,14 @@ TOL = {torch.complex128: 1e-12, torch.complex64: 1e-5}
 BETA = {"u1": 1.5, "su2": 2.3, "su3": 5.7}
 
 
-class PeriodicHaloComm:
+class PeriodicHaloComm(SerialComm):
     """One rank owning the whole periodic lattice on a halo-padded array: exchange refills
     the halos from the interior (what LatticeComm does on a 1-rank grid)."""
 
-    rank, size, is_root = 0, 1, True
+    decomposed = True  # halos to fill, like a LatticeComm
 
-    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2, width: int | None = None) -> torch.Tensor:
         return local_from_global(f[lat.interior_slices(inner)], lat, inner)
-
-    def sum(self, t):  # type: ignore[no-untyped-def]
-        return t
-
-    def max(self, t):  # type: ignore[no-untyped-def]
-        return t
 
 
 def _setup(gname, gs, halo, dtype, batch=(), seed=5):  # type: ignore[no-untyped-def]

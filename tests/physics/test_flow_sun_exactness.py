@@ -19,6 +19,7 @@ import torch
 
 from hpcflow.analysis import gamma_method
 from hpcflow.analysis.exact import bessel_i_scaled, su2_2d_plaquette, su3_2d_plaquette
+from hpcflow.analysis.reweighting import ess as ess_fraction
 from hpcflow.flows.build import build_flow
 from hpcflow.flows.train import Trainer
 from hpcflow.lattice.action import average_plaquette, wilson_action
@@ -27,7 +28,6 @@ from hpcflow.lattice.groups import get_group, random_field
 from hpcflow.rng import CounterRNG
 from hpcflow.sampling.flow_chains import flow_chain, flow_mixed_chain
 from hpcflow.sampling.heatbath import heatbath_sweep
-from hpcflow.sampling.metropolis import ess_fraction
 
 pytestmark = pytest.mark.slow
 

@@ -38,7 +38,9 @@ class SelfHaloComm(SerialComm):
     """One rank owning the whole lattice stored with a halo: exchange fills the halo
     periodically from the interior, as the MPI exchange does from neighbours."""
 
-    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+    decomposed = True  # halos to fill, like a LatticeComm
+
+    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2, width: int | None = None) -> torch.Tensor:
         g = f[lat.interior_slices(inner)]
         for d in range(lat.nd):
             axis = g.dim() - inner - lat.nd + d

@@ -28,7 +28,9 @@ class SelfHaloComm(SerialComm):
     """One rank owning the whole lattice but stored with a halo: exchange fills the halo
     periodically from the interior, exactly what the MPI exchange does with neighbours."""
 
-    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2) -> torch.Tensor:
+    decomposed = True  # halos to fill, like a LatticeComm
+
+    def exchange(self, f: torch.Tensor, lat: Lattice, inner: int = 2, width: int | None = None) -> torch.Tensor:
         g = f[lat.interior_slices(inner)]
         for d in range(lat.nd):
             axis = g.dim() - inner - lat.nd + d
