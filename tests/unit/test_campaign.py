@@ -7,7 +7,9 @@ scheduler is exercised in tests/slurm/test_slurm_campaign.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +207,38 @@ def test_status_table(tmp_path: Path) -> None:
 def test_example_campaign_is_valid() -> None:
     c = cp.load_campaign(ROOT / "jobs" / "campaign_beta_scan.yaml")
     assert [s.name for s in c.stages] == ["train", "sample"] and len(cp.expand_chains(c)) == 6
+
+
+_SINGLETON_PROBE = r"""
+import json, subprocess, sys
+from mpi4py import MPI
+MPI.COMM_WORLD.Get_size()  # an MPI singleton: Open MPI setenv()s PMIX_*/OMPI_MCA_ess... in this process
+from hpcflow.run.campaign import slurm
+seen = {}
+def run(cmd, **kw):
+    if cmd[0] == "sbatch":
+        seen["env"] = subprocess.run(["env", "-0"], capture_output=True, text=True, env=kw.get("env")).stdout
+        return subprocess.CompletedProcess(cmd, 0, "7\n", "")
+    raise AssertionError(cmd)
+slurm._sbatch("job.sbatch", [], run)
+names = [kv.split("=", 1)[0] for kv in seen["env"].split("\0") if kv]
+print(json.dumps(names))
+"""
+
+
+def test_sbatch_gets_no_mpi_singleton_state(tmp_path: Path) -> None:
+    """Regression: ``hpcflow campaign`` run from a process that had initialised MPI (a singleton:
+    mpi4py imported, e.g. the test process itself) passed Open MPI's singleton variables
+    (``OMPI_MCA_ess=singleton``, ``PMIX_NAMESPACE``, ``OMPI_MCA_orte_precondition_transports``...)
+    through sbatch into the job, where two concurrent ``srun --mpi=pmix`` jobs then shared one
+    vader shared-memory namespace: halo exchanges hung or segfaulted. The job's environment is
+    the user's, without the launcher's state; user tuning (OMPI_MCA_btl...) is kept."""
+    env = {**os.environ, "OMPI_MCA_btl": "self,vader", "PMIX_RANK": "5", "OMPI_COMM_WORLD_RANK": "1"}
+    r = subprocess.run([sys.executable, "-c", _SINGLETON_PROBE], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    names = json.loads(r.stdout)
+    leaked = [n for n in names if n.startswith(("PMIX_", "ORTE_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess",
+                                                 "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OMPI_APP_CTX"))]
+    assert leaked == []
+    assert "OMPI_MCA_btl" in names and "PATH" in names

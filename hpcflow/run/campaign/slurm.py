@@ -165,13 +165,30 @@ def queue_states(ids: Sequence[str], run: Runner) -> dict[str, str]:
     return out
 
 
+#: Variables that describe a running MPI job or an MPI singleton (Open MPI's singleton init
+#: setenv()s them into the submitting process, and sbatch --export=ALL would carry them into the
+#: job, where concurrent ``srun --mpi=pmix`` jobs then share one shared-memory namespace).
+_LAUNCHER_PREFIXES = ("PMIX_", "PMI_", "ORTE_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess", "OMPI_MCA_orte_",
+                      "OMPI_MCA_pmix", "OMPI_APP_CTX_", "OMPI_NUM_APP_CTX", "OMPI_FIRST_RANKS",
+                      "OMPI_UNIVERSE_SIZE", "OMPI_ARGV", "OMPI_COMMAND", "OMPI_FILE_LOCATION",
+                      "OMPI_MCA_initial_wdir")
+
+
+def job_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a submitted job inherits: the user's (``os.environ``, the process's
+    environment at start-up), less any MPI launcher or singleton state. User tuning such as
+    ``OMPI_MCA_btl`` is kept."""
+    env = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in env.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+
+
 def _sbatch(script: str, deps: Sequence[str], run: Runner) -> str:
     cmd = ["sbatch", "--parsable"]
     if deps:
         cmd.append("--dependency=afterok:" + ":".join(deps))
     cmd.append(script)
     try:
-        r = run(cmd, capture_output=True, text=True)
+        r = run(cmd, capture_output=True, text=True, env=job_environment())
     except FileNotFoundError:
         raise CampaignError("sbatch not found: submit on a Slurm login node, or use --dry-run") from None
     if r.returncode != 0:
