@@ -25,6 +25,7 @@ from hpcflow.analysis.reweighting import (
     normalized_weights,
     reweighted_gamma,
     reweighted_mean,
+    reweighted_mean_error,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "normalized_weights",
     "reweighted_gamma",
     "reweighted_mean",
+    "reweighted_mean_error",
     "su2_2d_plaquette",
     "su3_2d_plaquette",
     "sun_2d_plaquette",

@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 
 from hpcflow.analysis.gamma import GammaResult, gamma_method_ratio
 
-__all__ = ["ess", "logsumexp", "normalized_weights", "reweighted_gamma", "reweighted_mean"]
+__all__ = ["ess", "logsumexp", "normalized_weights", "reweighted_gamma", "reweighted_mean", "reweighted_mean_error"]
 
 
 def _log_w(log_w: np.ndarray, name: str = "log_w") -> np.ndarray:
@@ -71,6 +71,17 @@ def reweighted_mean(obs: np.ndarray, log_w: np.ndarray) -> float:
     if o.size != w.size:
         raise ValueError(f"obs and log_w must have the same length, got {o.size} and {w.size}")
     return float(np.sum(w * o))
+
+
+def reweighted_mean_error(obs: np.ndarray, log_w: np.ndarray) -> tuple[float, float]:
+    """Self-normalised importance-sampling mean ``sum w O / sum w`` and its delta-method error
+    ``sqrt(sum w^2 (O - <O>)^2) / sum w``, for independent proposals (not chain states)."""
+    o = np.asarray(obs, dtype=np.float64).reshape(-1)
+    w = normalized_weights(log_w)
+    if o.size != w.size:
+        raise ValueError(f"obs and log_w must have the same length, got {o.size} and {w.size}")
+    mean = float(np.sum(w * o))
+    return mean, float(np.sqrt(np.sum(w**2 * (o - mean) ** 2)))
 
 
 def reweighted_gamma(obs: np.ndarray, log_w: np.ndarray, S: float = 1.5) -> GammaResult:

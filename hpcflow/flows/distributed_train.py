@@ -29,6 +29,7 @@ import torch
 from hpcflow.analysis.reweighting import ess
 from hpcflow.flows.distributed import DistributedFlow, sum_gradients
 from hpcflow.flows.train import Trainer, _check_meta, acceptance_estimate
+from hpcflow.io.checkpoint import atomic_torch_save
 from hpcflow.lattice.geometry import SerialComm
 
 __all__ = ["TRAIN_STREAM", "DistributedTrainer"]
@@ -87,8 +88,6 @@ class DistributedTrainer(Trainer):
             self.hybrid.barrier()
 
     def _write_checkpoint(self) -> None:
-        from hpcflow.flows.train import atomic_torch_save
-
         atomic_torch_save(
             {
                 "meta": self._meta(),

@@ -24,12 +24,12 @@ import torch
 
 from hpcflow.analysis.reweighting import ess
 from hpcflow.flows.u1 import u1_action
+from hpcflow.io.checkpoint import atomic_torch_save
 from hpcflow.lattice.geometry import Lattice, Reducer, SerialComm
 
 __all__ = [
     "Trainer",
     "acceptance_estimate",
-    "atomic_torch_save",
     "load_flow_checkpoint",
     "make_scheduler",
     "plot_metrics",
@@ -67,23 +67,6 @@ def make_scheduler(opt: torch.optim.Optimizer, schedule: str, steps: int):
     if schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, steps // 4), gamma=0.5)
     raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name, fsync, rename, fsync the directory (crash rule)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _check_meta(meta: dict[str, Any], expect: dict[str, Any], path: Path) -> None:

@@ -12,7 +12,6 @@ from hpcflow.io.ensemble import (
     SegmentWriter,
     ensemble_info,
     export_ildg,
-    measure_ensemble,
     open_ensemble,
 )
 from hpcflow.io.ildg import ILDGError, read_ildg, write_ildg
@@ -27,7 +26,6 @@ __all__ = [
     "ensemble_info",
     "export_ildg",
     "load_checkpoint",
-    "measure_ensemble",
     "open_ensemble",
     "read_ildg",
     "save_checkpoint",

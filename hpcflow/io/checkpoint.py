@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import torch
 
 __all__ = [
+    "atomic_torch_save",
     "CheckpointError",
     "atomic_write_bytes",
     "config_fingerprint",
@@ -76,6 +77,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO
             pass
         raise
     fsync_dir(d)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write_bytes` (model files: plain
+    torch format, loadable with ``torch.load``); creates the parent folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, lambda fh: torch.save(obj, fh))
 
 
 def config_fingerprint(cfg_dict: Mapping[str, Any], keys: tuple[str, ...]) -> str:

@@ -50,7 +50,6 @@ __all__ = [
     "ensemble_info",
     "export_ildg",
     "field_checksum",
-    "measure_ensemble",
     "open_ensemble",
     "remove_uncommitted",
     "segment_path",
@@ -370,38 +369,6 @@ def ensemble_info(root: str | os.PathLike) -> str:
         else:
             lines.append(f"  chain {c:3d}: no committed configurations")
     return "\n".join(lines)
-
-
-def measure_ensemble(root: str | os.PathLike, chain: int | None = None) -> dict[str, dict[str, Any]]:
-    """Gamma-method mean, error and tau_int of the stored per-row observables (``hpcflow measure``).
-
-    Chains are treated as replicas. Every row is a state of an exact Markov chain, already
-    distributed as ``p = exp(-S)/Z`` (a flow chain's independence-Metropolis steps included),
-    so the states are averaged plainly. Importance reweighting by ``w = p/q`` is valid for
-    independent proposals from ``q`` only: applied to chain states it is biased (issue 19:
-    7.9 sigma on the demo's ensemble), so ``measure`` does not print it. The result is
-    strict JSON: an error that cannot be computed is ``null`` with a ``"note"``.
-    """
-    from hpcflow.analysis import gamma_method
-
-    ens = open_ensemble(root)
-    chains = ens.chains if chain is None else [chain]
-    out: dict[str, dict[str, Any]] = {}
-    recs = [ens.records(c) for c in chains]
-    recs = [r for r in recs if len(r["step"]) >= 2]
-    if not recs:
-        raise EnsembleError(f"{ens.root}: fewer than 2 committed configurations; nothing to measure")
-    n = int(sum(len(r["step"]) for r in recs))
-    for k in ("plaquette", "S", "accepted"):
-        series = [np.asarray(r[k], dtype=np.float64) for r in recs]
-        g = gamma_method(series if len(series) > 1 else series[0])
-        entry: dict[str, Any] = {"mean": g.mean, "error": g.error, "tau_int": g.tau_int,
-                                 "tau_int_error": g.tau_int_error, "n": n}
-        if g.error == 0.0:
-            entry.update(error=None, tau_int=None, tau_int_error=None,
-                         note="constant over the chain: no fluctuation to estimate an error from")
-        out["acceptance" if k == "accepted" else k] = entry
-    return out
 
 
 def export_ildg(root: str | os.PathLike, out: str | os.PathLike, index: int = -1, chain: int = 0,

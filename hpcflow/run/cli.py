@@ -166,7 +166,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from hpcflow.io import measure_ensemble
+    from hpcflow.analysis.ensemble import measure_ensemble
 
     print(json.dumps(measure_ensemble(args.path, chain=args.chain), indent=2, default=float,
                      allow_nan=False))

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcflow.config import MIXED_STEPS
 from hpcflow.dtypes import complex_dtype
 from hpcflow.sampling.chain import Chain, MemorySink
 from hpcflow.sampling.updates import (
     LOCAL_STREAM_OFFSET,
-    MIXED_STEPS,
     FlowUpdate,
     HeatbathUpdate,
     HMCUpdate,

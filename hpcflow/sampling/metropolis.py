@@ -25,26 +25,9 @@ __all__ = [
     "ACCEPT_STEP",
     "chain_summary",
     "independence_walk",
-    "reweighted_mean",
-    "reweighted_mean_error",
 ]
 
 ACCEPT_STEP = 1
-
-
-def reweighted_mean(obs: np.ndarray, logw: np.ndarray) -> float:
-    """``<O> = sum w O / sum w`` with ``w = exp(log w)`` (self-normalised importance sampling)."""
-    return reweighted_mean_error(obs, logw)[0]
-
-
-def reweighted_mean_error(obs: np.ndarray, logw: np.ndarray) -> tuple[float, float]:
-    """Self-normalised importance-sampling mean and its delta-method error
-    ``sqrt(sum w^2 (O - <O>)^2) / sum w`` (independent proposals)."""
-    logw = np.asarray(logw, dtype=np.float64)
-    o = np.asarray(obs, dtype=np.float64)
-    w = np.exp(logw - logw.max())
-    mean = float((w * o).sum() / w.sum())
-    return mean, float(np.sqrt((w**2 * (o - mean) ** 2).sum()) / w.sum())
 
 
 def independence_walk(logw_prop: torch.Tensor, logw0: float, uniforms: torch.Tensor):

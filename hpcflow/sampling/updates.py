@@ -31,11 +31,11 @@ from typing import Any, Protocol
 
 import torch
 
+from hpcflow.config import MIXED_STEPS  # the kinds of step a mixed.pattern may hold
 from hpcflow.lattice.geometry import Comm
 
 __all__ = [
     "LOCAL_STREAM_OFFSET",
-    "MIXED_STEPS",
     "FlowUpdate",
     "HMCUpdate",
     "HeatbathUpdate",
@@ -46,8 +46,6 @@ __all__ = [
 
 #: Local updates of mixed chain ``c`` draw from stream ``LOCAL_STREAM_OFFSET + c``.
 LOCAL_STREAM_OFFSET = 2**32
-#: The kinds of elementary step a ``mixed.pattern`` may hold.
-MIXED_STEPS = ("flow", "heatbath", "hmc")
 
 
 @dataclass

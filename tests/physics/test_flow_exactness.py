@@ -14,12 +14,13 @@ import torch
 
 from hpcflow.analysis.exact import u1_2d_plaquette, u1_2d_q2
 from hpcflow.analysis.gamma import gamma_method
+from hpcflow.analysis.reweighting import reweighted_mean_error
 from hpcflow.flows import build_u1_flow
 from hpcflow.flows.train import Trainer
 from hpcflow.lattice.geometry import Lattice
 from hpcflow.rng import CounterRNG
 from hpcflow.sampling.flow_chains import metropolis_chain, mixed_chain
-from hpcflow.sampling.metropolis import chain_summary, reweighted_mean_error
+from hpcflow.sampling.metropolis import chain_summary
 
 pytestmark = pytest.mark.slow
 L = 4

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from hpcflow.analysis import exact, gamma_method
+from hpcflow.analysis.ensemble import measure_ensemble
 from hpcflow.config import config_from_dict
-from hpcflow.io import measure_ensemble, open_ensemble
+from hpcflow.io import open_ensemble
 from hpcflow.run.sample import EXIT_OK, ensemble_dir, sample
 
 L, BETA, SEED = 4, 1.5, 4242

@@ -157,7 +157,8 @@ def test_stop_flag_catches_signals_and_restores_handlers() -> None:
 
 def test_export_from_ensemble_and_measure(tmp_path) -> None:
     """ILDG export of a stored 4D SU(3) configuration reads back identical; measure matches numpy."""
-    from hpcflow.io import export_ildg, measure_ensemble, read_ildg
+    from hpcflow.analysis.ensemble import measure_ensemble
+    from hpcflow.io import export_ildg, read_ildg
 
     shape = (2, 2, 2, 4)
     lat = Lattice(shape)
