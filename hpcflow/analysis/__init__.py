@@ -1,4 +1,4 @@
-"""hpcflow.analysis: exact 2D results, Gamma-method errors, resampling, reweighting."""
+"""hpcflow.analysis: exact 2D results, Gamma-method errors, resampling, reweighting, topology."""
 
 from hpcflow.analysis.exact import (
     U1Exact2D,
@@ -6,8 +6,10 @@ from hpcflow.analysis.exact import (
     su2_2d_plaquette,
     su3_2d_plaquette,
     sun_2d_plaquette,
+    u1_2d_charge_distribution,
     u1_2d_chi_q,
     u1_2d_exact,
+    u1_2d_log_z,
     u1_2d_plaquette,
     u1_2d_q2,
     u1_2d_wilson_loop,
@@ -27,13 +29,24 @@ from hpcflow.analysis.reweighting import (
     reweighted_mean,
     reweighted_mean_error,
 )
+from hpcflow.analysis.topology import (
+    as_charges,
+    charge_histogram,
+    chi2_sf,
+    coverage_report,
+    sector_acceptance,
+)
 
 __all__ = [
     "GammaResult",
     "ResamplingResult",
     "U1Exact2D",
+    "as_charges",
     "bessel_i_scaled",
     "bootstrap",
+    "charge_histogram",
+    "chi2_sf",
+    "coverage_report",
     "ess",
     "gamma_method",
     "gamma_method_derived",
@@ -44,11 +57,14 @@ __all__ = [
     "reweighted_gamma",
     "reweighted_mean",
     "reweighted_mean_error",
+    "sector_acceptance",
     "su2_2d_plaquette",
     "su3_2d_plaquette",
     "sun_2d_plaquette",
+    "u1_2d_charge_distribution",
     "u1_2d_chi_q",
     "u1_2d_exact",
+    "u1_2d_log_z",
     "u1_2d_plaquette",
     "u1_2d_q2",
     "u1_2d_wilson_loop",
