@@ -27,6 +27,7 @@ import yaml
 from hpcflow.kernels.backends import BACKENDS
 
 __all__ = [
+    "BetaScheduleError",
     "ConfigError",
     "Config",
     "LatticeConfig",
@@ -45,6 +46,8 @@ __all__ = [
     "apply_overrides",
     "default_yaml",
     "config_to_dict",
+    "beta_schedule_points",
+    "parse_beta_schedule",
 ]
 
 GROUPS = ("u1", "su2", "su3")
@@ -53,6 +56,7 @@ PRECISIONS = ("float64", "float32")
 INTEGRATORS = ("omelyan", "leapfrog")
 KERNELS = ("ncp", "spline")
 SCHEDULES = ("constant", "cosine", "step")
+GRADIENTS = ("reparam", "path")
 STARTS = ("hot", "cold")
 MIXED_STEPS = ("flow", "heatbath", "hmc")
 
@@ -129,6 +133,22 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_opt("steps between progress reports", kind="int", ge=1))
     replicas: int = field(default=1, metadata=_opt(
         "data-parallel replicas under MPI: world = replicas x prod(grid) ranks", kind="int", ge=1))
+    beta_schedule: Any = field(default=None, metadata=_opt(
+        "beta annealing: null (train at action.beta), [[step, beta], ...] (piecewise linear from step 0, "
+        "constant after the last point, which must be action.beta) or {from: beta0, steps: n} "
+        "(linear from beta0 to action.beta over n steps)", kind="betaschedule"))
+    init_from: str | None = field(default=None, metadata=_opt(
+        "warm start: a flow checkpoint (train/checkpoint.pt) of the same architecture on another "
+        "lattice size or beta; null = the seeded initial weights", kind="optpath"))
+    gradient: str = field(default="reparam", metadata=_opt(
+        "reverse-KL gradient estimator: reparam (reparameterisation) or path (Vaitl et al. 2022: "
+        "drops the zero-mean score term; one extra inverse pass per step)", choices=GRADIENTS))
+    accumulate: int = field(default=1, metadata=_opt(
+        "micro-batches of train.batch per optimizer step (effective batch = accumulate x batch)",
+        kind="int", ge=1))
+    diagnostics_every: int = field(default=0, metadata=_opt(
+        "2D U(1): steps between topology diagnostics of the training batch "
+        "(hpcflow.flows.diagnostics) in metrics.jsonl; 0 = off", kind="int", ge=0))
 
 
 @dataclass(frozen=True)
@@ -322,6 +342,104 @@ def _as_path(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> str:
     return v
 
 
+def _as_optpath(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.fail(key, v, "null or a non-empty path string")
+    return v
+
+
+class BetaScheduleError(ValueError):
+    """A bad ``train.beta_schedule``: ``key`` (``train.beta_schedule`` or one of its parts),
+    the bad ``value`` and what is ``allowed`` (turned into the one-line config error)."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        super().__init__(f"key '{key}': got {value!r}; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+_SCHEDULE_FORMS = ("null, a list of [step, beta] pairs (first step 0, steps increasing, betas > 0) "
+                   "or a mapping {from: beta0, steps: n}")
+
+
+def _schedule_number(key: str, v: Any, integer: bool, lower: float, strict: bool) -> Any:
+    """An int (``integer``) or finite float ``>= lower`` (``> lower`` when ``strict``)."""
+    if isinstance(v, str) and not integer:
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, float) and integer and v.is_integer():
+        v = int(v)
+    ok_type = (isinstance(v, int) if integer else isinstance(v, (int, float))) and not isinstance(v, bool)
+    bound = f"> {lower:g}" if strict else f">= {lower:g}"
+    what = "an integer" if integer else "a finite number"
+    if not ok_type or (not integer and not math.isfinite(v)) or (v <= lower if strict else v < lower):
+        raise BetaScheduleError(key, v, f"{what} {bound}")
+    return int(v) if integer else float(v)
+
+
+def parse_beta_schedule(v: Any, key: str = "train.beta_schedule") -> Any:
+    """The shape of a ``train.beta_schedule`` value: ``None``; a list of ``[step, beta]``
+    pairs -> a tuple of ``(int, float)`` pairs (first step 0, steps strictly increasing,
+    betas > 0); a mapping ``{from: beta0, steps: n}`` -> ``{"from": float, "steps": int}``.
+    Raises :class:`BetaScheduleError` naming the offending part."""
+    if v is None:
+        return None
+    if isinstance(v, Mapping):
+        if set(v) != {"from", "steps"}:
+            raise BetaScheduleError(key, dict(v), "a mapping with exactly the keys from and steps, "
+                                    "e.g. {from: 1.0, steps: 500}")
+        return {"from": _schedule_number(f"{key}.from", v["from"], False, 0.0, True),
+                "steps": _schedule_number(f"{key}.steps", v["steps"], True, 1, False)}
+    if not isinstance(v, (list, tuple)) or not v:
+        raise BetaScheduleError(key, v, _SCHEDULE_FORMS)
+    points: list[tuple[int, float]] = []
+    for i, pair in enumerate(v):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise BetaScheduleError(f"{key}[{i}]", pair, "a pair [step, beta]")
+        step = _schedule_number(f"{key}[{i}][0]", pair[0], True, 0, False)
+        beta = _schedule_number(f"{key}[{i}][1]", pair[1], False, 0.0, True)
+        if i == 0 and step != 0:
+            raise BetaScheduleError(f"{key}[0][0]", step, "0 (the schedule starts at step 0)")
+        if i > 0 and step <= points[-1][0]:
+            raise BetaScheduleError(f"{key}[{i}][0]", step,
+                                    f"a step > {points[-1][0]} (steps strictly increasing)")
+        points.append((step, beta))
+    return tuple(points)
+
+
+def beta_schedule_points(v: Any, final_beta: float, steps: int | None = None,
+                         key: str = "train.beta_schedule") -> tuple[tuple[int, float], ...] | None:
+    """``train.beta_schedule`` as ``((0, beta_0), ..., (s_n, final_beta))`` (or ``None``):
+    the mapping form ``{from: b0, steps: n}`` is ``((0, b0), (n, final_beta))``. The last beta
+    must equal ``final_beta`` (``action.beta``) exactly, and the last step must not exceed
+    ``steps`` (``train.steps``) when given. Raises :class:`BetaScheduleError`."""
+    shape = parse_beta_schedule(v, key)
+    if shape is None:
+        return None
+    if isinstance(shape, dict):
+        points = ((0, shape["from"]), (shape["steps"], float(final_beta)))
+    else:
+        points = shape
+        if points[-1][1] != float(final_beta):
+            raise BetaScheduleError(f"{key}[{len(points) - 1}][1]", points[-1][1],
+                                    f"action.beta = {final_beta:g} (the schedule ends at the beta "
+                                    "the flow is trained for)")
+    if steps is not None and points[-1][0] > int(steps):
+        raise BetaScheduleError(key, [list(p) for p in points],
+                                f"a schedule whose last step is <= train.steps = {int(steps)}")
+    return tuple((int(s), float(b)) for s, b in points)
+
+
+def _as_beta_schedule(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> Any:
+    try:
+        return parse_beta_schedule(v, key)
+    except BetaScheduleError as e:
+        raise ctx.fail(e.key, e.value, e.allowed) from None
+
+
 def _as_device(ctx: _Ctx, key: str, v: Any, meta: Mapping[str, Any]) -> str:
     ok = isinstance(v, str) and (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()))
     if not ok:
@@ -393,6 +511,8 @@ _CONVERTERS: dict[str, Callable[[_Ctx, str, Any, Mapping[str, Any]], Any]] = {
     "intlist": _as_intlist,
     "strlist": _as_strlist,
     "looplist": _as_looplist,
+    "optpath": _as_optpath,
+    "betaschedule": _as_beta_schedule,
 }
 
 
@@ -460,13 +580,44 @@ def _cross_checks(ctx: _Ctx, cfg: Config) -> None:
         raise ctx.fail("lattice.shape", list(shape), "2 extents: U(1) flows are implemented in 2D")
 
 
+def _diagnostics_module_present() -> bool:
+    """Whether ``hpcflow.flows.diagnostics`` exists, without importing it (config imports no
+    torch): already imported, or its source file beside this package's ``flows``."""
+    import sys
+
+    if "hpcflow.flows.diagnostics" in sys.modules:
+        return True
+    here = os.path.dirname(os.path.abspath(__file__))
+    return any(os.path.exists(os.path.join(here, "flows", f"diagnostics{ext}")) for ext in (".py", ".pyc"))
+
+
+def _train_checks(ctx: _Ctx, cfg: Config) -> Config:
+    """Cross-checks of the ``train`` section; the mapping form of ``train.beta_schedule`` is
+    resolved against ``action.beta`` into the equivalent list of pairs."""
+    tr = cfg.train
+    if tr.beta_schedule is not None:
+        try:
+            points = beta_schedule_points(tr.beta_schedule, cfg.action.beta, tr.steps)
+        except BetaScheduleError as e:
+            raise ctx.fail(e.key, e.value, e.allowed) from None
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tr, beta_schedule=points))
+    if tr.diagnostics_every > 0:
+        if cfg.group != "u1" or cfg.nd != 2:
+            raise ctx.fail("train.diagnostics_every", tr.diagnostics_every,
+                           f"0 for group {cfg.group} in {cfg.nd}D (the diagnostics are for 2D U(1))")
+        if not _diagnostics_module_present():
+            raise ctx.fail("train.diagnostics_every", tr.diagnostics_every,
+                           "0 (off): this installation has no hpcflow.flows.diagnostics module")
+    return cfg
+
+
 def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     """Validate a raw mapping (as loaded from YAML) into a :class:`Config`."""
     ctx = _Ctx(source)
     cfg = _build(ctx, Config, raw, "")
     cfg = dataclasses.replace(cfg, source=source)
     _cross_checks(ctx, cfg)
-    return cfg
+    return _train_checks(ctx, cfg)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

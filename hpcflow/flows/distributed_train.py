@@ -15,20 +15,24 @@ the same global batch, and the update equals the single-rank update on that batc
 
 The RNG state is ``(seed, step)``: a checkpoint holds model, optimizer, scheduler and step, and
 a resumed run continues exactly, on the same or on another ``replicas x grid`` layout.
+
+With ``train.accumulate = k`` micro-batch ``m`` of step ``t`` takes the proposals
+``(t k + m) batch + n``: the ``k`` micro-batches of a step are exactly the proposals of one
+step with ``k x batch`` and ``accumulate: 1``, so the two give the same update up to the order
+of the floating-point sums. The toolkit keys (``beta_schedule``, ``init_from``, ``gradient``,
+``diagnostics_every``) act as in :class:`hpcflow.flows.train.Trainer`.
 """
 
 from __future__ import annotations
 
-import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hpcflow.analysis.reweighting import ess
 from hpcflow.flows.distributed import DistributedFlow, sum_gradients
-from hpcflow.flows.train import Trainer, _check_meta, acceptance_estimate
+from hpcflow.flows.train import Trainer, _check_meta
 from hpcflow.io.checkpoint import atomic_torch_save
 from hpcflow.lattice.geometry import SerialComm
 
@@ -66,7 +70,8 @@ class DistributedTrainer(Trainer):
         self.hybrid = hybrid
         comm = hybrid.replica_comm if hybrid is not None else SerialComm()
         super().__init__(model, model.lat, beta, train_cfg, out_dir, comm=comm, seed=seed,
-                         dtype=dtype, action=lambda x: model.action(x, float(beta)), progress=progress)
+                         dtype=dtype, progress=progress,
+                         action_at=lambda x, b: model.action(x, float(b)))
         self.rng = CounterRNG(int(seed), TRAIN_STREAM)
 
     def _sum_all(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,42 +114,25 @@ class DistributedTrainer(Trainer):
                 f"checkpoint {self.ckpt_path}: written by the data-parallel Trainer (per-rank "
                 f"torch generators); resume it with the same trainer"
             )
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        self.step = int(ck["step"])
+        self._restore(ck)
+
+    def _draw(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``micro`` of this step, this replica's share: proposals
+        ``(step * accumulate + micro) * batch + rank * local_batch + [0, local_batch)``."""
+        n_global = int(self.cfg.batch)
+        first = (self.step * self.accumulate + micro) * n_global + int(self.comm.rank) * self.local_batch
+        return self.model.sample_counter(self.rng, first, self.local_batch)
+
+    def _sum_gradients(self) -> None:
+        sum_gradients(self.model.parameters(), self._sum_all)
+
+    def _global_field(self, x: torch.Tensor) -> torch.Tensor:
+        flow: Any = self.model  # a DistributedFlow: the domain's comm and local lattice
+        return flow.comm.gather_field(x, flow.lat, inner=flow.inner)
 
     def compute_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample this replica's share of the step's batch, backpropagate, sum the gradients
-        over all ranks. Returns ``(local loss share, S, log q)`` (the last two detached)."""
-        n_global = int(self.cfg.batch)
-        first = self.step * n_global + int(self.comm.rank) * self.local_batch
-        x, logq = self.model.sample_counter(self.rng, first, self.local_batch)
-        s = self.action(x)
-        local = (logq + s).sum() / n_global
-        self.opt.zero_grad(set_to_none=False)
-        local.backward()
-        sum_gradients(self.model.parameters(), self._sum_all)
-        return local, s.detach(), logq.detach()
-
-    def train_step(self) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        local, s, logq = self.compute_gradients()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = float(self.cfg.grad_clip)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        lr = self.opt.param_groups[0]["lr"]
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        logw = self._gather(-(s + logq))
-        loss = float(self.comm.sum(local.detach().reshape(1))[0])
-        return {
-            "step": self.step,
-            "loss": loss,
-            "ess": ess(logw.detach().to(torch.float64).cpu(), strict=False),
-            "acceptance": acceptance_estimate(logw),
-            "lr": lr,
-            "time": time.perf_counter() - t0,
-        }
+        """Sample this replica's share of the step's batch (all ``accumulate`` micro-batches),
+        backpropagate, sum the gradients over all ranks. Returns ``(local loss share, S,
+        log q)``, detached."""
+        local, s, logq, _ = self._gradients(self.beta_at(self.step))
+        return local, s, logq

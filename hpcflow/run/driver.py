@@ -327,7 +327,7 @@ def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
     kwargs: dict[str, Any] = {}
     action = getattr(model, "action", None)
     if callable(action):  # SU(N) flows bring their own action on their own variables
-        kwargs["action"] = lambda x: action(x, cfg.action.beta)
+        kwargs["action_at"] = lambda x, beta: action(x, beta)  # any beta: train.beta_schedule
     try:
         return Trainer(model, lat, cfg.action.beta, cfg.train, cfg.output.dir, comm=comm, seed=cfg.seed,
                        dtype=_real_dtype(cfg), progress=cfg.run.progress and comm.is_root, **kwargs)
@@ -337,7 +337,9 @@ def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
 
 def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[Any, int]:
     """Train to ``train.steps``; returns (trainer, exit code). Resume if a checkpoint exists
-    and ``resume`` was asked for; a finished training is not repeated."""
+    and ``resume`` was asked for; a finished training is not repeated. Without a checkpoint
+    to resume, ``train.init_from`` warm-starts the model (a bad source is a config error)."""
+    from hpcflow.flows.train import TrainSetupError
     from hpcflow.signals import StopFlag
 
     tr = _trainer(cfg, model, lat, comm)
@@ -348,6 +350,8 @@ def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[
     try:
         with StopFlag() as flag:
             rows = tr.train(resume=resume and have_ckpt, stop=flag)
+    except TrainSetupError as e:  # train.init_from: missing, unreadable or another architecture
+        raise ConfigError(f"{cfg.source}: {e}") from None
     except ValueError as e:  # checkpoint from another lattice/group/architecture
         raise ConfigError(str(e)) from None
     if tr.stopped:
@@ -359,7 +363,12 @@ def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[
         last = rows[-1]
         print(f"hpcflow train: {tr.step} steps ({len(rows)} this run) in {time.perf_counter() - t0:.1f} s; "
               f"loss {last['loss']:.4f}, batch ESS {last['ess']:.3f}, acceptance estimate "
-              f"{last['acceptance']:.3f}; metrics: {tr.metrics_path}")
+              f"{last['acceptance']:.3f} (beta {last.get('beta', cfg.action.beta):g}, batch "
+              f"{last.get('batch', cfg.train.batch)}); "
+              f"metrics: {tr.metrics_path}")
+        if tr.init_record is not None:
+            print(f"hpcflow train: warm-started from {tr.init_record['path']} "
+                  f"(sha256 {tr.init_record['sha256'][:16]}..., lattice {tr.init_record['lattice']})")
     return tr, EXIT_OK
 
 

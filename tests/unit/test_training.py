@@ -23,6 +23,11 @@ class _Train:
     grad_clip: float = 10.0
     checkpoint_every: int = 2
     log_every: int = 1
+    beta_schedule: object = None
+    init_from: object = None
+    gradient: str = "reparam"
+    accumulate: int = 1
+    diagnostics_every: int = 0
 
 
 def _flow(lat: Lattice, n_layers: int = 4, dtype=torch.float64, seed: int = 0):
@@ -49,7 +54,9 @@ def test_training_lowers_loss_and_raises_ess(tmp_path, backend: str) -> None:
     # the outputs a user looks at
     lines = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 80
-    assert set(json.loads(lines[0])) == {"step", "loss", "ess", "acceptance", "lr", "time"}
+    assert set(json.loads(lines[0])) == {"step", "loss", "ess", "acceptance", "lr", "beta", "batch",
+                                         "time"}
+    assert json.loads(lines[0])["beta"] == 1.5 and json.loads(lines[0])["batch"] == 64
     assert (tmp_path / "train" / "metrics.png").stat().st_size > 1000
 
 
@@ -57,14 +64,21 @@ def _params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+# a beta schedule across the stop: linear 0.4 -> 0.7 over steps 0..2, 0.7 -> 1.0 over 2..5
+SCHEDULE = [[0, 0.4], [2, 0.7], [5, 1.0]]
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["fixed-beta", "beta-schedule"])
 @pytest.mark.parametrize("backend", ["torch", "host"])
 @pytest.mark.parametrize("stop_at", [3, 4])
-def test_resume_continues_bit_for_bit(tmp_path, stop_at: int, backend: str) -> None:
+def test_resume_continues_bit_for_bit(tmp_path, stop_at: int, backend: str, scheduled: bool) -> None:
     """Stop after step 3 or 4 (with checkpoint_every = 2), resume: the weights, optimizer and
     every metric equal those of an uninterrupted run exactly (the host kernels are
-    deterministic: fixed reduction order for a given thread count)."""
+    deterministic: fixed reduction order for a given thread count). With a beta schedule the
+    resumed run continues the schedule (the logged betas are those of the uninterrupted run),
+    and the checkpoint records the final beta."""
     lat = Lattice((4, 4), backend=backend)
-    cfg = _Train()
+    cfg = _Train(beta_schedule=SCHEDULE if scheduled else None)
     full = Trainer(_flow(lat), lat, 1.0, cfg, tmp_path / "a", seed=9, progress=False)
     rows_full = full.train()
     part = Trainer(_flow(lat), lat, 1.0, cfg, tmp_path / "b", seed=9, progress=False)
@@ -79,6 +93,13 @@ def test_resume_continues_bit_for_bit(tmp_path, stop_at: int, backend: str) -> N
     logged = [json.loads(x)["loss"] for x in
               (tmp_path / "b" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [r["loss"] for r in rows_full]
+    betas = [r["beta"] for r in rows_full]
+    if scheduled:
+        assert betas == pytest.approx([0.4, 0.55, 0.7, 0.8, 0.9, 1.0], abs=1e-12)
+    else:
+        assert betas == [1.0] * 6
+    ck = torch.load(tmp_path / "b" / "train" / "checkpoint.pt", weights_only=False)
+    assert ck["meta"]["beta"] == 1.0
 
 
 def test_float32_training(tmp_path) -> None:
