@@ -227,6 +227,8 @@ class FlowUpdate:
 
     @torch.no_grad()
     def _proposal(self, p: int) -> int:
+        from hpcflow.sampling.metropolis import ACCEPT_STEP
+
         first = p - p % self.batch
         if self._buf_first != first:
             x, logq = self.model.sample_counter(self.rng, first, self.batch)
@@ -235,7 +237,10 @@ class FlowUpdate:
             self._buf = {"x": x, "S": S.to(torch.float64), "log_q": logq.to(torch.float64),
                          "log_w": (-S - logq).to(torch.float64),
                          "plaquette": obs["plaquette"].to(torch.float64),
-                         "Q": obs["Q"].to(torch.float64)}
+                         "Q": obs["Q"].to(torch.float64),
+                         # accept uniforms of the batch's proposals in one counter-based draw
+                         # (element p - first equals the draw for index p alone)
+                         "u": self.rng.uniform(torch.arange(first, first + self.batch), ACCEPT_STEP, 1)[:, 0]}
             self._buf_first = first
         return p - first
 
@@ -259,10 +264,10 @@ class FlowUpdate:
 
     @torch.no_grad()
     def advance(self, step: int) -> StepInfo:
-        from hpcflow.sampling.metropolis import ACCEPT_STEP, independence_walk
+        from hpcflow.sampling.metropolis import independence_walk
 
         j = self._proposal(self.p)
-        u = self.rng.uniform(torch.tensor([self.p]), ACCEPT_STEP, 1)[:, 0]
+        u = self._buf["u"][j : j + 1]
         lw0 = -math.inf if self.x is None else self._current_logw()
         _, accepted = independence_walk(self._buf["log_w"][j : j + 1], lw0, u)
         acc = bool(accepted[0])
