@@ -18,6 +18,12 @@ Per (algo, beta, L), with the chains as replicas of one ensemble (Wolff's Gamma 
 * CPU time per step (from the chains' meta.json) and the cost per independent Q sample,
   ``2 tau_int x CPU time per step``; HMC: acceptance, ``eps``, ``n_md``, ``<exp(-dH)>`` (= 1).
 
+Flow chains (bench/topo_flow.py, algorithm names ``flow*``) are read the same way: one step
+is one proposal, so the CPU time per step is the CPU time per proposal (training not
+included: ``training_wall_s`` is reported beside it); their rows add the acceptance (from the
+stored accept flags), the ESS per proposal of the stored proposals' ``log w``, and the model
+(path, sha256, training steps, precision, backend).
+
 Flags: ``short`` where the shortest chain is < 50 tau_int; ``few-tunnel`` where fewer than
 ``--min-tunnel`` (20) tunnelling events occurred in all chains together; ``frozen`` where a
 chain never changed Q; ``no-window`` where the Gamma method found no window. A frozen or
@@ -79,7 +85,8 @@ def analyse_group(algo: str, L: int, beta: float, dirs: list[Path], discard: int
         if q.size < 4:
             continue
         chains.append({"dir": str(d), "q": q, "plaq": plaq, "acc": s.get("acc", None),
-                       "dH": s.get("dH", None), "meta": s["meta"], "state": s["state"], "sl": sl})
+                       "dH": s.get("dH", None), "logw": s.get("logw", None), "meta": s["meta"],
+                       "state": s["state"], "sl": sl})
     if not chains:
         return {"algo": algo, "L": L, "beta": beta, "n_chains": 0}
     qs = [c["q"] for c in chains]
@@ -143,7 +150,28 @@ def analyse_group(algo: str, L: int, beta: float, dirs: list[Path], discard: int
                    eps=m0.get("eps"), n_md=m0.get("n_md"), tau_md=m0.get("tau"))
     if algo == "hb-or":
         row["n_or"] = m0.get("n_or")
+    if is_flow(algo):
+        from hpcflow.analysis.reweighting import ess
+
+        acc = np.concatenate([c["acc"][c["sl"]] for c in chains if c["acc"] is not None])
+        lw = np.concatenate([c["logw"][c["sl"]] for c in chains if c["logw"] is not None])
+        row.update(acceptance=float(acc.mean()) if acc.size else None,
+                   ess_per_proposal=ess(lw, strict=False) if lw.size else None,
+                   cpu_s_per_proposal=cpu_step,
+                   **{k: m0.get(k) for k in ("model", "model_sha256", "training_steps", "training_wall_s",
+                                             "precision", "backend", "batch")})
     return row
+
+
+def is_flow(algo: str) -> bool:
+    """Chains of bench/topo_flow.py (``--name`` flow, flow-<tag>)."""
+    return algo.startswith("flow")
+
+
+def _order(algo: str) -> int:
+    if is_flow(algo):
+        return -1
+    return {a: i for i, a in enumerate(ALGOS)}.get(algo, 99)
 
 
 def _fmt_tau(r: dict) -> str:
@@ -153,7 +181,7 @@ def _fmt_tau(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| algo | L | beta | chains x N | tau_int(Q) | N/tau | Q changes | <Q^2> | exact | pull "
-            "| <cos P> pull (Q-corr) | us/step (CPU) | cost/indep Q [ms] | HMC eps x n (acc) | flags |")
+            "| <cos P> pull (Q-corr) | us/step (CPU) | cost/indep Q [ms] | HMC eps x n (acc); flow acc | flags |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if not r.get("n_chains"):
@@ -161,6 +189,8 @@ def markdown(rows: list[dict]) -> str:
         ge = ">=" if r["tau_Q_lower_bound"] else ""
         hmc = (f"{r['eps']:.4g} x {r['n_md']} ({r['acceptance']:.3f})" if r["algo"].startswith("hmc") and
                r.get("eps") else "")
+        if is_flow(r["algo"]) and r.get("acceptance") is not None:
+            hmc = f"acc {r['acceptance']:.3f}, ESS/N {r['ess_per_proposal']:.3f}"
         lines.append(
             f"| {r['algo']} | {r['L']} | {r['beta']:g} | {r['n_chains']} x {min(r['n_per_chain']):,} | "
             f"{_fmt_tau(r)} | {r['length_over_tau']:.3g} | {r['n_tunnel']} (min {r['n_tunnel_min_chain']}) | "
@@ -182,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = find_chains(args.root)
     if not groups:
         raise SystemExit(f"no chains (state.npz) under {args.root}")
-    order = {a: i for i, a in enumerate(ALGOS)}
     rows = []
-    for (algo, L, beta) in sorted(groups, key=lambda k: (k[1], k[2], order.get(k[0], 99))):
+    for (algo, L, beta) in sorted(groups, key=lambda k: (k[1], k[2], _order(k[0]), k[0])):
         rows.append(analyse_group(algo, L, beta, groups[(algo, L, beta)], args.discard, args.max_steps,
                                   args.min_tunnel))
     print(markdown(rows))
