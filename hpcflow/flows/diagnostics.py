@@ -117,7 +117,8 @@ def u1_diagnostics(
         if tuple(phi.shape[-3:]) != (2, *shp):
             raise ValueError(f"phi must have shape [B, 2, {shp[0]}, {shp[1]}], got {tuple(phi.shape)}")
         with torch.no_grad():
-            q = u1_topological_charge(phi.detach(), _lattice(shp))
+            # float64: a float32 charge sums 2V rounded angles and misses integers by ~1e-6
+            q = u1_topological_charge(phi.detach().to(torch.float64), _lattice(shp))
     qv = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
     qs = as_charges(qv)
     if qs.size != lq.size:

@@ -151,3 +151,13 @@ def test_exact_reference_cached() -> None:
     for _ in range(5):
         assert u1_diagnostics(x, logq, s, beta, (L, L)) == first
     assert exact_u1_reference.cache_info().hits >= 5 and exact_u1_reference.cache_info().misses == 1
+
+
+def test_float32_proposals_at_l16() -> None:
+    """Regression: a float32 batch at 16x16 (the seed-scale training's precision) gave charges
+    0.9999989 in float32 arithmetic and the diagnostics refused them; the charge is now formed
+    in float64 and equals the float64 batch's."""
+    x, logq, s = _flow_batch(16, 2.0, 32)
+    d32 = u1_diagnostics(x.to(torch.float32), logq.to(torch.float32), s.to(torch.float32), 2.0, (16, 16))
+    d64 = u1_diagnostics(x, logq, s, 2.0, (16, 16))
+    assert d32["q_hist"] == d64["q_hist"]
