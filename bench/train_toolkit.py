@@ -9,7 +9,7 @@ Comparisons (one process, runs in sequence on one core; each row is one training
   a flow trained at L = ``--L`` (its training cost reported separately), same fine-tuning steps;
   also the transferred model before any fine-tuning (step 0).
 * ``gradient``: at ``--beta-mid``, ``train.gradient: reparam`` vs ``path`` at equal CPU time
-  (the path run gets the reparam run's CPU seconds: it costs more per step).
+  (the path run gets the reparam run's training seconds: it costs more per step).
 * ``accumulate``: ``batch B, accumulate 4`` vs ``batch 4B``, same steps: the same estimator
   (equal updates on equal samples, tested); what differs is the peak memory, reported.
 
@@ -17,7 +17,7 @@ Evaluation of a trained model (``evaluate``): ``--eval-batch`` proposals in batc
 ``hpcflow.flows.diagnostics.u1_diagnostics`` on all of them: KL gap to the exact -log Z (nats;
 0 for a perfect flow), ESS per proposal, the acceptance estimate of the independence
 Metropolis chain, and the total-variation distance of the proposals' charge histogram from
-the exact sector weights (``q_tv``: mode coverage). CPU seconds are the trainer's step times.
+the exact sector weights (``q_tv``: mode coverage). Training seconds are the trainer's per-step wall times.
 
     OMP_NUM_THREADS=1 python bench/train_toolkit.py --out runs/toolkit --steps 1500
 """
@@ -72,7 +72,7 @@ def train(cfg: dict, name: str, root: Path) -> dict:
     rows = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     cpu = sum(float(r.get("time", 0.0)) for r in rows)
     rss = (out / "bench_maxrss_kib.txt")
-    return {"cpu_s": cpu, "steps": len(rows), "maxrss_mib": int(rss.read_text()) / 1024 if rss.exists() else None}
+    return {"train_s": cpu, "steps": len(rows), "maxrss_mib": int(rss.read_text()) / 1024 if rss.exists() else None}
 
 
 def evaluate(run_dir: Path, n: int, batch: int = 256) -> dict:
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         row("gradient", f"reparam, {S} steps", out / "grad_reparam", c_rep)
         probe = base_config(out / "grad_probe", L, b, 20, args, gradient="path")
         c_probe = train(probe, "grad_probe", out)
-        per_step = c_probe["cpu_s"] / max(1, c_probe["steps"])
-        n_path = max(20, int(c_rep["cpu_s"] / per_step))
+        per_step = c_probe["train_s"] / max(1, c_probe["steps"])
+        n_path = max(20, int(c_rep["train_s"] / per_step))
         path = base_config(out / "grad_path", L, b, n_path, args, gradient="path")
         row("gradient", f"path, {n_path} steps (equal CPU)", out / "grad_path", train(path, "grad_path", out))
     if "accumulate" in args.only:
@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         row("accumulate", f"batch {args.batch} x accumulate 4", out / "acc_4", train(acc, "acc_4", out))
 
     (out / "toolkit.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n| comparison | run | steps | CPU s | KL gap (nats) | ESS | acceptance | Q TV | peak MiB |")
+    print("\n| comparison | run | steps | train s (wall) | KL gap (nats) | ESS | acceptance | Q TV | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mib = f"{r['maxrss_mib']:.0f}" if r.get("maxrss_mib") else "-"
-        print(f"| {r['comparison']} | {r['run']} | {r['steps']} | {r['cpu_s']:.0f} | {r['kl_gap']:.2f} | "
+        print(f"| {r['comparison']} | {r['run']} | {r['steps']} | {r['train_s']:.0f} | {r['kl_gap']:.2f} | "
               f"{r['ess']:.3f} | {r['acceptance']:.3f} | {r['q_tv']:.3f} | {mib} |")
     return 0
 
