@@ -6,7 +6,10 @@ table, flush, fsync, rename) is timed twice in the same run, alternating, median
 ``--repeat``: with the zlib per-site CRC (``crc32_rows``, what hpcflow uses) and with the
 column-vectorised table CRC (``crc32_rows_table``, the implementation before), so the
 before/after ratio is measured on the same disk at the same moment. The checksum alone is
-timed too, to show what is left of the gap to the plain write.
+timed too, to show what is left of the gap to the plain write. The segment digests (sha256
+over the row columns, a BLAKE2b per row, computed at commit) are part of the ensemble write.
+The verified read (``verify_ensemble``: every configuration's SciDAC checksum, the row and
+segment digests) of the same ensemble is timed against a plain read of the same bytes.
 
     python bench/io.py [--shape 8 8 8 8] [--group su3] [--n 8] [--repeat 3] [--dir /tmp/hpcflow-bench]
 """
@@ -22,7 +25,7 @@ from collections.abc import Callable
 
 import hpcflow.io.lime as lime
 from hpcflow.io.checkpoint import load_checkpoint, save_checkpoint
-from hpcflow.io.ensemble import SegmentWriter, field_checksum
+from hpcflow.io.ensemble import SegmentWriter, field_checksum, verify_ensemble
 from hpcflow.lattice import Lattice, get_group, random_field
 from hpcflow.rng import CounterRNG
 
@@ -70,6 +73,29 @@ def main() -> None:
             field_checksum(U, lat)
         return time.perf_counter() - t
 
+    vroot = os.path.join(a.dir, "verify")
+    w = SegmentWriter(vroot, 0, 0, lat, a.n, U.dtype, g.N, {"bench": 1}, fingerprint="bench")
+    for s in range(a.n):
+        w.append(U, {"step": s})
+    w.commit()
+    plain_file = os.path.join(a.dir, "plain-read.bin")
+    with open(plain_file, "wb") as fh:
+        fh.writelines(raw for _ in range(a.n))
+
+    def verified_read(k: int) -> float:
+        t = time.perf_counter()
+        probs = verify_ensemble(vroot)
+        dt = time.perf_counter() - t
+        assert probs == [], probs
+        return dt
+
+    def plain_read(k: int) -> float:  # page-cached like the verified read: compares CPU cost
+        t = time.perf_counter()
+        with open(plain_file, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+        return time.perf_counter() - t
+
     fast, table = lime.crc32_rows, lime.crc32_rows_table
 
     def with_crc(crc: Callable, f: Callable[[int], float]) -> Callable[[int], float]:
@@ -83,7 +109,8 @@ def main() -> None:
 
     cases = {"plain": plain_write, "ensemble": with_crc(fast, ensemble_write),
              "ensemble_before": with_crc(table, ensemble_write), "checksum": with_crc(fast, checksums),
-             "checksum_before": with_crc(table, checksums)}
+             "checksum_before": with_crc(table, checksums), "verified_read": verified_read,
+             "plain_read": plain_read}
     times: dict[str, list[float]] = {k: [] for k in cases}
     ensemble_write(-1)  # warm-up: imports, HDF5 library initialisation
     for k in range(a.repeat):
@@ -110,6 +137,8 @@ def main() -> None:
     print(f"speed-up of the ensemble write    {t['ensemble_before'] / t['ensemble']:.2f}x")
     print(f"checksums alone: now {gbs(t['checksum'])}, before {gbs(t['checksum_before'])} "
           f"({t['checksum'] / t['ensemble']:.0%} of the ensemble write now)")
+    print(f"verified read (verify_ensemble)   {gbs(t['verified_read'])}  plain read (page cache) "
+          f"{gbs(t['plain_read'])}")
     print(f"checkpoint write {t_ck * 1e3:.1f} ms, checkpoint load (resume) {t_res * 1e3:.1f} ms")
     shutil.rmtree(a.dir, ignore_errors=True)
 

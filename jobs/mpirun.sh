@@ -9,6 +9,16 @@ set -uo pipefail
 n="${1:?usage: $0 NRANKS CONFIG.yaml [train|sample|run]}"
 config="${2:?usage: $0 NRANKS CONFIG.yaml [train|sample|run]}"
 cmd="${3:-run}"
+case "$cmd" in
+  train|sample|run) ;;
+  *) printf '%s: the command must be train, sample or run (got %q)\n' "$0" "$cmd" >&2; exit 2 ;;
+esac
+case "$n" in
+  ''|*[!0-9]*) printf '%s: NRANKS must be a positive integer (got %q)\n' "$0" "$n" >&2; exit 2 ;;
+esac
+case "${CHUNK_S:-}" in
+  *[!0-9]*) printf '%s: CHUNK_S must be a number of seconds (got %q)\n' "$0" "$CHUNK_S" >&2; exit 2 ;;
+esac
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 stop=0
 trap 'stop=1' TERM INT

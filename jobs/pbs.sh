@@ -15,6 +15,21 @@ config="${CONFIG:?qsub -v CONFIG=FILE.yaml}"
 cmd="${CMD:-run}"
 walltime_s="${WALLTIME_S:-14400}"   # keep equal to walltime above
 margin_s="${MARGIN_S:-300}"
+case "$cmd" in
+  train|sample|run) ;;
+  *) printf '%s: the command must be train, sample or run (got %q)\n' "$0" "$cmd" >&2; exit 2 ;;
+esac
+# plain digits only: bash arithmetic would evaluate anything else as an expression (and run
+# the command substitutions in it)
+for v in walltime_s margin_s; do
+  case "${!v}" in
+    ''|*[!0-9]*) printf '%s: %s must be a number of seconds (got %q)\n' "$0" "${v^^}" "${!v}" >&2; exit 2 ;;
+  esac
+done
+[ "$walltime_s" -gt "$margin_s" ] || { echo "$0: WALLTIME_S must be larger than MARGIN_S" >&2; exit 2; }
+case "$config" in
+  *,*) printf '%s: CONFIG must not contain a comma (qsub -v cannot pass it on resubmission): %q\n' "$0" "$config" >&2; exit 2 ;;
+esac
 export OMP_NUM_THREADS=1
 resume=()
 [ "${RESUME:-0}" = 1 ] && resume=(--resume)

@@ -14,7 +14,15 @@
 set -uo pipefail
 config="${1:?usage: sbatch $0 CONFIG.yaml [train|sample|run]}"
 cmd="${2:-run}"
+case "$cmd" in
+  train|sample|run) ;;
+  *) printf '%s: the command must be train, sample or run (got %q)\n' "$0" "$cmd" >&2; exit 2 ;;
+esac
 mpi="${HPCFLOW_SRUN_MPI:-pmix}"   # pmix or pmi2
+case "$mpi" in
+  pmix|pmi2|none) ;;
+  *) printf '%s: HPCFLOW_SRUN_MPI must be pmix, pmi2 or none (got %q)\n' "$0" "$mpi" >&2; exit 2 ;;
+esac
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 resume=()
 [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && resume=(--resume)

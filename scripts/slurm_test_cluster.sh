@@ -60,6 +60,14 @@ fi
 
 mkdir -p "$dir"/{run,log,state,spool,munge}
 dir="$(cd "$dir" && pwd)"
+# one cluster per DIR: starting again over live daemons would rewrite slurm.conf (new ports)
+# and the pid files, leaving the old daemons running unstoppable by 'stop'
+for f in "$dir"/run/munged.pid "$dir"/run/slurmctld.pid "$dir"/run/slurmd.pid; do
+  pid="$(cat "$f" 2>/dev/null || true)"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    die "a test cluster is already running in $dir (pid $pid from $f); stop it first: $0 stop $dir"
+  fi
+done
 chmod 700 "$dir/munge"
 
 # ---- munge: a private key and socket ----------------------------------------------------
@@ -133,15 +141,23 @@ slurmctld -f "$SLURM_CONF" 2>>"$dir/log/slurmctld.stderr" \
 slurmd -f "$SLURM_CONF" -N "$node" 2>>"$dir/log/slurmd.stderr" \
   || die "slurmd did not start: $(tail -n 3 "$dir/log/slurmd.log" 2>/dev/null | tr '\n' ' ')"
 
+# wait for the scheduler to report the node idle; the bound is only a safety net (a loaded,
+# fresh machine can take long to start the daemons), a daemon that died fails at once
 state=""
-for _ in $(seq 120); do
+for _ in $(seq 600); do
   state="$(sinfo -h -n "$node" -o %T 2>/dev/null | head -n 1 || true)"
   case "$state" in idle*) break ;; esac
+  for f in slurmctld slurmd; do
+    pid="$(cat "$dir/run/$f.pid" 2>/dev/null || true)"
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+      die "$f (pid $pid) exited while the node came up: $(tail -n 3 "$dir/log/$f.log" 2>/dev/null | tr '\n' ' ')"
+    fi
+  done
   sleep 0.5
 done
 case "$state" in
   idle*) ;;
-  *) die "node ${node} not idle after 60 s (state '${state}'); slurmctld: $(tail -n 3 "$dir/log/slurmctld.log" 2>/dev/null | tr '\n' ' ') slurmd: $(tail -n 3 "$dir/log/slurmd.log" 2>/dev/null | tr '\n' ' ')" ;;
+  *) die "node ${node} not idle after 300 s (state '${state}'); slurmctld: $(tail -n 3 "$dir/log/slurmctld.log" 2>/dev/null | tr '\n' ' ') slurmd: $(tail -n 3 "$dir/log/slurmd.log" 2>/dev/null | tr '\n' ' ')" ;;
 esac
 log "cluster ${cluster} up: node ${node} idle, ctld port ${ctld_port}"
 echo "SLURM_CONF=$SLURM_CONF"

@@ -9,10 +9,14 @@ from hpcflow.io.checkpoint import (
 from hpcflow.io.ensemble import (
     Ensemble,
     EnsembleError,
+    EnsembleIndexError,
     SegmentWriter,
+    UnverifiedSegmentWarning,
+    check_tail,
     ensemble_info,
     export_ildg,
     open_ensemble,
+    verify_ensemble,
 )
 from hpcflow.io.ildg import ILDGError, read_ildg, write_ildg
 
@@ -20,14 +24,18 @@ __all__ = [
     "CheckpointError",
     "Ensemble",
     "EnsembleError",
+    "EnsembleIndexError",
     "ILDGError",
     "SegmentWriter",
+    "UnverifiedSegmentWarning",
     "atomic_write_bytes",
+    "check_tail",
     "ensemble_info",
     "export_ildg",
     "load_checkpoint",
     "open_ensemble",
     "read_ildg",
     "save_checkpoint",
+    "verify_ensemble",
     "write_ildg",
 ]

@@ -3,7 +3,9 @@
 Crash rule (ARCHITECTURE.md): a file is written to a temporary name in the same
 directory, flushed and fsynced, then renamed over its final name and the directory is
 fsynced. POSIX ``rename`` is atomic, so after any stop (SIGKILL, node loss) the final name
-holds either the old or the new complete file, never a torn one.
+holds either the old or the new complete file, never a torn one. The temporary name is
+unpredictable and created exclusively (``O_EXCL | O_NOFOLLOW``), so a symlink planted in
+the folder is never followed, and the committed file is the regular file written here.
 
 Checkpoint layout: ``MAGIC (16 bytes) | sha256 of payload (32) | payload length (8, LE) |
 payload`` where the payload is ``torch.save`` of a dict. Loading checks all three, so a
@@ -14,9 +16,11 @@ restart. A checkpoint carries the *fingerprint* of the configuration that wrote 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import secrets
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
@@ -56,20 +60,49 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write ``data`` (bytes, or a function that writes to a binary file) atomically to ``path``."""
+def _create_temp(d: str, base: str) -> tuple[int, str]:
+    """Create a fresh temporary file next to its target: an unpredictable name opened with
+    ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an existing name, a planted symlink included, is never
+    opened or followed), permissions from the umask like a plain ``open``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(64):
+        tmp = os.path.join(d, f".{base}.tmp.{os.getpid()}.{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", os.path.join(d, base))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None],
+                       overwrite: bool = True) -> None:
+    """Write ``data`` (bytes, or a function that writes to a binary file) atomically to ``path``.
+
+    The temporary file ``.NAME.tmp.PID.RANDOM`` in the target's folder is created exclusively
+    (:func:`_create_temp`), fsynced, then renamed over ``path`` (a symlink at ``path`` is
+    replaced, never followed), and the folder is fsynced. With ``overwrite=False`` the file is
+    published with ``link`` instead, which fails with :class:`FileExistsError` when ``path``
+    exists (no check-then-replace race). An error while creating the temporary file names
+    ``path``.
+    """
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        fd, tmp = _create_temp(d, os.path.basename(path))
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror or str(e), path) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
             if callable(data):
                 data(fh)
             else:
                 fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -77,6 +110,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[BinaryIO
             pass
         raise
     fsync_dir(d)
+
+
+def _publish_new(tmp: str, path: str) -> None:
+    """Give ``tmp`` the name ``path`` only if ``path`` does not exist (then remove ``tmp``)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "File exists; refusing to overwrite", path) from None
+    except OSError as e:  # a file system without hard links: check, then rename
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists; refusing to overwrite", path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

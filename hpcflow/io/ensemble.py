@@ -21,17 +21,44 @@ written under a temporary name, then flushed (``MPI_File_sync``), closed, fsynce
 renamed to ``segNNNNNN.h5``: the rename is the commit. Readers (``hpcflow.io.open_ensemble``)
 list committed segments only, so an analysis job may read the ensemble at any time and
 sees every committed configuration; every committed file opens, because it was complete
-before it got its name. Temporary segments left by a crash are deleted on resume.
+before it got its name. Temporary segments left by a crash are deleted on resume. The
+temporary file is created exclusively (``O_CREAT | O_EXCL``: an existing name, a symlink
+included, is an error, never followed), and only a regular file is renamed into place.
+
+Verified reads (segment format 2). At commit a segment gets three more things:
+
+* ``config_fingerprint`` (attribute): the hash of the configuration that produced it (the
+  chain checkpoint's fingerprint), so a segment copied in from another run is recognised;
+* ``row_digest`` (dataset, one uint64 per row): a keyed 8-byte BLAKE2b of the row's columns
+  (all of :data:`ROW_FIELDS`, the per-configuration checksum included) and its row number;
+* ``digest`` (attribute): ``sha256:`` over a header (chain, segment, row count, fingerprint,
+  ``U`` shape and type) and every row column.
+
+Every reader checks them: the segment digest (and the row digests, to name the row) before
+it uses a row, and the SciDAC checksum of every configuration it returns. Summaries of
+whole chains (:meth:`Ensemble.records`, hence ``hpcflow measure`` and ``ensemble info``)
+check every configuration of the segments they summarise, once per :class:`Ensemble`
+object (``verify="rows"`` skips the configurations that are not returned). A mismatch is
+an :class:`EnsembleError` naming the segment and the row. :func:`verify_ensemble` checks a
+whole ensemble and lists every problem; :func:`check_tail` is the check a resume makes
+before it appends. Segments written before format 2 (no digest) are read with one
+:class:`UnverifiedSegmentWarning` (their configurations are still checked against the
+stored checksums); ``verify_ensemble`` lists them, and ``check_tail`` accepts them with
+the same warning (the chain checkpoint's fingerprint is what ties them to the run).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
+import stat
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,9 +70,14 @@ from hpcflow.lattice.geometry import Comm
 
 __all__ = [
     "ROW_FIELDS",
+    "SEGMENT_FORMAT",
     "Ensemble",
     "EnsembleError",
+    "EnsembleIndexError",
     "SegmentWriter",
+    "UnverifiedSegmentWarning",
+    "array_checksum",
+    "check_tail",
     "committed_segments",
     "ensemble_info",
     "export_ildg",
@@ -53,6 +85,7 @@ __all__ = [
     "open_ensemble",
     "remove_uncommitted",
     "segment_path",
+    "verify_ensemble",
 ]
 
 ROW_FIELDS: dict[str, Any] = {
@@ -66,11 +99,34 @@ ROW_FIELDS: dict[str, Any] = {
     "plaquette": np.float64,
     "checksum": np.uint64,
 }
+SEGMENT_FORMAT = 2  # 2: digest, row_digest and config_fingerprint; 1 (no attribute): none
 _SEG_RE = re.compile(r"^seg(\d{6})\.h5$")
+_ANY_SEG_RE = re.compile(r"^seg(\d+)\.h5$")
+# the packed little-endian row record that the digests hash
+_ROW_DTYPE = np.dtype([(k, np.dtype(dt).newbyteorder("<")) for k, dt in ROW_FIELDS.items()])
+_DIGEST_TAG = b"hpcflow-segment-digest-v1\0"
+_ROW_KEY = b"hpcflow-row-digest-v1"
+# the attributes that say which physics a segment holds: equal in every segment of an ensemble
+_IDENTITY_ATTRS = ("group", "lattice", "action", "beta", "algorithm", "precision", "seed")
+_MSG_MAX = 240  # error messages quote foreign text (h5py errors) at most this long
 
 
 class EnsembleError(ValueError):
     """A missing, unreadable or inconsistent ensemble file (message names the file)."""
+
+
+class EnsembleIndexError(EnsembleError, IndexError):
+    """A configuration index outside the committed range of a chain."""
+
+
+class UnverifiedSegmentWarning(UserWarning):
+    """Segments without a digest (written before segment format 2): rows cannot be verified."""
+
+
+def _short(e: BaseException) -> str:
+    """A foreign exception as one bounded line."""
+    s = " ".join(str(e).split()) or type(e).__name__
+    return s if len(s) <= _MSG_MAX else s[: _MSG_MAX - 3] + "..."
 
 
 def chain_dir(root: str, chain: int) -> str:
@@ -100,7 +156,9 @@ def committed_segments(root: str, chain: int) -> list[str]:
 
 
 def remove_uncommitted(root: str, chain: int) -> list[str]:
-    """Delete temporary (uncommitted) segments of a chain left by a crash; returns them."""
+    """Delete temporary (uncommitted) segments of a chain left by a crash; returns them.
+
+    A symlink planted at a temporary name is removed itself (``unlink`` never follows it)."""
     out = []
     for p in glob.glob(os.path.join(chain_dir(root, chain), ".seg*.h5.tmp")):
         os.unlink(p)
@@ -141,6 +199,54 @@ def field_checksum(U_local: torch.Tensor, lat: Any, comm: Comm | None = None, ra
     return (a << 32) | b
 
 
+_ARANGE: dict[int, np.ndarray] = {}
+
+
+def array_checksum(arr: np.ndarray) -> int:
+    """The stored checksum (:func:`field_checksum`) of one global configuration as read from a
+    segment, ``arr[mu, x_0, ..., x_{Nd-1}, i, j]`` in its storage precision."""
+    nd = arr.ndim - 3
+    if nd < 1:
+        raise ValueError(f"a configuration has shape (Nd, *lattice, N, N), got {arr.shape}")
+    # (x_{Nd-1}, ..., x_0, mu, i, j) in C order: site rank x_0 fastest = position
+    perm = tuple(range(nd, 0, -1)) + (0, nd + 1, nd + 2)
+    be = arr.transpose(perm).astype(arr.dtype.newbyteorder(">"), order="C")
+    n = int(np.prod(arr.shape[1:nd + 1]))
+    ranks = _ARANGE.get(n)
+    if ranks is None:
+        ranks = _ARANGE[n] = np.arange(n, dtype=np.int64)
+    a, b = scidac_checksum(be.view(np.uint8).reshape(n, -1), ranks)
+    return (a << 32) | b
+
+
+# ---- digests ------------------------------------------------------------------------------
+def _packed_rows(cols: Mapping[str, Any], n: int) -> np.ndarray:
+    rec = np.zeros(n, dtype=_ROW_DTYPE)
+    for k in ROW_FIELDS:
+        rec[k] = np.asarray(cols[k])[:n]
+    return rec
+
+
+def _row_digests(rec: np.ndarray) -> np.ndarray:
+    raw = rec.view(np.uint8).reshape(len(rec), _ROW_DTYPE.itemsize) if len(rec) else np.zeros((0, 0), np.uint8)
+    out = np.zeros(len(rec), dtype=np.uint64)
+    for i in range(len(rec)):
+        h = hashlib.blake2b(raw[i].tobytes(), digest_size=8, key=_ROW_KEY, salt=i.to_bytes(16, "little"))
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
+def _segment_digest(chain: int, index: int, fingerprint: str, u_shape: tuple[int, ...], u_dtype: np.dtype,
+                    rec: np.ndarray) -> str:
+    head = (f"chain={int(chain)};segment={int(index)};n_rows={len(rec)};fingerprint={fingerprint};"
+            f"U={tuple(int(s) for s in u_shape)};dtype={np.dtype(u_dtype).str}")
+    h = hashlib.sha256(_DIGEST_TAG)
+    h.update(head.encode())
+    h.update(b"\0")
+    h.update(rec.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def _h5py() -> Any:
     import h5py
 
@@ -150,15 +256,21 @@ def _h5py() -> Any:
 class SegmentWriter:
     """One segment of one chain, written collectively by the ranks of a worker group.
 
-    ``SegmentWriter(root, chain, index, lat, capacity, dtype, n_colors, attrs, comm)``:
-    ``capacity`` rows are allocated (contiguous, for parallel I/O); ``append`` adds a row
-    (collective: every rank passes its local field and the same record); ``commit`` makes
-    it visible atomically; ``abort`` discards it. ``comm`` is a ``LatticeComm`` (its
-    ``.comm`` mpi4py communicator goes to the ``mpio`` driver) or None for one rank.
+    ``SegmentWriter(root, chain, index, lat, capacity, dtype, n_colors, attrs, comm,
+    fingerprint="")``: ``capacity`` rows are allocated (contiguous, for parallel I/O);
+    ``append`` adds a row (collective: every rank passes its local field and the same
+    record); ``commit`` makes it visible atomically; ``abort`` discards it. ``comm`` is a
+    ``LatticeComm`` (its ``.comm`` mpi4py communicator goes to the ``mpio`` driver) or None
+    for one rank. ``fingerprint``: the configuration hash stored as ``config_fingerprint``
+    (also taken from ``attrs["config_fingerprint"]``); :func:`check_tail` compares it.
+
+    The temporary file is created exclusively: an existing ``.segNNNNNN.h5.tmp`` (a crash's
+    leftover, which a resume deletes first, or a planted symlink) is an :class:`EnsembleError`,
+    never opened or followed.
     """
 
     def __init__(self, root: str, chain: int, index: int, lat: Any, capacity: int, dtype: torch.dtype,
-                 n_colors: int, attrs: Mapping[str, Any], comm: Any = None) -> None:
+                 n_colors: int, attrs: Mapping[str, Any], comm: Any = None, fingerprint: str = "") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if dtype not in (torch.complex128, torch.complex64):
@@ -168,6 +280,7 @@ class SegmentWriter:
         self.final = segment_path(root, chain, index)
         self.tmp = _tmp_path(self.final)
         self.capacity = capacity
+        self.fingerprint = str(fingerprint or attrs.get("config_fingerprint", "") or "")
         self.rows: dict[str, list] = {k: [] for k in ROW_FIELDS}
         self.parallel = comm is not None and comm.size > 1
         self.is_root = comm is None or comm.is_root
@@ -175,13 +288,24 @@ class SegmentWriter:
         if self.is_root:
             os.makedirs(chain_dir(root, chain), exist_ok=True)
         self._barrier()
-        if self.parallel:
-            self.f = h5py.File(self.tmp, "w", driver="mpio", comm=comm.comm)
-        else:
-            self.f = h5py.File(self.tmp, "w")
+        # "x": H5F_ACC_EXCL = O_CREAT | O_EXCL (MPI_MODE_EXCL under mpio): an existing name,
+        # a dangling or planted symlink included, fails instead of being truncated or followed
+        try:
+            if self.parallel:
+                self.f = h5py.File(self.tmp, "x", driver="mpio", comm=comm.comm)
+            else:
+                self.f = h5py.File(self.tmp, "x")
+        except (OSError, FileExistsError) as e:
+            if os.path.lexists(self.tmp):
+                raise EnsembleError(
+                    f"{self.tmp}: temporary segment already exists (a symlink or another writer's file); "
+                    "refusing to open it: stop any other run on this directory and remove it "
+                    "(a resume deletes a crash's leftovers)") from None
+            raise EnsembleError(f"{self.tmp}: cannot create the temporary segment ({_short(e)})") from None
         npdt = np.complex128 if dtype == torch.complex128 else np.complex64
         shape = (capacity, lat.nd) + tuple(lat.global_shape) + (n_colors, n_colors)
         self.U = self.f.create_dataset("U", shape=shape, dtype=npdt)
+        self._u_shape, self._u_dtype = shape, np.dtype(npdt)
         for k, v in attrs.items():
             # str subclasses (torch's version string) would become numpy unicode: no HDF5 type
             self.f.attrs[k] = str(v).replace("\0", "") if isinstance(v, str) else v
@@ -222,17 +346,32 @@ class SegmentWriter:
         return self.publish()
 
     def prepare(self) -> None:
-        """Phase 1 (collective): write the row table, flush, close and fsync the temporary file."""
+        """Phase 1 (collective): write the row table and digests, flush, close and fsync the
+        temporary file."""
         n = len(self)
+        cols = {k: np.asarray(self.rows[k], dtype=dt) for k, dt in ROW_FIELDS.items()}
+        digest = rowd = None
+        if self.is_root:  # the rows written are the root's: so are the digests
+            rec = _packed_rows(cols, n)
+            rowd = _row_digests(rec)
+            digest = _segment_digest(self.chain, self.index, self.fingerprint, self._u_shape, self._u_dtype, rec)
+        if self.parallel:  # attributes are written collectively: identical values everywhere
+            digest = self.comm.bcast_object(digest)
         for k, dt in ROW_FIELDS.items():
             ds = self.f.create_dataset(k, shape=(n,), dtype=dt)
             if self.is_root and n:
-                ds[...] = np.asarray(self.rows[k], dtype=dt)
+                ds[...] = cols[k]
+        ds = self.f.create_dataset("row_digest", shape=(n,), dtype=np.uint64)
+        if self.is_root and n:
+            ds[...] = rowd
         self.f.attrs["n_rows"] = n
+        self.f.attrs["config_fingerprint"] = self.fingerprint
+        self.f.attrs["segment_format"] = SEGMENT_FORMAT
+        self.f.attrs["digest"] = digest
         self.f.flush()
         self.f.close()
         if self.is_root:
-            fd = os.open(self.tmp, os.O_RDONLY)
+            fd = os.open(self.tmp, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -241,10 +380,18 @@ class SegmentWriter:
 
     def publish(self) -> str:
         """Phase 2 (collective): the atomic rename that commits the segment."""
+        err: str | None = None
         if self.is_root:
-            os.replace(self.tmp, self.final)
-            fsync_dir(os.path.dirname(self.final))
-        self._barrier()
+            st = os.lstat(self.tmp)
+            if not stat.S_ISREG(st.st_mode):  # only what this writer created gets a final name
+                err = f"{self.tmp}: not a regular file (replaced while it was written); not committed"
+            else:
+                os.replace(self.tmp, self.final)
+                fsync_dir(os.path.dirname(self.final))
+        if self.parallel:
+            err = self.comm.bcast_object(err)
+        if err is not None:
+            raise EnsembleError(err)
         return self.final
 
     def abort(self) -> None:
@@ -252,55 +399,247 @@ class SegmentWriter:
         with contextlib.suppress(Exception):  # already closed or broken: deleting is what matters
             self.f.close()
         self._barrier()
-        if self.is_root and os.path.exists(self.tmp):
+        if self.is_root and os.path.lexists(self.tmp):
             os.unlink(self.tmp)
 
 
+# ---- reading and checking one segment -------------------------------------------------------
 @dataclass
 class _Seg:
     path: str
+    chain: int
+    index: int
     n: int
+    digest: str | None
+    fingerprint: str | None  # None: not recorded (format 1 or a writer without one)
+    identity: dict[str, Any]
+    u_shape: tuple[int, ...]
+    u_dtype: Any
+    stamp: tuple[int, int, int]
+    rows: dict[str, np.ndarray] | None = field(default=None, repr=False)  # verified row columns
 
 
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """h5py/numpy errors inside a segment become one-line :class:`EnsembleError` s naming it."""
+    try:
+        yield
+    except EnsembleError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise EnsembleError(f"{path}: unreadable ensemble segment ({_short(e)}); the file is corrupted") from None
+
+
+def _open(path: str) -> Any:
+    h5py = _h5py()
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise EnsembleError(f"{path}: cannot open ensemble segment ({_short(e)}); the file is truncated "
+                            "or corrupted") from None
+
+
+def _load_meta(path: str, chain: int, index: int) -> _Seg:
+    """Open a committed segment and check its structure (datasets, row count, place)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise EnsembleError(f"{path}: cannot read the segment ({_short(e)})") from None
+    with _open(path) as f, _reading(path):
+        for k in ("U",) + tuple(ROW_FIELDS):
+            if k not in f:
+                raise EnsembleError(f"{path}: no dataset {k!r}; the file is not a complete ensemble segment")
+        a = f.attrs
+        if "n_rows" not in a:
+            raise EnsembleError(f"{path}: no attribute 'n_rows'; the file is not a complete ensemble segment")
+        try:
+            n = int(a["n_rows"])
+        except (TypeError, ValueError):
+            raise EnsembleError(f"{path}: attribute n_rows is not an integer: {_short(ValueError(repr(a['n_rows'])))}") \
+                from None
+        U = f["U"]
+        if U.ndim < 4 or U.dtype.kind != "c":
+            raise EnsembleError(f"{path}: dataset U has shape {U.shape} and type {U.dtype}; expected complex "
+                                "(rows, Nd, *lattice, N, N)")
+        lens = {k: f[k].shape[0] if f[k].ndim == 1 else -1 for k in ROW_FIELDS}
+        if not 0 <= n <= min([U.shape[0], *lens.values()]):
+            raise EnsembleError(f"{path}: n_rows = {n} does not fit the datasets (U has {U.shape[0]} rows, "
+                                f"the row columns {min(lens.values())}); the file is corrupted")
+        digest = _attr(a["digest"]) if "digest" in a else None
+        fp = _attr(a["config_fingerprint"]) if "config_fingerprint" in a else None
+        if digest is not None and not isinstance(digest, str):
+            raise EnsembleError(f"{path}: attribute digest is not a string; the file is corrupted")
+        if digest is not None and "row_digest" not in f:
+            raise EnsembleError(f"{path}: no dataset 'row_digest'; the file is not a complete ensemble segment")
+        for k, want in (("chain", chain), ("segment", index)):
+            if k in a and _attr(a[k]) != want:
+                raise EnsembleError(f"{path}: its attributes say chain {_attr(a.get('chain'))} segment "
+                                    f"{_attr(a.get('segment'))}, but it sits at chain {chain} segment {index}; "
+                                    "the file was copied or renamed from elsewhere")
+        ident = {k: _attr(a[k]) for k in _IDENTITY_ATTRS if k in a}
+        lat = ident.get("lattice")
+        if isinstance(lat, list) and tuple(U.shape[2:2 + len(lat)]) != tuple(lat):
+            raise EnsembleError(f"{path}: dataset U has shape {U.shape}, which does not hold configurations of "
+                                f"the lattice {lat} of its attributes; the file is corrupted")
+        return _Seg(path, chain, index, n, digest, (str(fp) or None) if fp is not None else None, ident,
+                    tuple(U.shape), U.dtype, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def _row_label(seg: _Seg, i: int, steps: np.ndarray | None) -> str:
+    s = f"{seg.path}: row {i}"
+    if steps is not None and i < len(steps):
+        s += f" (step {int(steps[i])})"
+    return s
+
+
+def _row_problems(f: Any, seg: _Seg) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Read the row columns of a segment and check them against its digests."""
+    with _reading(seg.path):
+        cols = {k: np.asarray(f[k][: seg.n]) for k in ROW_FIELDS}
+        if seg.digest is None:
+            return cols, []
+        stored_rows = np.asarray(f["row_digest"][: seg.n])
+        rec = _packed_rows(cols, seg.n)
+    probs: list[str] = []
+    want = _segment_digest(seg.chain, seg.index, seg.fingerprint or "", seg.u_shape, seg.u_dtype, rec)
+    rowd = _row_digests(rec)
+    bad = np.nonzero(rowd != stored_rows)[0] if len(stored_rows) == seg.n else np.arange(seg.n)
+    steps = cols["step"]
+    for i in bad:
+        probs.append(f"{_row_label(seg, int(i), steps)}: the row columns do not match their digest "
+                     "(S, plaquette, step, checksum... were altered)")
+    if want != seg.digest and not probs:
+        probs.append(f"{seg.path}: the segment digest does not match its rows and header (row count, chain, "
+                     "segment number or config fingerprint were altered)")
+    return cols, probs
+
+
+def _config_problems(f: Any, seg: _Seg, cols: Mapping[str, np.ndarray], rows: range,
+                     block_bytes: int = 1 << 26) -> list[str]:
+    """Check the SciDAC checksum of the configurations ``rows`` of a segment."""
+    probs = []
+    per = max(1, block_bytes // max(1, int(np.prod(seg.u_shape[1:])) * np.dtype(seg.u_dtype).itemsize))
+    with _reading(seg.path):
+        U = f["U"]
+        for i0 in range(rows.start, rows.stop, per):
+            i1 = min(rows.stop, i0 + per)
+            block = np.asarray(U[i0:i1])
+            for i in range(i0, i1):
+                got = array_checksum(block[i - i0])
+                want = int(cols["checksum"][i])
+                if got != want:
+                    probs.append(f"{_row_label(seg, i, cols['step'])}: configuration checksum mismatch "
+                                 f"(stored {want:016x}, data {got:016x}): U is corrupted")
+    return probs
+
+
+def _fingerprint_problems(segs: list[_Seg]) -> dict[str, str]:
+    """Segments written by another configuration than most of the ensemble: path -> problem."""
+    fps = Counter(s.fingerprint for s in segs if s.fingerprint is not None)
+    out: dict[str, str] = {}
+    if fps:
+        ref, _ = fps.most_common(1)[0]
+        ref_seg = next(s for s in segs if s.fingerprint == ref)
+        for s in segs:
+            if s.fingerprint is not None and s.fingerprint != ref:
+                out[s.path] = (f"{s.path}: written by another configuration (config fingerprint "
+                               f"{s.fingerprint[:12]}..., the rest of the ensemble {ref[:12]}...{_ident_diff(s, ref_seg)})")
+    ident = Counter(tuple(sorted((k, repr(v)) for k, v in s.identity.items())) for s in segs)
+    if len(ident) > 1:
+        ref_i = dict(ident.most_common(1)[0][0])
+        for s in segs:
+            diff = [k for k, v in s.identity.items() if k in ref_i and repr(v) != ref_i[k]]
+            if diff and s.path not in out:
+                out[s.path] = (f"{s.path}: written by another run ("
+                               + ", ".join(f"{k} {s.identity[k]!r} vs {ref_i[k]}" for k in diff) + ")")
+    return out
+
+
+def _ident_diff(s: _Seg, ref: _Seg) -> str:
+    d = [f"{k} {s.identity[k]!r} vs {ref.identity[k]!r}" for k in s.identity
+         if k in ref.identity and repr(s.identity[k]) != repr(ref.identity[k])]
+    return ("; " + ", ".join(d)) if d else ""
+
+
+# ---- the reader ---------------------------------------------------------------------------
 class Ensemble:
     """Read access to a (possibly growing) ensemble directory: committed segments only.
 
     ``records(chain)``: dict of per-row numpy arrays concatenated over segments;
     ``config(chain, i)``: configuration ``i`` as a torch tensor; ``attrs``: file attributes
     of the first segment; ``refresh()`` rescans for newly committed segments.
+
+    Every read is verified (module docstring): rows against the segment and row digests,
+    returned configurations against their SciDAC checksums. ``verify="all"`` (default) also
+    checks every configuration of the segments that :meth:`records` summarises (once per
+    object); ``verify="rows"`` checks only what is returned. A failed check raises a one-line
+    :class:`EnsembleError` naming the segment and the row.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, verify: str = "all") -> None:
         self.root = os.fspath(root)
+        if verify not in ("all", "rows"):
+            raise ValueError(f"verify must be 'all' or 'rows', got {verify!r}")
+        self.verify = verify
         if not os.path.isdir(self.root):
             raise EnsembleError(f"{self.root}: no such ensemble directory")
+        self._full_ok: set[tuple[str, tuple[int, int, int]]] = set()
+        self._warned: set[str] = set()
         self.refresh()
 
     def refresh(self) -> None:
-        self.chains: list[int] = sorted(
-            int(n[5:]) for n in os.listdir(self.root) if re.fullmatch(r"chain\d{3}", n))
+        try:
+            names = os.listdir(self.root)
+        except OSError as e:
+            raise EnsembleError(f"{self.root}: cannot list the ensemble directory ({_short(e)})") from None
+        self.chains: list[int] = sorted(int(n[5:]) for n in names if re.fullmatch(r"chain\d{3}", n))
+        old = {s.path: s for segs in getattr(self, "_segs", {}).values() for s in segs}
         self._segs: dict[int, list[_Seg]] = {}
         for c in self.chains:
             segs = []
-            for p in committed_segments(self.root, c):
-                with self._open(p) as f:
-                    segs.append(_Seg(p, int(f.attrs["n_rows"])))
+            for k, p in enumerate(committed_segments(self.root, c)):
+                s = _load_meta(p, c, k)
+                prev = old.get(p)
+                if prev is not None and prev.stamp == s.stamp:
+                    s.rows = prev.rows
+                segs.append(s)
             self._segs[c] = segs
+        every = [s for c in self.chains for s in self._segs[c]]
+        foreign = _fingerprint_problems(every)
+        if foreign:
+            first = next(iter(foreign.values()))
+            more = f" (+{len(foreign) - 1} more segments)" if len(foreign) > 1 else ""
+            raise EnsembleError(f"{first}{more}; move it aside or run 'hpcflow ensemble verify {self.root}'")
+        legacy = [s.path for s in every if s.digest is None and s.path not in self._warned]
+        if legacy:
+            self._warned.update(legacy)
+            warnings.warn(f"{legacy[0]}" + (f" and {len(legacy) - 1} more segments" if len(legacy) > 1 else "")
+                          + ": no segment digest (written before segment format 2): row columns cannot be "
+                          "verified; configurations are checked against their stored checksums",
+                          UnverifiedSegmentWarning, stacklevel=2)
 
     @staticmethod
     def _open(path: str) -> Any:
-        h5py = _h5py()
-        try:
-            return h5py.File(path, "r")
-        except OSError as e:
-            raise EnsembleError(f"{path}: cannot open ensemble segment ({e}); the file is corrupted") from None
+        return _open(path)
 
     @property
     def attrs(self) -> dict[str, Any]:
         for c in self.chains:
             if self._segs[c]:
-                with self._open(self._segs[c][0].path) as f:
-                    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+                p = self._segs[c][0].path
+                with self._open(p) as f, _reading(p):
+                    return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+                            for k, v in f.attrs.items()}
         return {}
 
     def n_committed(self, chain: int | None = None) -> int:
@@ -310,52 +649,253 @@ class Ensemble:
     def segments(self, chain: int) -> list[str]:
         return [s.path for s in self._segs.get(chain, [])]
 
+    def _chain(self, chain: int) -> list[_Seg]:
+        if chain not in self._segs:
+            raise EnsembleError(f"{self.root}: no chain {chain}; chains: {self.chains}")
+        return self._segs[chain]
+
+    def _rows(self, f: Any, seg: _Seg) -> dict[str, np.ndarray]:
+        if seg.rows is None:
+            cols, probs = _row_problems(f, seg)
+            _raise_first(probs, self.root)
+            seg.rows = cols
+        return seg.rows
+
+    def _verify_all(self, f: Any, seg: _Seg) -> None:
+        key = (seg.path, seg.stamp)
+        if key not in self._full_ok:
+            _raise_first(_config_problems(f, seg, self._rows(f, seg), range(seg.n)), self.root)
+            self._full_ok.add(key)
+
     def records(self, chain: int | None = None) -> dict[str, np.ndarray]:
         """Per-row fields of one chain (or all chains, concatenated in chain order)."""
         cs = self.chains if chain is None else [chain]
         out: dict[str, list] = {k: [] for k in ROW_FIELDS}
         for c in cs:
-            for s in self._segs.get(c, []):
+            for s in self._chain(c):
                 with self._open(s.path) as f:
-                    for k in ROW_FIELDS:
-                        out[k].append(np.asarray(f[k][: s.n]))
+                    rows = self._rows(f, s)
+                    if self.verify == "all":
+                        self._verify_all(f, s)
+                for k in ROW_FIELDS:
+                    out[k].append(rows[k])
         return {k: (np.concatenate(v) if v else np.zeros(0, dtype=ROW_FIELDS[k])) for k, v in out.items()}
 
-    def iter_configs(self, chain: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(step, U)`` for every committed configuration of a chain, in order."""
-        for s in self._segs.get(chain, []):
-            with self._open(s.path) as f:
-                steps = np.asarray(f["step"][: s.n])
-                for i in range(s.n):
-                    yield int(steps[i]), torch.from_numpy(np.asarray(f["U"][i]))
+    def _read_config(self, f: Any, seg: _Seg, i: int) -> torch.Tensor:
+        rows = self._rows(f, seg)
+        with _reading(seg.path):
+            arr = np.asarray(f["U"][i])
+        got, want = array_checksum(arr), int(rows["checksum"][i])
+        if got != want:
+            raise EnsembleError(f"{_row_label(seg, i, rows['step'])}: configuration checksum mismatch "
+                                f"(stored {want:016x}, data {got:016x}): U is corrupted")
+        return torch.from_numpy(arr)
 
-    def config(self, chain: int, index: int) -> torch.Tensor:
-        """Configuration number ``index`` (0-based, negative from the end) of a chain."""
-        n = self.n_committed(chain)
+    def iter_configs(self, chain: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(step, U)`` for every committed configuration of a chain, in order (each verified)."""
+        for s in self._chain(chain):
+            with self._open(s.path) as f:
+                steps = self._rows(f, s)["step"]
+                for i in range(s.n):
+                    yield int(steps[i]), self._read_config(f, s, i)
+
+    def locate(self, chain: int, index: int) -> tuple[str, int]:
+        """``(segment path, row)`` of configuration ``index`` (negative from the end) of a chain."""
+        segs = self._chain(chain)
+        n = sum(s.n for s in segs)
         if not -n <= index < n:
-            raise IndexError(f"index {index} out of range: chain {chain} has {n} committed configurations")
+            raise EnsembleIndexError(f"{self.root}: index {index} out of range: chain {chain} has {n} committed "
+                                     f"configurations (allowed {-n}..{n - 1})" if n else
+                                     f"{self.root}: index {index} out of range: chain {chain} has no committed "
+                                     "configurations")
         index %= n
-        for s in self._segs[chain]:
+        for s in segs:
             if index < s.n:
-                with self._open(s.path) as f:
-                    return torch.from_numpy(np.asarray(f["U"][index]))
+                return s.path, index
             index -= s.n
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def config(self, chain: int, index: int) -> torch.Tensor:
+        """Configuration number ``index`` (0-based, negative from the end) of a chain, verified."""
+        path, i = self.locate(chain, index)
+        s = next(s for s in self._segs[chain] if s.path == path)
+        with self._open(path) as f:
+            return self._read_config(f, s, i)
 
-def open_ensemble(root: str | os.PathLike) -> Ensemble:
+    def row(self, chain: int, index: int) -> dict[str, Any]:
+        """The (verified) row of configuration ``index`` of a chain."""
+        path, i = self.locate(chain, index)
+        s = next(s for s in self._segs[chain] if s.path == path)
+        with self._open(path) as f:
+            rows = self._rows(f, s)
+        return {k: rows[k][i].item() for k in ROW_FIELDS}
+
+
+def _raise_first(probs: list[str], root: str) -> None:
+    if probs:
+        more = f" (+{len(probs) - 1} more problems; run 'hpcflow ensemble verify {root}')" if len(probs) > 1 else ""
+        raise EnsembleError(probs[0] + more)
+
+
+def open_ensemble(root: str | os.PathLike, verify: str = "all") -> Ensemble:
     """Open an ensemble directory for reading (see :class:`Ensemble`)."""
-    return Ensemble(os.fspath(root))
+    return Ensemble(os.fspath(root), verify=verify)
 
 
+# ---- whole-ensemble checks ----------------------------------------------------------------
+def _chain_dirs(root: str) -> list[int]:
+    return sorted(int(n[5:]) for n in os.listdir(root) if re.fullmatch(r"chain\d{3}", n))
+
+
+def verify_ensemble(root: str | os.PathLike) -> list[str]:
+    """Check everything in an ensemble directory; one line per problem (empty list: all good).
+
+    Per chain: segment files in sequence, regular files, each opens and has the datasets of a
+    segment, its chain/segment attributes match its place, its config fingerprint and physics
+    attributes match the rest of the ensemble, its rows match the segment digest and the row
+    digests (a mismatch names the row), every configuration matches its SciDAC checksum
+    (names the row and step), the ``chain`` column is the chain and steps increase. Segments
+    without a digest (format 1) are listed once each. Reads every configuration once.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return [f"{root}: no such ensemble directory"]
+    probs: list[str] = []
+    metas: list[_Seg] = []
+    try:
+        chains = _chain_dirs(root)
+    except OSError as e:
+        return [f"{root}: cannot list the ensemble directory ({_short(e)})"]
+    per_chain: dict[int, list[_Seg]] = {}
+    for c in chains:
+        d = chain_dir(root, c)
+        try:
+            names = sorted(n for n in os.listdir(d) if _ANY_SEG_RE.match(n))
+        except OSError as e:
+            probs.append(f"{d}: cannot list ({_short(e)})")
+            continue
+        per_chain[c] = []
+        for k, n in enumerate(names):
+            p = os.path.join(d, n)
+            m = _SEG_RE.match(n)
+            if m is None or int(m.group(1)) != k:
+                probs.append(f"{p}: segment out of sequence (expected seg{k:06d}.h5 here); readers and resume "
+                             "refuse the chain: move it aside")
+                continue
+            if os.path.islink(p) or not os.path.isfile(p):
+                probs.append(f"{p}: not a regular file (committed segments are regular files)")
+                continue
+            try:
+                s = _load_meta(p, c, k)
+            except EnsembleError as e:
+                probs.append(str(e))
+                continue
+            metas.append(s)
+            per_chain[c].append(s)
+    foreign = _fingerprint_problems(metas)
+    for c in chains:
+        last_step: int | None = None
+        for s in per_chain.get(c, []):
+            if s.path in foreign:
+                probs.append(foreign[s.path])
+            if s.digest is None:
+                probs.append(f"{s.path}: no segment digest (written before segment format 2): its row columns "
+                             "cannot be verified")
+            try:
+                with _open(s.path) as f:
+                    cols, rp = _row_problems(f, s)
+                    probs.extend(rp)
+                    probs.extend(_config_problems(f, s, cols, range(s.n)))
+            except EnsembleError as e:
+                probs.append(str(e))
+                continue
+            bad_chain = np.nonzero(cols["chain"] != c)[0]
+            for i in bad_chain[:1]:
+                probs.append(f"{_row_label(s, int(i), cols['step'])}: chain column says {int(cols['chain'][i])}, "
+                             f"the segment belongs to chain {c}")
+            steps = cols["step"].astype(np.int64)
+            for i in range(s.n):
+                if last_step is not None and steps[i] <= last_step:
+                    probs.append(f"{_row_label(s, i, steps)}: step does not increase (previous row: step {last_step})")
+                last_step = int(steps[i])
+    return probs
+
+
+def check_tail(root: str | os.PathLike, chain: int, fingerprint: str, n_segments: int | None = None,
+               n_rows: int | None = None, checkpoint: str | None = None) -> None:
+    """Refuse to append to a chain whose committed segments a resume cannot continue.
+
+    Checks every committed segment of ``chain`` (opens, structure, place, row and segment
+    digests, ``config_fingerprint == fingerprint``) and every configuration of the last
+    segment (SciDAC checksums); with ``n_segments``/``n_rows`` (from the chain checkpoint),
+    the segment and row counts. Raises :class:`EnsembleError` with one line that names the
+    segment (and row) and says what to move aside (``checkpoint``: the chain checkpoint's
+    path, named in the advice). Read-only: a killed check changes nothing.
+    """
+    root = os.fspath(root)
+    cdir = chain_dir(root, chain)
+    aside = f"{cdir} and {checkpoint}" if checkpoint else f"{cdir} and the chain's checkpoint"
+
+    def refuse(msg: str, restore: bool = True) -> EnsembleError:
+        fix = "restore the file from a backup, or " if restore else ""
+        return EnsembleError(f"{msg}; refusing to resume chain {chain} after it: {fix}move {aside} aside "
+                             "to start the chain again")
+
+    try:
+        segs = committed_segments(root, chain)
+    except EnsembleError as e:
+        raise refuse(str(e), restore=False) from None
+    if n_segments is not None and n_segments != len(segs):
+        raise refuse(f"{cdir}: the checkpoint expects {n_segments} committed segments, found {len(segs)}",
+                     restore=len(segs) < n_segments)
+    total = 0
+    legacy: list[str] = []
+    for k, p in enumerate(segs):
+        if os.path.islink(p) or not os.path.isfile(p):
+            raise refuse(f"{p}: not a regular file (committed segments are regular files)")
+        try:
+            s = _load_meta(p, chain, k)
+        except EnsembleError as e:
+            raise refuse(str(e)) from None
+        if s.fingerprint is None:  # format 1, or a writer that recorded none: cannot be attributed
+            legacy.append(p)
+        elif s.fingerprint != fingerprint:
+            raise refuse(f"{p}: written by another configuration (config fingerprint {s.fingerprint[:12]}..., "
+                         f"this run {fingerprint[:12]}...{_ident_str(s)})")
+        try:
+            with _open(p) as f:
+                cols, probs = _row_problems(f, s)
+                if not probs and k == len(segs) - 1:
+                    probs = _config_problems(f, s, cols, range(s.n))
+        except EnsembleError as e:
+            raise refuse(str(e)) from None
+        if probs:
+            raise refuse(probs[0])
+        total += s.n
+    if n_rows is not None and n_rows != total:
+        raise refuse(f"{cdir}: the checkpoint expects {n_rows} committed configurations, the segments hold {total}")
+    if legacy:  # format 1: accepted (the chain checkpoint's fingerprint matched), with one warning
+        warnings.warn(f"{legacy[0]}" + (f" and {len(legacy) - 1} more segments" if len(legacy) > 1 else "")
+                      + ": no config fingerprint recorded (written before segment format 2, or without "
+                      "one): resuming on the chain checkpoint's fingerprint alone", UnverifiedSegmentWarning,
+                      stacklevel=2)
+
+
+def _ident_str(s: _Seg) -> str:
+    return "; its " + ", ".join(f"{k} {v!r}" for k, v in s.identity.items()) if s.identity else ""
+
+
+# ---- summaries and export -----------------------------------------------------------------
 def ensemble_info(root: str | os.PathLike) -> str:
-    """Human-readable summary (``hpcflow ensemble info``): provenance, chains, counts, acceptance."""
+    """Human-readable summary (``hpcflow ensemble info``): provenance, chains, counts, acceptance.
+
+    Reads through the verified reader: every configuration is checked on the way."""
     ens = open_ensemble(root)
     a = ens.attrs
     lines = [f"ensemble {ens.root}"]
     for k in ("group", "lattice", "action", "beta", "algorithm", "precision", "seed", "n_chains",
               "hpcflow_version", "git_commit", "torch_version", "h5py_version", "hdf5_version",
-              "mpi_version", "model_sha256"):
+              "mpi_version", "model_sha256", "config_fingerprint"):
         if k in a:
             v = a[k]
             lines.append(f"  {k:<16} {v.tolist() if isinstance(v, np.ndarray) else v}")
@@ -368,21 +908,43 @@ def ensemble_info(root: str | os.PathLike) -> str:
                          f"<plaquette> {float(r['plaquette'].mean()):.6f}")
         else:
             lines.append(f"  chain {c:3d}: no committed configurations")
+    lines.append(f"  verified: {ens.n_committed()} configurations (SciDAC checksums, segment digests)")
     return "\n".join(lines)
 
 
 def export_ildg(root: str | os.PathLike, out: str | os.PathLike, index: int = -1, chain: int = 0,
                 overwrite: bool = False) -> tuple[int, int]:
-    """Write configuration ``index`` of ``chain`` (4D SU(3)) as an ILDG/LIME file (``hpcflow export``)."""
+    """Write configuration ``index`` of ``chain`` (4D SU(3)) as an ILDG/LIME file (``hpcflow export``).
+
+    The configuration is verified (checksum, digests) before it is written; a non-SU(3) or
+    non-4D ensemble, an index out of range or an existing ``out`` (without ``overwrite``) is a
+    one-line :class:`EnsembleError`; ``out`` is never replaced unless ``overwrite``."""
     from hpcflow.io.ildg import write_ildg
 
-    ens = open_ensemble(root)
-    if chain not in ens.chains:
-        raise EnsembleError(f"{ens.root}: no chain {chain}; chains: {ens.chains}")
+    out = os.fspath(out)
+    ens = open_ensemble(root, verify="rows")
+    segs = ens._chain(chain)
+    if segs:
+        shape = segs[0].u_shape[1:]
+        if len(shape) != 7 or shape[0] != 4 or shape[-2:] != (3, 3):
+            a = segs[0].identity
+            raise EnsembleError(f"{ens.root}: chain {chain} holds {a.get('group', '?')} configurations of shape "
+                                f"{tuple(shape)}; ILDG export supports 4D SU(3) only (shape (4, Lx, Ly, Lz, Lt, 3, 3))")
+    path, i = ens.locate(chain, index)
+    if os.path.lexists(out) and not overwrite:
+        raise EnsembleError(f"{out}: exists; refusing to overwrite (--overwrite / overwrite=True replaces it)")
+    d = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(d):
+        raise EnsembleError(f"{out}: no such directory {d}")
     U = ens.config(chain, index)
-    r = ens.records(chain)
+    r = ens.row(chain, index)
     a = ens.attrs
-    i = index % len(r["step"])
-    info = {"beta": a.get("beta"), "step": int(r["step"][i]), "chain": chain, "plaquette": float(r["plaquette"][i]),
+    info = {"beta": a.get("beta"), "step": int(r["step"]), "chain": chain, "plaquette": float(r["plaquette"]),
             "seed": a.get("seed"), "algorithm": a.get("algorithm"), "hpcflow_version": a.get("hpcflow_version")}
-    return write_ildg(out, U.to(torch.complex128), info=info, overwrite=overwrite)
+    try:
+        return write_ildg(out, U.to(torch.complex128), info=info, overwrite=overwrite)
+    except FileExistsError:
+        raise EnsembleError(f"{out}: exists; refusing to overwrite (--overwrite / overwrite=True replaces it)") \
+            from None
+    except IsADirectoryError:
+        raise EnsembleError(f"{out}: is a directory") from None

@@ -35,7 +35,7 @@ from hpcflow.io.lime import (
     write_lime,
 )
 
-__all__ = ["ILDGError", "ildg_checksum", "ildg_site_array", "read_ildg", "write_ildg"]
+__all__ = ["UNITARITY_TOL", "ILDGError", "check_links", "ildg_checksum", "ildg_site_array", "read_ildg", "write_ildg"]
 
 _NS = "http://www.lqcd.org/ildg"
 
@@ -101,7 +101,7 @@ def write_ildg(
     replaced unless ``overwrite``.
     """
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path}: exists; refusing to overwrite (pass overwrite=True)")
     arr = ildg_site_array(U, precision)
     lt, lz, ly, lx = arr.shape[:4]
@@ -137,7 +137,7 @@ def write_ildg(
         # message 1: file metadata; message 2: the configuration record (QIO layout)
         write_lime(fh, records, messages=[2, 5])
 
-    atomic_write_bytes(path, fill)
+    atomic_write_bytes(path, fill, overwrite=overwrite)  # never replaces a file created meanwhile
     return suma, sumb
 
 
@@ -149,13 +149,49 @@ def _xml_fields(path: str, payload: bytes, record: str) -> dict[str, str]:
     return {el.tag.split("}", 1)[-1]: (el.text or "").strip() for el in root}
 
 
+# what "unitary" means on import: max |U U^dag - 1| and |det U - 1| over all links, per
+# precision of the file (float64 rounding of a reunitarised link is ~1e-15; float32 ~1e-7)
+UNITARITY_TOL = {64: 1e-9, 32: 1e-5}
+
+
+def check_links(path: str, arr: np.ndarray, precision: int) -> None:
+    """Refuse non-finite values and links that are not SU(3) within :data:`UNITARITY_TOL`.
+
+    ``arr``: the ILDG site array ``(Lt, Lz, Ly, Lx, 4, 3, 3)``; one-line :class:`ILDGError`
+    naming the first bad link as (x, y, z, t; mu)."""
+    def where(flat: int) -> str:
+        t, z, y, x, mu = np.unravel_index(flat, arr.shape[:5])
+        return f"link (x={x}, y={y}, z={z}, t={t}; mu={mu})"
+
+    links = arr.reshape(-1, 3, 3)
+    finite = np.isfinite(links.real) & np.isfinite(links.imag)
+    if not finite.all():
+        bad = ~finite.all(axis=(1, 2))
+        raise ILDGError(f"{path}: {int(bad.sum())} links hold non-finite values (NaN or inf), first at "
+                        f"{where(int(np.argmax(bad)))}; not a gauge configuration")
+    tol = UNITARITY_TOL[precision]
+    m = links.astype(np.complex128)
+    dev = np.abs(m @ np.conj(np.swapaxes(m, -1, -2)) - np.eye(3)).max(axis=(1, 2))
+    i = int(np.argmax(dev))
+    if dev[i] > tol:
+        raise ILDGError(f"{path}: {int((dev > tol).sum())} links are not unitary: max |U U^dag - 1| = "
+                        f"{dev[i]:.3g} at {where(i)}; allowed <= {tol:g} at precision {precision}")
+    ddev = np.abs(np.linalg.det(m) - 1.0)
+    i = int(np.argmax(ddev))
+    if ddev[i] > tol:
+        raise ILDGError(f"{path}: {int((ddev > tol).sum())} links are not in SU(3): max |det U - 1| = "
+                        f"{ddev[i]:.3g} at {where(i)}; allowed <= {tol:g} at precision {precision}")
+
+
 def read_ildg(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read an ILDG gauge configuration (any code that follows the spec).
 
     Returns ``(U, meta)`` with ``U`` complex128 of shape (4, Lx, Ly, Lz, Lt, 3, 3) and
     ``meta`` holding ``dims``, ``precision``, ``lfn``, ``checksum`` (``(suma, sumb)`` from the
-    file, or None) and ``info`` (hpcflow's ``scidac-file-xml`` fields, if present). With
-    ``verify``, a stored SciDAC checksum must match the data (else :class:`ILDGError`).
+    file, or None) and ``info`` (hpcflow's ``scidac-file-xml`` fields, if present). Extents
+    must be positive. With ``verify`` (what ``hpcflow import`` does), a stored SciDAC
+    checksum must match the data and every link must be finite and in SU(3) within
+    :data:`UNITARITY_TOL` (:func:`check_links`); each failure is a one-line :class:`ILDGError`.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -180,6 +216,9 @@ def read_ildg(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tenso
         raise ILDGError(f"{path}: ildg-format field {fmt.get('field')!r}; only su3gauge is supported")
     if precision not in (32, 64):
         raise ILDGError(f"{path}: ildg-format precision {precision}; allowed: 32 or 64")
+    if any(n < 1 for n in dims):
+        raise ILDGError(f"{path}: ildg-format extents lx={dims[0]} ly={dims[1]} lz={dims[2]} lt={dims[3]}; "
+                        "allowed: positive integers")
     lx, ly, lz, lt = dims
     item = 16 if precision == 64 else 8
     expect = lx * ly * lz * lt * 4 * 9 * item
@@ -201,6 +240,8 @@ def read_ildg(path: str | os.PathLike, verify: bool = True) -> tuple[torch.Tenso
             if got != checksum:
                 raise ILDGError(f"{path}: SciDAC checksum mismatch: file says suma={checksum[0]:x} "
                                 f"sumb={checksum[1]:x}, data gives suma={got[0]:x} sumb={got[1]:x}")
+    if verify:
+        check_links(path, arr, precision)
     lfn = None
     if "ildg-data-lfn" in by_type:
         lfn = read_lime_payload(path, by_type["ildg-data-lfn"]).rstrip(b"\0").decode("utf-8", "replace").strip()

@@ -1,19 +1,30 @@
 """``hpcflow`` command line: a thin argparse front; every sub-command calls one library function.
 
-Exit status: 0 success; 2 bad input (config, arguments, files), with one line on stderr;
-3 stopped by a signal with a checkpoint written (resumable: rerun the same command).
+Exit status (``hpcflow.exit_codes``): 0 success; 1 ``ensemble verify`` found problems, or an
+internal error (a bug: traceback); 2 bad input (config, arguments, files, an output.dir locked
+by another process or holding results), with one line on stderr; 3 stopped by a signal with a
+checkpoint written (resumable: rerun the same command).
+
+Under MPI (``mpirun``/``srun`` of ``run``, ``train``, ``sample``) an error is printed once, by
+rank 0, and every rank exits with the same code (``hpcflow.run.world.settle_error``); a rank
+that fails alone prints its own line and aborts the job instead of leaving it hanging.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from collections.abc import Callable, Sequence
 
-from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RESUMABLE
+from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_RESUMABLE
 
-__all__ = ["main", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_RESUMABLE"]
+__all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_RESUMABLE", "EXIT_INTERNAL"]
+
+# commands that may run under mpirun/srun on several ranks
+_MPI_COMMANDS = ("run", "train", "sample")
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -33,11 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the configured chain (train first for flow/mixed) and summarise")
     _add_config_args(r)
-    r.add_argument("--resume", action="store_true", help="continue from the checkpoints in output.dir")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoints in output.dir")
+    g.add_argument("--fresh", action="store_true",
+                   help="move earlier results in output.dir aside (previous-<time>/) and start over")
 
     t = sub.add_parser("train", help="train the configured flow")
     _add_config_args(t)
-    t.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    g.add_argument("--fresh", action="store_true",
+                   help="move the trained model (and what was sampled with it) aside and start over")
 
     s = sub.add_parser("sample", help="production sampling: worker chains into HDF5 ensembles, "
                        "checkpoints, resume")
@@ -45,13 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
                    help="require a checkpoint and continue from it (default: continue if one exists)")
-    g.add_argument("--fresh", dest="resume", action="store_const", const=False,
-                   help="start new chains; refuse to touch an existing ensemble")
+    g.add_argument("--fresh", action="store_true",
+                   help="move an existing ensemble and its chain checkpoints aside "
+                   "(previous-<time>/) and start new chains")
 
     en = sub.add_parser("ensemble", help="inspect a stored ensemble")
     en_sub = en.add_subparsers(dest="ensemble_command", metavar="ACTION")
     en_info = en_sub.add_parser("info", help="lattice, chains, committed configurations, provenance")
     en_info.add_argument("path", help="ensemble directory (<output.dir>/ensemble)")
+    en_verify = en_sub.add_parser("verify", help="check every segment, row and configuration "
+                                  "(checksums, digests); exit 1 naming each problem")
+    en_verify.add_argument("path", help="ensemble directory (<output.dir>/ensemble)")
 
     m = sub.add_parser("measure", help="observables of the stored chain states with Gamma-method "
                        "errors (strict JSON) from an ensemble")
@@ -93,14 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(msg: str) -> int:
     print(f"hpcflow: {msg}", file=sys.stderr)
     return EXIT_BAD_INPUT
-
-
-def _data_errors() -> tuple[type[BaseException], ...]:
-    """Errors about bad files (ensembles, checkpoints, ILDG): reported in one line, exit 2."""
-    from hpcflow.io import CheckpointError, EnsembleError, ILDGError
-    from hpcflow.io.lime import LimeError
-
-    return (CheckpointError, EnsembleError, ILDGError, LimeError)
 
 
 # ---- one function per sub-command: (parsed arguments) -> exit status -----------------------
@@ -157,10 +170,21 @@ def _cmd_exact(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
+    if args.ensemble_command == "verify":
+        from hpcflow.io.ensemble import verify_ensemble
+
+        problems = verify_ensemble(args.path)
+        for line in problems:
+            print(line)
+        if problems:
+            print(f"hpcflow: {args.path}: {len(problems)} problem(s) found", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{args.path}: ok")
+        return EXIT_OK
+    if args.ensemble_command != "info":
+        return _fail("ensemble: expected an action: info, verify")
     from hpcflow.io import ensemble_info
 
-    if args.ensemble_command != "info":
-        return _fail("ensemble: expected an action: info")
     print(ensemble_info(args.path))
     return EXIT_OK
 
@@ -186,21 +210,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from hpcflow.config import load_config
     from hpcflow.run.sample import sample
 
-    return sample(load_config(args.config, args.overrides), resume=args.resume)
+    return sample(load_config(args.config, args.overrides), resume=args.resume, fresh=args.fresh)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from hpcflow.config import load_config
     from hpcflow.run.driver import run
 
-    return run(load_config(args.config, args.overrides), resume=args.resume).exit_code
+    return run(load_config(args.config, args.overrides), resume=args.resume, fresh=args.fresh).exit_code
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from hpcflow.config import load_config
     from hpcflow.run.driver import train
 
-    return train(load_config(args.config, args.overrides), resume=args.resume).exit_code
+    return train(load_config(args.config, args.overrides), resume=args.resume, fresh=args.fresh).exit_code
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -218,8 +242,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``hpcflow COMMAND ...``: parse, call the command's function, turn bad input into one line and exit 2."""
-    from hpcflow.config import ConfigError
+    """``hpcflow COMMAND ...``: parse, call the command's function, turn bad input into one line
+    and exit 2 (under MPI: printed by rank 0 only, the same exit code on every rank)."""
+    from hpcflow.run.world import launched_rank, run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["campaign"]:  # its own parser (hpcflow.run.campaign), options included
@@ -227,26 +252,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return campaign_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    quiet = launched_rank() > 0  # argparse output (usage, errors, help) from rank 0 only
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext(), \
+            contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        if not quiet:
+            parser.print_help()
         return EXIT_BAD_INPUT
     command = _COMMANDS.get(args.command)
     if command is None:
         parser.error(f"unknown command {args.command}")
-    try:
-        return command(args)
-    except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except _data_errors() as e:
-        return _fail(str(e))
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        return _fail(f"{e.filename}: {e.strerror}")
-    except BrokenPipeError:  # output piped into head & co.
-        return EXIT_OK
-    except KeyboardInterrupt:
-        print("hpcflow: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(lambda: command(args), mpi=args.command in _MPI_COMMANDS)
 
 
 if __name__ == "__main__":  # pragma: no cover

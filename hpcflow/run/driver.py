@@ -9,6 +9,7 @@ number of measurements and the exact value where one is known.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ from hpcflow.dtypes import precision_dtypes
 from hpcflow.exit_codes import EXIT_OK, EXIT_RESUMABLE
 from hpcflow.flows.build import build_model
 from hpcflow.lattice.geometry import Comm, Lattice
+from hpcflow.sampling.chain import HistorySink
 
 __all__ = ["RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
 
@@ -39,7 +41,9 @@ class RunResult:
 
 
 def make_comm(cfg: Config) -> Comm:
-    """The lattice communicator: MPI when launched with several ranks, else serial."""
+    """The lattice communicator: MPI when launched with several ranks, else serial. A process
+    grid that does not fit the number of ranks (or the lattice) is a one-line ``ConfigError``
+    on every rank (the grid is checked on every rank before any collective call)."""
     from hpcflow.lattice.geometry import SerialComm
 
     try:
@@ -50,7 +54,10 @@ def make_comm(cfg: Config) -> Comm:
         return SerialComm()
     from hpcflow.comm import LatticeComm
 
-    return LatticeComm.from_config(cfg)
+    try:
+        return LatticeComm.from_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: key 'grid': {e}") from None
 
 
 def make_lattice(cfg: Config, comm: Comm) -> Lattice:
@@ -159,14 +166,33 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def _prepare_output(cfg: Config, comm: Any) -> str:
+    """``output.dir`` (made by the lock of :func:`hpcflow.run.outdir.output_dir`; again here for
+    library calls without it). ``config.yaml`` is written by :func:`_write_config` once the
+    run has checked its checkpoints, so a refused resume changes no file."""
     out = cfg.output.dir
     if comm.is_root:
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"{cfg.source}: key 'output.dir': cannot create {out!r} ({e.strerror})") from None
-        _atomic_write_text(os.path.join(out, "config.yaml"), to_yaml(cfg))
     return out
+
+
+def _write_config(cfg: Config, writer: bool) -> None:
+    """``<output.dir>/config.yaml``: the resolved configuration of the run (root rank)."""
+    if writer:
+        _atomic_write_text(os.path.join(cfg.output.dir, "config.yaml"), to_yaml(cfg))
+
+
+def _stop_scope(stop: Any) -> tuple[Any, Any]:
+    """``(flag, context)``: the caller's stop flag (its handlers are installed already: a
+    ``StopFlag`` must not be entered twice) or a new ``StopFlag`` to enter."""
+    from hpcflow.signals import StopFlag
+
+    if stop is not None:
+        return stop, contextlib.nullcontext(stop)
+    flag = StopFlag()
+    return flag, flag
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
@@ -210,24 +236,40 @@ class _ProgressBar:
             self.bar.close()
 
 
+class _RunSink(HistorySink):
+    """The history sink of ``hpcflow run``; writes ``config.yaml`` once the checkpoint has been
+    checked (``recover``), so that a refused resume leaves every file as it was."""
+
+    def __init__(self, cfg: Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cfg = cfg
+
+    def recover(self, resume: bool | None) -> dict[str, Any] | None:
+        st = super().recover(resume)
+        _write_config(self._cfg, self.writer)
+        return st
+
+
 def run_chain(cfg: Config, comm: Any, lat: Any, out: str, resume: bool, model: Any = None,
-              control: Any = None, writer: bool | None = None) -> tuple[int, Any, Any]:
+              control: Any = None, writer: bool | None = None,
+              stop: Any = None) -> tuple[int, Any, Any]:
     """Chain 0 of ``cfg`` (the chain ``hpcflow sample`` writes as chain 0) with a history sink:
     measurements in ``<out>/history.jsonl``, a checkpoint every ``sample.checkpoint_every``
-    steps and on a stop signal. Returns ``(exit code, chain, sink)``."""
+    steps and on a stop signal (``stop``: the command's ``StopFlag``, or None for a new one).
+    Returns ``(exit code, chain, sink)``."""
     from hpcflow.run.chains import update_of_config
-    from hpcflow.sampling.chain import Chain, HistorySink
-    from hpcflow.signals import StopFlag
+    from hpcflow.sampling.chain import Chain
 
     flow = cfg.algorithm in ("flow", "mixed")
     update, lat, _ = update_of_config(cfg, 0, comm, lat, model=model)
     writer = comm.is_root if writer is None else writer
     log = print if writer else (lambda msg: None)
-    sink = HistorySink(out, comm, Measurer(cfg, lat, comm), _run_fingerprint(cfg),
-                       cfg.sample.checkpoint_every, writer=writer, flow=flow, log=log)
+    sink = _RunSink(cfg, out, comm, Measurer(cfg, lat, comm), _run_fingerprint(cfg),
+                    cfg.sample.checkpoint_every, writer=writer, flow=flow, log=log)
     n_therm = cfg.sample.n_therm if flow else cfg.run.n_therm
     n_steps = cfg.sample.n_steps if flow else cfg.run.n_steps
-    with StopFlag() as flag:
+    flag, scope = _stop_scope(stop)
+    with scope:
         chain = Chain(update, sink, control if control is not None else comm, n_therm, n_steps,
                       cfg.run.measure_every, stop=flag)
         bar = _ProgressBar(cfg, chain, cfg.run.progress and writer)
@@ -244,7 +286,7 @@ def run_chain(cfg: Config, comm: Any, lat: Any, out: str, resume: bool, model: A
     return code, chain, sink
 
 
-def run_baseline(cfg: Config, comm: Any = None, resume: bool = False) -> RunResult:
+def run_baseline(cfg: Config, comm: Any = None, resume: bool = False, stop: Any = None) -> RunResult:
     """HMC or heat-bath chain with measurements, history, summary, checkpoints and resume.
 
     Chain 0 of ``hpcflow sample`` (:func:`run_chain`): every ``sample.checkpoint_every``
@@ -252,7 +294,7 @@ def run_baseline(cfg: Config, comm: Any = None, resume: bool = False) -> RunResu
     the step and the measurements so far to ``<output.dir>/checkpoints/run.ckpt`` (atomic).
     ``--resume`` continues from there (the RNG is counter-based, so the step is the whole RNG
     state) and the result equals an uninterrupted run; without a checkpoint it starts fresh.
-    A stop by signal exits with 3.
+    A stop by signal exits with 3. (No lock here: :func:`run` takes it.)
     """
     if cfg.algorithm not in ("hmc", "heatbath"):
         raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; allowed here: hmc, heatbath")
@@ -260,7 +302,7 @@ def run_baseline(cfg: Config, comm: Any = None, resume: bool = False) -> RunResu
     out = _prepare_output(cfg, comm)
     lat = make_lattice(cfg, comm)
     t0 = time.perf_counter()
-    code, chain, sink = run_chain(cfg, comm, lat, out, resume)
+    code, chain, sink = run_chain(cfg, comm, lat, out, resume, stop=stop)
     if code != EXIT_OK:
         return RunResult(code, {})
     elapsed = time.perf_counter() - t0
@@ -298,19 +340,33 @@ def _finish(cfg: Config, comm: Any, records: list[dict], elapsed: float, n_updat
     return RunResult(0, summary)
 
 
-def run(cfg: Config, resume: bool = False) -> RunResult:
-    """``hpcflow run``: the configured algorithm end to end."""
-    if cfg.algorithm in ("hmc", "heatbath"):
-        return run_baseline(cfg, resume=resume)
-    return run_flow(cfg, resume=resume)
+def run(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = None) -> RunResult:
+    """``hpcflow run``: the configured algorithm end to end.
+
+    Holds the lock of ``output.dir`` throughout (:func:`hpcflow.run.outdir.output_dir`):
+    results of an earlier run there need ``resume`` (continue them) or ``fresh`` (move them
+    aside first). One stop flag (SIGTERM/SIGUSR1/SIGINT) covers the whole command, set-up,
+    training and chain: a signal at any moment ends with a checkpoint and exit 3."""
+    from hpcflow.run.outdir import output_dir
+
+    flag, scope = _stop_scope(stop)
+    with scope, output_dir(cfg, "run", resume=resume, fresh=fresh):
+        if cfg.algorithm in ("hmc", "heatbath"):
+            return run_baseline(cfg, resume=resume, stop=flag)
+        return run_flow(cfg, resume=resume, stop=flag)
 
 
-def train(cfg: Config, resume: bool = False) -> RunResult:
-    """``hpcflow train``: train the configured flow."""
+def train(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = None) -> RunResult:
+    """``hpcflow train``: train the configured flow (lock and results rules as :func:`run`;
+    ``resume`` without a training checkpoint is an error)."""
+    from hpcflow.run.outdir import output_dir
+
     if cfg.algorithm not in ("flow", "mixed"):
         raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; "
                           "'hpcflow train' needs flow or mixed")
-    return train_flow(cfg, resume=resume)
+    flag, scope = _stop_scope(stop)
+    with scope, output_dir(cfg, "train", resume=resume, fresh=fresh):
+        return train_flow(cfg, resume=resume, stop=flag)
 
 
 # ---- flows: train, then sample (algorithm: flow | mixed) ------------------------------------
@@ -335,20 +391,49 @@ def _trainer(cfg: Config, model: Any, lat: Any, comm: Any) -> Any:
         raise ConfigError(f"{cfg.source}: {e}") from None
 
 
-def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[Any, int]:
+def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool, stop: Any = None,
+           on_ready: Any = None) -> tuple[Any, int]:
     """Train to ``train.steps``; returns (trainer, exit code). Resume if a checkpoint exists
-    and ``resume`` was asked for; a finished training is not repeated. Without a checkpoint
-    to resume, ``train.init_from`` warm-starts the model (a bad source is a config error)."""
+    and ``resume`` was asked for; a finished training is not repeated (no file is touched).
+    Without a checkpoint to resume, ``train.init_from`` warm-starts the model (a bad source is
+    a config error). A model that chains were sampled with is never trained further (one-line
+    refusal; nothing written). ``on_ready()`` runs once the checkpoint has been checked,
+    before anything is written."""
     from hpcflow.flows.train import TrainSetupError
-    from hpcflow.signals import StopFlag
+    from hpcflow.io.lock import RunDirError
+    from hpcflow.run.outdir import model_references
+    from hpcflow.run.world import agreed, world_control
 
     tr = _trainer(cfg, model, lat, comm)
     have_ckpt = tr.ckpt_path.exists()
     if resume and not have_ckpt and comm.is_root:
         print(f"hpcflow: --resume: no training checkpoint at {tr.ckpt_path}; starting training")
+    if resume and have_ckpt:
+        try:
+            tr.load_checkpoint()  # checks lattice, group, architecture, ranks: before any write
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        steps = int(cfg.train.steps)
+        if tr.step >= steps:
+            if on_ready is not None:
+                on_ready()
+            if comm.is_root:
+                print(f"hpcflow train: training complete ({tr.step} steps, train.steps = {steps}); "
+                      f"not repeated: {tr.ckpt_path}")
+            return tr, EXIT_OK
+        refs = agreed(world_control(), model_references, cfg.output.dir, cfg.algorithm)
+        if refs:
+            raise RunDirError(
+                f"{tr.ckpt_path}: training would continue from step {tr.step} to {steps} and replace "
+                f"the model that {', '.join(refs[:3])} {'was' if len(refs) == 1 else 'were'} sampled "
+                f"with; keep train.steps = {tr.step}, or use --fresh (moves them aside with the "
+                "model) or another output.dir")
+    if on_ready is not None:
+        on_ready()
     t0 = time.perf_counter()
+    flag, scope = _stop_scope(stop)
     try:
-        with StopFlag() as flag:
+        with scope:
             rows = tr.train(resume=resume and have_ckpt, stop=flag)
     except TrainSetupError as e:  # train.init_from: missing, unreadable or another architecture
         raise ConfigError(f"{cfg.source}: {e}") from None
@@ -372,18 +457,17 @@ def _train(cfg: Config, comm: Any, lat: Any, model: Any, resume: bool) -> tuple[
     return tr, EXIT_OK
 
 
-def train_flow(cfg: Config, resume: bool = False) -> RunResult:
+def train_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
     dist = _distributed_setup(cfg)
     if dist is not None:
         comm, lat, model = dist
-        _prepare_output(cfg, comm)
-        _, code = _train(cfg, comm, lat, model, resume)
-        return RunResult(code, {})
-    comm = make_comm(cfg)
+    else:
+        comm = make_comm(cfg)
+        lat = _flow_lattice(cfg)
+        model = build_model(cfg, lat)
     _prepare_output(cfg, comm)
-    lat = _flow_lattice(cfg)
-    model = build_model(cfg, lat)
-    _, code = _train(cfg, comm, lat, model, resume)
+    _, code = _train(cfg, comm, lat, model, resume, stop=stop,
+                     on_ready=lambda: _write_config(cfg, comm.is_root))
     return RunResult(code, {})
 
 
@@ -393,7 +477,7 @@ def _flow_lattice(cfg: Config) -> Any:
     return Lattice(cfg.lattice.shape, backend=run_backend(cfg))
 
 
-def run_flow(cfg: Config, resume: bool = False) -> RunResult:
+def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
     """Train (or finish training), then sample the exact chain and summarise it.
 
     The chain is chain 0 of ``hpcflow sample`` with the trained model (``sample.n_therm`` +
@@ -419,7 +503,7 @@ def run_flow(cfg: Config, resume: bool = False) -> RunResult:
         lat = _flow_lattice(cfg)
         model = build_model(cfg, lat)
     out = _prepare_output(cfg, comm)
-    tr, code = _train(cfg, comm, lat, model, resume)
+    tr, code = _train(cfg, comm, lat, model, resume, stop=stop)
     if code != EXIT_OK:
         return RunResult(code, {})
     model.eval()
@@ -429,9 +513,10 @@ def run_flow(cfg: Config, resume: bool = False) -> RunResult:
         # proposal numbers as the one-rank chain); world rank 0 writes
         hybrid = comm.hybrid
         code, chain, sink = run_chain(cfg, hybrid.domain, model.lat, out, resume, model=model,
-                                      control=hybrid, writer=hybrid.is_root)
+                                      control=hybrid, writer=hybrid.is_root, stop=stop)
     else:
-        code, chain, sink = run_chain(cfg, _serial_if_plain(comm), lat, out, resume, model=model)
+        code, chain, sink = run_chain(cfg, _serial_if_plain(comm), lat, out, resume, model=model,
+                                      stop=stop)
     if code != EXIT_OK:
         return RunResult(code, {})
     elapsed = time.perf_counter() - t0

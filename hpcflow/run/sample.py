@@ -42,6 +42,10 @@ Signals (``hpcflow.signals``): SIGTERM, SIGUSR1 or SIGINT finish the current ste
 group agrees on the stop, commits what it has, checkpoints and returns
 ``EXIT_RESUMABLE = 3``. Rerunning the same command continues (``resume=None`` resumes
 automatically when a checkpoint exists).
+
+One writer: :func:`sample` holds the lock of ``output.dir`` (``hpcflow.run.outdir``) from
+before it reads anything until it returns; ``fresh=True`` (``--fresh``) first moves the
+ensemble and the chain checkpoints aside into ``<output.dir>/previous-<UTC time>/``.
 """
 
 from __future__ import annotations
@@ -67,10 +71,12 @@ from hpcflow.io.checkpoint import (
 from hpcflow.io.ensemble import (
     EnsembleError,
     SegmentWriter,
+    check_tail,
     committed_segments,
     remove_uncommitted,
 )
 from hpcflow.run.chains import load_model, model_checkpoint_path, update_of_config
+from hpcflow.run.world import agree_error, launched_size
 from hpcflow.sampling.chain import Chain
 from hpcflow.sampling.updates import LOCAL_STREAM_OFFSET
 from hpcflow.signals import StopFlag
@@ -229,6 +235,10 @@ class EnsembleSink:
                     f"{self.ckpt}: the chain was sampled with the model of sha256 "
                     f"{str(st.get('model_sha256'))[:12]}..., but {model_checkpoint_path(self.cfg)} now has "
                     f"sha256 {self.model_sha256[:12]}...; restore that model or use a fresh output.dir")
+            # the committed tail must be this run's, whole and intact: never append after a
+            # foreign, truncated or corrupt segment (read-only; one line naming what to move)
+            check_tail(self.root, self.chain, self.fp, n_segments=int(st["n_segments"]),
+                       n_rows=int(st["n_rows"]), checkpoint=self.ckpt)
         remove_uncommitted(self.root, self.chain)
         if not have:
             if segs:
@@ -250,7 +260,7 @@ class EnsembleSink:
                 st = self._recover_root(resume)
             except (CheckpointError, EnsembleError, OSError) as e:
                 err = e
-        comm.any_error(err)
+        agree_error(comm, err)  # the same error class and message on every rank of the group
         st = comm.bcast_object(st)
         self.attrs = ensemble_attrs(self.cfg, self.chain, comm, self.model_sha256)
         if st is not None:
@@ -293,7 +303,8 @@ class EnsembleSink:
         if self.seg is None:
             cap = min(self.K, self.n_rows_total - self.n_rows)
             self.seg = SegmentWriter(self.root, self.chain, self.n_seg, self.lat, cap, self.dtype,
-                                     self.cfg.n_colors, self.attrs, comm if comm.size > 1 else None)
+                                     self.cfg.n_colors, self.attrs, comm if comm.size > 1 else None,
+                                     fingerprint=self.fp)
         U = update.links()
         rec = update.row()
         self.seg.append(U, {"chain": self.chain, "step": step, "accepted": int(info.accepted),
@@ -350,30 +361,42 @@ def _group_comm(cfg: Config) -> tuple[int, Any, Any, Any]:
     from hpcflow.comm import LatticeComm, ProcessGrid
 
     n = cfg.sample.n_workers
-    world = ProcessGrid(cfg.lattice.shape, None)
+    try:
+        world = ProcessGrid(cfg.lattice.shape, None)
+    except ValueError as e:  # more ranks than sites, or no grid of that many ranks fits
+        raise ConfigError(f"{cfg.source}: key 'lattice.shape': {e}") from None
     if world.size % n:
         raise ConfigError(f"{cfg.source}: key 'sample.n_workers': got {n}; allowed: a divisor of the "
                           f"{world.size} MPI ranks")
-    chain, sub = world.split(n, cfg.grid)
+    try:  # checked on every rank before the collective split: the same error everywhere
+        chain, sub = world.split(n, cfg.grid)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: key 'grid': {e} (per worker group of {world.size // n} "
+                          f"ranks: sample.n_workers = {n})") from None
     lc = LatticeComm(sub)
     lat = dataclasses.replace(lc.local_lattice(halo=1), backend=run_backend(cfg))
     return chain, lc, lat, LatticeComm(world)
 
 
 def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None,
-           use_mpi: bool | None = None) -> int:
+           use_mpi: bool | None = None, fresh: bool = False) -> int:
     """Run every chain of ``cfg`` to completion or to a stop signal; returns the exit status.
 
     ``resume``: None = continue if a checkpoint exists, else start; True = must continue;
-    False = must start fresh (refuses to touch an existing ensemble). ``use_mpi``: None =
-    MPI when launched with several ranks (``OMPI_COMM_WORLD_SIZE``/``PMI_SIZE``) or a grid
-    or several workers is configured. Exit status: 0 done, 3 stopped and resumable.
+    False = must start fresh (refuses to touch an existing ensemble). ``fresh``: move an
+    existing ensemble and its chain checkpoints aside first, then start fresh (``--fresh``).
+    ``use_mpi``: None = MPI when launched with several ranks (``hpcflow.run.world.
+    launched_size``) or a grid or several workers is configured. The lock of ``output.dir``
+    is held throughout. Exit status: 0 done, 3 stopped and resumable.
     """
+    from hpcflow.run.outdir import output_dir
+
+    if fresh:
+        resume = False
     if use_mpi is None:
-        env = os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or "1"
-        use_mpi = int(env) > 1 or cfg.sample.n_workers > 1 or cfg.grid not in (None, (1,) * cfg.nd)
+        use_mpi = launched_size() > 1 or cfg.sample.n_workers > 1 or cfg.grid not in (None, (1,) * cfg.nd)
     flag = stop if stop is not None else StopFlag()
-    with flag:
+    with flag, output_dir(cfg, "sample", resume=None if fresh else resume, fresh=fresh, use_mpi=use_mpi):
         if use_mpi:
             chain, comm, lat, world = _group_comm(cfg)
         else:
@@ -388,9 +411,11 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
         runner = None
         try:
             runner = chain_of_config(cfg, chain, comm, lat, flag)
-        except (ConfigError, CheckpointError, ValueError) as e:
+        except (ConfigError, CheckpointError) as e:
             err = e
-        world.any_error(err)
+        except ValueError as e:  # a setting the chain cannot use: one line, exit 2
+            err = ConfigError(f"{cfg.source}: {e}")
+        agree_error(world, err)
         assert runner is not None
         code = runner.run(resume)
         codes = world.allgather_object(code)
@@ -398,24 +423,22 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hpcflow.run.sample CONFIG [--set k=v ...] [--fresh|--resume]``."""
+    """``python -m hpcflow.run.sample CONFIG [--set k=v ...] [--fresh|--resume]``: the same as
+    ``hpcflow sample ...`` (errors and exit codes as the CLI, also under MPI)."""
     import argparse
 
     from hpcflow.config import load_config
+    from hpcflow.run.world import run_guarded
 
     p = argparse.ArgumentParser(prog="python -m hpcflow.run.sample")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None)
-    g.add_argument("--fresh", dest="resume", action="store_const", const=False)
+    g.add_argument("--fresh", action="store_true")
     a = p.parse_args(argv)
-    try:
-        cfg = load_config(a.config, a.overrides)
-        return sample(cfg, resume=a.resume)
-    except (ConfigError, CheckpointError, EnsembleError, ValueError) as e:
-        print(f"hpcflow: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_guarded(lambda: sample(load_config(a.config, a.overrides), resume=a.resume,
+                                      fresh=a.fresh), mpi=True)
 
 
 if __name__ == "__main__":

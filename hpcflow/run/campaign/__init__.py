@@ -28,7 +28,7 @@ Book-keeping under the campaign directory ``dir``::
 from __future__ import annotations
 
 from .cli import main
-from .slurm import render_script, submit
+from .slurm import job_paths, render_script, submit
 from .spec import (
     Campaign,
     CampaignError,
@@ -52,6 +52,7 @@ __all__ = [
     "expand_chains",
     "format_status",
     "job_config",
+    "job_paths",
     "load_campaign",
     "main",
     "parse_campaign",

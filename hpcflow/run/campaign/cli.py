@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,3 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CampaignError as e:
         print(f"hpcflow campaign: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. '--dry-run | head': the reader left; no traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

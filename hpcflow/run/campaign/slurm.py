@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .spec import Campaign, CampaignError, Chain, Stage, expand_chains, job_config
+from .spec import Campaign, CampaignError, Chain, Stage, _text, check_job_values, expand_chains, job_config
 
 __all__ = [
     "ACTIVE_STATES",
@@ -51,20 +51,69 @@ def job_paths(c: Campaign, ch: Chain, st: Stage) -> dict[str, str]:
             "log": os.path.join(c.dir, "logs", f"{tag}.%j.out")}
 
 
+def _sbatch_word(s: str) -> str:
+    """``s`` as one argument of an ``#SBATCH`` line: sbatch splits those lines at whitespace,
+    groups quoted text, drops a backslash before any character and ends the line at an unquoted
+    ``#`` (Slurm's ``get_argument``); inside double quotes only ``"`` and ``\\`` need escaping."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _output_pattern(path: str) -> str:
+    """A literal path as a Slurm ``--output`` pattern (Slurm expands ``%`` sequences: ``%%`` is ``%``)."""
+    return path.replace("%", "%%")
+
+
+#: ``hpcflow train`` resumes from this file under its ``output.dir`` (hpcflow.run.outdir.MODEL);
+#: ``train --resume`` without it is an error, so a rerun adds ``--resume`` only when it exists
+TRAIN_CHECKPOINT = os.path.join("train", "checkpoint.pt")
+
+
+def _rerun_flags(c: Campaign, ch: Chain, st: Stage) -> str:
+    """The shell lines that set ``resume`` (the flags of a rerun) in the batch script.
+
+    ``stage.resume`` true: a rerun continues. ``run --resume`` (continues from the checkpoint,
+    or starts when the first attempt left none); ``train --resume`` when a training checkpoint
+    exists, else a plain start; ``sample`` continues from its chain checkpoints by itself
+    (``sample --resume`` would require one). ``stage.resume`` false: a rerun starts the stage
+    afresh with ``--fresh``, which moves the earlier attempt's results aside (``previous-<time>/``).
+    """
+    q = shlex.quote
+    if not st.resume:
+        return ("# stage.resume is false: a rerun starts the stage afresh (--fresh moves the earlier\n"
+                "# attempt's results aside)\n"
+                'if [ "$rerun" = 1 ]; then resume=(--fresh); fi')
+    if st.command == "sample":
+        return "# hpcflow sample continues from its chain checkpoints by itself (no flag needed)"
+    if st.command == "train":
+        out = job_config(c, ch, st).get("output", {}).get("dir", ch.dir)
+        out = _text(c.source, f"stages.{st.name}.set.output.dir", out, "the stage's output directory")
+        model = q(os.path.join(out, TRAIN_CHECKPOINT))
+        return ("# continue the training from its checkpoint, if the first attempt wrote one\n"
+                f'if [ "$rerun" = 1 ] && [ -e {model} ]; then resume=(--resume); fi')
+    return 'if [ "$rerun" = 1 ]; then resume=(--resume); fi'
+
+
 def render_script(c: Campaign, ch: Chain, st: Stage) -> str:
     """The Slurm batch script of one (chain, stage) job.
 
     Time limits: ``--signal=TERM@N`` makes Slurm send SIGTERM to the hpcflow ranks N seconds
     before the limit; hpcflow checkpoints and exits 3 (resumable), and the script requeues the
-    job (``scontrol requeue``; same job id, so ``afterok`` dependants keep waiting). A restarted
-    job (``SLURM_RESTART_COUNT > 0``, or an earlier attempt left a status file) adds ``--resume``.
+    job (``scontrol requeue``; same job id, so ``afterok`` dependants keep waiting). A rerun
+    (``SLURM_RESTART_COUNT > 0``, or an earlier attempt left a status file) continues or starts
+    afresh as :func:`_rerun_flags` says.
+
+    Every value is checked again here (:func:`check_job_values`); names and Slurm values are of
+    closed grammars, paths are quoted for sbatch in ``#SBATCH`` lines and with ``shlex.quote``
+    in commands, and the campaign file name appears only JSON-escaped in a comment.
     """
+    check_job_values(c, ch, st)
     r = st.resources
     p = job_paths(c, ch, st)
     q = shlex.quote
+    log_dir, log_name = os.path.split(p["log"])
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={c.name}.{ch.id}.{st.name}",
-             f"#SBATCH --output={p['log']}",
+             f"#SBATCH --output={_sbatch_word(_output_pattern(log_dir) + '/' + log_name)}",
              "#SBATCH --open-mode=append",
              f"#SBATCH --nodes={r.nodes}",
              f"#SBATCH --ntasks-per-node={r.ntasks_per_node}",
@@ -78,12 +127,11 @@ def render_script(c: Campaign, ch: Chain, st: Stage) -> str:
         if getattr(r, k):
             lines.append(f"#SBATCH --{k}={getattr(r, k)}")
     lines += [f"#SBATCH {x}" for x in r.extra]
-    launch = "srun" if c.mpi == "none" else f"srun --mpi={c.mpi}"
+    launch = "srun" if c.mpi == "none" else f"srun --mpi={q(c.mpi)}"
     device = " --set device=cuda" if r.gpus_per_task else ""
-    resume_test = ('if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || [ -e "$status" ]; then resume=(--resume); fi'
-                   if st.resume else "# stage.resume is false: a restarted job starts the stage afresh")
+    rerun_flags = _rerun_flags(c, ch, st)
     body = f"""
-# Generated by 'hpcflow campaign' ({c.source}): campaign {c.name}, chain {ch.id}, stage {st.name}.
+# Generated by 'hpcflow campaign' from {json.dumps(c.source)}: campaign {c.name}, chain {ch.id}, stage {st.name}.
 # Calls only the hpcflow CLI. Exit status of hpcflow: 0 done, 2 bad input, 3 stopped by a
 # signal with a checkpoint written (resumable) -> requeue this job.
 set -uo pipefail
@@ -95,10 +143,13 @@ mark() {{
     "$1" "$2" "${{SLURM_JOB_ID:-}}" "${{SLURM_RESTART_COUNT:-0}}" "$(date +%s)" >"$status.tmp" \\
     && mv -f "$status.tmp" "$status"
 }}
+# a rerun (requeued: SLURM_RESTART_COUNT > 0; resubmitted: an earlier attempt left a status file)
+rerun=0
+if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] || [ -e "$status" ]; then rerun=1; fi
 resume=()
-{resume_test}
+{rerun_flags}
 mark running null
-{launch} {q(c.hpcflow)} {st.command} {q(p['config'])}{device} "${{resume[@]}}"
+{launch} {q(c.hpcflow)} {q(st.command)} {q(p['config'])}{device} "${{resume[@]}}"
 rc=$?
 case $rc in
   0) mark done 0; exit 0 ;;

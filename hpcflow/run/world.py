@@ -1,0 +1,232 @@
+"""The world of ranks of one hpcflow command: who decides, and how errors end a run.
+
+* :func:`launched_size` / :func:`launched_rank`: what the launcher (``mpirun``, ``srun``)
+  put into the environment, read without starting MPI.
+* :func:`world_control`: the collective object of every rank of the command (a
+  ``hpcflow.comm.LatticeComm`` over a one-dimensional process grid of all world ranks, or a
+  ``SerialComm`` for one process): ``is_root``, ``rank``, ``size``, ``bcast_object``,
+  ``allgather_object``, ``barrier``.
+* :func:`agreed`: run a function on the root rank only (the rank that owns the run
+  directory: lock, results check, ``--fresh``); its result, or the same exception, on every
+  rank. :func:`agree_error`: like ``Comm.any_error``, but every rank raises an exception of
+  the same class with the same message (so every rank exits with the same code).
+* :func:`settle_error`: how the CLI ends a command that failed under MPI: if every rank
+  failed (the usual case: bad input is seen by all ranks, or agreed), rank 0 prints rank 0's
+  message once and every rank returns rank 0's exit code; if some rank did not fail within
+  ``timeout`` seconds (it waits in a collective for the failed one), the failed rank prints
+  its own message with its rank and aborts the whole job with its exit code (no hang).
+
+Only ``hpcflow.comm`` imports mpi4py; this module uses its objects.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["agree_error", "agreed", "data_errors", "error_line", "launched_rank", "launched_size",
+           "prepare_errors", "run_guarded", "settle_error", "world_control"]
+
+T = TypeVar("T")
+
+# (launcher) environment variables giving the number of ranks / this rank, before MPI starts
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+SETTLE_TIMEOUT_S = 30.0  # HPCFLOW_SETTLE_S in the environment overrides it
+
+_worlds: dict[str, Any] = {}
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for n in names:
+        v = os.environ.get(n)
+        if v is not None and v.strip().isdigit():
+            return int(v)
+    return default
+
+
+def launched_size() -> int:
+    """Number of ranks the launcher started (1 for a plain process), from the environment."""
+    return max(1, _env_int(_SIZE_VARS, 1))
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher numbered it (0 for a plain process)."""
+    return _env_int(_RANK_VARS, 0) if launched_size() > 1 else 0
+
+
+def _world(name: str) -> Any:
+    """A cached ``LatticeComm`` over all world ranks (a 1-D grid of ``size`` ranks); ``name``
+    keeps separate communicators apart (run-directory decisions, error settling)."""
+    if name not in _worlds:
+        from hpcflow.comm import LatticeComm, ProcessGrid, world_size
+
+        n = world_size()
+        _worlds[name] = LatticeComm(ProcessGrid((n,), None)) if n > 1 else None
+    return _worlds[name]
+
+
+def world_control(use_mpi: bool | None = None) -> Any:
+    """The collective object of all ranks of this command (see the module doc).
+
+    ``use_mpi``: None = MPI when the launcher started several ranks; False = this process
+    alone (``SerialComm``); True = MPI (one rank: ``SerialComm`` too). Collective under MPI:
+    every rank calls it."""
+    from hpcflow.lattice.geometry import SerialComm
+
+    if use_mpi is None:
+        use_mpi = launched_size() > 1
+    if not use_mpi:
+        return SerialComm()
+    w = _world("control")
+    return w if w is not None else SerialComm()
+
+
+def _info(exc: BaseException) -> tuple[type, tuple, str]:
+    return type(exc), tuple(exc.args), str(exc)
+
+
+def _rebuild(info: tuple[type, tuple, str]) -> BaseException:
+    typ, args, msg = info
+    try:
+        exc = typ(*args)
+        if str(exc) == msg:
+            return exc
+    except Exception:  # noqa: BLE001 - a class that cannot be rebuilt from its args
+        pass
+    return RuntimeError(msg)
+
+
+def agreed(ctl: Any, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on the root rank of ``ctl`` only; its result on every rank, or
+    its exception (``Exception`` subclasses) raised on every rank."""
+    res: Any = None
+    exc: BaseException | None = None
+    if ctl.is_root:
+        try:
+            res = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - shared with every rank, then raised
+            exc = e
+    if ctl.size > 1:
+        try:
+            payload = ctl.bcast_object((res, None if exc is None else _info(exc)))
+        except Exception:  # noqa: BLE001 - an unpicklable result or exception class
+            payload = ctl.bcast_object((None, (RuntimeError, (str(exc),), str(exc))))
+        if not ctl.is_root:
+            res, info = payload
+            if info is not None:
+                exc = _rebuild(info)
+    if exc is not None:
+        raise exc
+    return res
+
+
+def agree_error(ctl: Any, exc: BaseException | None) -> None:
+    """Collective: if a rank passes an exception, every rank raises one of the same class and
+    message (the lowest failing rank's); a rank's own exception is raised as it is."""
+    if ctl.size == 1:
+        if exc is not None:
+            raise exc
+        return
+    infos = ctl.allgather_object(None if exc is None else _info(exc))
+    first = next((i for i in infos if i is not None), None)
+    if first is None:
+        return
+    raise exc if exc is not None else _rebuild(first)
+
+
+def settle_error(code: int, text: str, timeout: float | None = None) -> int:
+    """End a failed command under MPI (see the module doc); returns the exit code every rank
+    uses, or does not return (the job is aborted). ``text``: the message (may be several
+    lines, e.g. a traceback) that rank 0 prints once. ``timeout``: how long to wait for the
+    other ranks (default ``HPCFLOW_SETTLE_S`` or 30 s)."""
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("HPCFLOW_SETTLE_S", SETTLE_TIMEOUT_S))
+        except ValueError:
+            timeout = SETTLE_TIMEOUT_S
+    w = _worlds.get("errors")  # made by prepare_errors() on every rank, or absent
+    if w is None:
+        rank = launched_rank()
+        print(text if rank == 0 else f"hpcflow: [rank {rank}] " + text.removeprefix("hpcflow: "),
+              file=sys.stderr, flush=True)
+        return code
+    req = w.comm.Ibarrier()
+    t0 = time.monotonic()
+    while not req.Test():
+        if time.monotonic() - t0 > timeout:
+            # another rank did not fail: it waits in a collective for this one, forever
+            print(f"hpcflow: [rank {w.rank}] " + text.removeprefix("hpcflow: "), file=sys.stderr,
+                  flush=True)
+            w.comm.Abort(code)
+        time.sleep(0.005)
+    infos = w.allgather_object((code, text))
+    code0, text0 = infos[0]
+    if w.is_root:
+        print(text0, file=sys.stderr, flush=True)
+    return int(code0)
+
+
+def prepare_errors() -> None:
+    """Create the error-settling communicator now (collective; every rank of the command,
+    before anything can fail), so that :func:`settle_error` never needs a collective of the
+    ranks that did not fail."""
+    if launched_size() > 1:
+        _world("errors")
+
+
+def data_errors() -> tuple[type[BaseException], ...]:
+    """Errors about bad files (ensembles, checkpoints, ILDG) and unusable run directories
+    (locked, holding results): reported in one line, exit 2."""
+    from hpcflow.io import CheckpointError, EnsembleError, ILDGError
+    from hpcflow.io.lime import LimeError
+    from hpcflow.io.lock import RunDirError
+
+    return (CheckpointError, EnsembleError, ILDGError, LimeError, RunDirError)
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one-line message of an expected error (exit 2), or None for anything else."""
+    from hpcflow.config import ConfigError
+
+    if isinstance(e, ConfigError):
+        return f"hpcflow: config error: {e}"
+    if isinstance(e, data_errors()):
+        return f"hpcflow: {e}"
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"hpcflow: {e.filename}: {e.strerror}" if e.filename else f"hpcflow: {e}"
+    return None
+
+
+def run_guarded(call: Callable[[], int], mpi: bool = False) -> int:
+    """``call()`` with the error contract of the CLI: an expected error (:func:`error_line`)
+    is one line on stderr and exit 2; anything else a traceback (exit 1 under MPI; raised
+    otherwise). ``mpi``: the command may run on several ranks; when the launcher started
+    several, errors are settled (:func:`settle_error`): printed once, same code everywhere."""
+    import traceback
+
+    from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
+
+    mpi = mpi and launched_size() > 1
+    if mpi:
+        prepare_errors()  # collective, before anything can fail on some ranks only
+    try:
+        return call()
+    except BrokenPipeError:  # output piped into head & co.
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("hpcflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - expected errors: one line; others: traceback
+        line = error_line(e)
+        if not mpi:
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if line is None:
+            return settle_error(EXIT_INTERNAL, traceback.format_exc().rstrip())
+        return settle_error(EXIT_BAD_INPUT, line)
