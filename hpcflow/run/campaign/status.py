@@ -46,7 +46,8 @@ def _ensemble_counts(ens_dir: str) -> tuple[int, float | None]:
     """(committed configurations, acceptance) of an HDF5 ensemble."""
     from hpcflow.io import open_ensemble
 
-    ens = open_ensemble(ens_dir)
+    # rows only (digests and row checksums): a status table must not read every configuration
+    ens = open_ensemble(ens_dir, verify="rows")
     rec = ens.records()
     n = ens.n_committed()
     return n, (float(rec["accepted"].mean()) if n else None)
