@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -157,11 +158,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Bounds of ``hpcflow exact`` (the character sums' quadrature grows like sqrt(beta)).
+EXACT_MAX_BETA = 1e4
+EXACT_MAX_L = 1 << 16
+
+
 def _cmd_exact(args: argparse.Namespace) -> int:
     from hpcflow.analysis import u1_2d_exact
 
-    if args.L < 2 or args.beta < 0:
-        return _fail(f"exact: --L must be >= 2 and --beta >= 0, got L={args.L}, beta={args.beta}")
+    if not 2 <= args.L <= EXACT_MAX_L:
+        return _fail(f"exact: --L: got {args.L}; allowed: an integer 2 .. {EXACT_MAX_L}")
+    if not (math.isfinite(args.beta) and 0 <= args.beta <= EXACT_MAX_BETA):
+        # the quadrature grows like sqrt(beta): beyond this it would allocate gigabytes
+        return _fail(f"exact: --beta: got {args.beta}; allowed: a finite number 0 .. {EXACT_MAX_BETA:g}")
     ex = u1_2d_exact(args.beta, L=args.L)
     areas = {f"W_area{a}": ex.wilson_loop(a) for a in (1, 2, 4, 9)}
     print(json.dumps({"L": args.L, "beta": args.beta, "plaquette": ex.plaquette, "Q2": ex.q2,

@@ -85,3 +85,26 @@ def test_run_hmc_writes_history_and_summary(tmp_path, capsys):
     assert plaq["n"] == 6
     assert "plaquette" in capsys.readouterr().out
     assert yaml.safe_load((out / "config.yaml").read_text())["lattice"]["shape"] == [4, 4]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--beta", "nan", "--L", "8"], "--beta: got nan; allowed: a finite number 0 .. 10000"),
+    (["--beta", "inf", "--L", "8"], "--beta: got inf"),
+    (["--beta", "1e6", "--L", "8"], "--beta: got 1000000.0"),  # used to allocate ~18 GiB
+    (["--beta", "-1", "--L", "8"], "--beta: got -1.0"),
+    (["--beta", "2", "--L", "1"], "--L: got 1; allowed: an integer 2 .. 65536"),
+])
+def test_exact_bounds_are_one_line_errors(argv: list[str], fragment: str, capsys) -> None:
+    """Regression (issue 18): ``exact --beta nan`` ended in a traceback and ``--beta 1e6`` tried
+    to allocate gigabytes; both are now one line and exit 2 before any work."""
+    assert main(["exact", *argv]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_exact_prints_the_exact_values(capsys) -> None:
+    from hpcflow.analysis import u1_2d_exact
+
+    assert main(["exact", "--beta", "2", "--L", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plaquette"] == u1_2d_exact(2.0, L=8).plaquette
