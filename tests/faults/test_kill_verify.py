@@ -103,6 +103,28 @@ def _read(root: str) -> tuple[dict, list[torch.Tensor]]:
     return ens.records(0), [U for _, U in ens.iter_configs(0)]
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _kill_soon_after(p: subprocess.Popen, ckpt: str, *, deadline: float, commits: int, delay: float) -> None:
+    """Return at ``deadline`` seconds, or ``delay`` after the process has replaced its checkpoint
+    ``commits`` times, or when it has ended, whichever is first (polled every millisecond)."""
+    t0, seen, n = time.time(), _stamp(ckpt), 0
+    while p.poll() is None and time.time() - t0 < deadline:
+        s = _stamp(ckpt)
+        if s != seen:
+            seen, n = s, n + 1
+            if n >= commits:
+                time.sleep(delay)
+                return
+        time.sleep(0.001)
+
+
 def test_sigkill_during_resume_then_resume(tmp_path) -> None:
     rng = random.Random(2718)
     ref_cfg = _write_cfg(str(tmp_path / "ref"))
@@ -121,8 +143,12 @@ def test_sigkill_during_resume_then_resume(tmp_path) -> None:
             t0 = time.time()
             while p.poll() is None and not os.path.exists(ckpt) and time.time() - t0 < 120:
                 time.sleep(0.005)
-        # a random moment of the (re)start: imports, recovery and tail check, the first steps
-        time.sleep(rng.uniform(0.3, 2.5))
+        # a random moment of the (re)start: imports, recovery and tail check, the first steps. The
+        # kill comes at a random time or just after the k-th checkpoint commit this start makes,
+        # whichever is first: a fast machine must not run the chain to its end between kills
+        # (CI once did, with a purely timed kill).
+        _kill_soon_after(p, ckpt, deadline=rng.uniform(0.3, 2.5), commits=rng.randint(1, 3),
+                         delay=rng.uniform(0.0, 0.01))
         if p.poll() is None:
             landed += 1
             os.killpg(p.pid, signal.SIGKILL)
