@@ -1,5 +1,19 @@
 """hpcflow: lattice gauge ensembles from gauge-equivariant normalizing flows on HPC machines."""
+import glob
+import os
+
 from setuptools import setup
+
+
+def _model_files() -> list:
+    """models/NAME/* -> share/hpcflow/models/NAME (found by hpcflow.models after pip install)."""
+    out = []
+    for d in sorted(glob.glob(os.path.join("models", "*"))):
+        files = sorted(f for f in glob.glob(os.path.join(d, "*")) if os.path.isfile(f))
+        if files:
+            out.append((os.path.join("share", "hpcflow", d), files))
+    return out
+
 
 setup(
     name="hpcflow",
@@ -23,6 +37,7 @@ setup(
     # the top-level kernels/ folder (CUDA sources, host harness, loader) is hpcflow.kernels
     package_dir={"hpcflow.kernels": "kernels"},
     package_data={"hpcflow.kernels": ["*.cu", "*.h", "*.cuh", "*.cpp"]},
+    data_files=_model_files(),
     install_requires=["torch>=2.1", "numpy", "pyyaml", "mpi4py", "h5py", "tqdm", "matplotlib"],
     extras_require={
         "cuda": ["cupy-cuda12x"],

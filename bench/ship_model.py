@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from hpcflow.models import write_model_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -91,10 +93,28 @@ def card(name: str, run: Path, sha: str, analysis: dict | None) -> str:
                       "```", json.dumps({k: r[k] for k in r if not isinstance(r[k], (list, dict))}, indent=1), "```", ""]
     else:
         lines += ["## Sampling", "tau_int(Q) and the chain's acceptance: not measured yet (see bench/RESULTS.md).", ""]
+    lines += ["## Use", "Sample with it by name (no training; the architecture, lattice, group, beta and "
+              "precision default to the model's):", "```yaml", "algorithm: flow",
+              f"flow: {{model: {name}}}", "sample: {n_steps: 2000, batch: 256}", "output: {dir: out}", "```",
+              "then `hpcflow sample CONFIG` (or `hpcflow run CONFIG`).", ""]
     lines += ["## Files", f"`checkpoint.pt` sha256 `{sha}` (the trainer's checkpoint: model, optimizer and "
-              "RNG state; `hpcflow.flows.train.load_flow_checkpoint` reads it); `config.yaml` the run's "
+              "RNG state; `hpcflow.flows.train.load_flow_checkpoint` reads it; `model.json` holds the same "
+              "sha256 and every run checks it before sampling); `config.yaml` the run's "
               "configuration; `metrics.jsonl` the training curve.", ""]
     return "\n".join(lines)
+
+
+def model_extra(run: Path, analysis: dict | None, beta: float) -> dict:
+    """Summary figures for ``model.json``: training steps and the chain's measured quality."""
+    m = _metrics(run)
+    out: dict = {"training_steps": int(m[-1]["step"]) if m else 0}
+    rows = [r for r in (analysis or {}).get("rows", [])
+            if str(r.get("algo", "")).startswith("flow") and abs(float(r.get("beta", -1)) - beta) < 1e-9]
+    if rows:
+        r = rows[0]
+        out["chain"] = {k: r[k] for k in ("acceptance", "tau_Q", "tau_Q_err", "tau_Q_lower_bound", "Q2",
+                                           "Q2_err", "Q2_exact", "n_total") if k in r}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     sha = hashlib.sha256((dest / "checkpoint.pt").read_bytes()).hexdigest()
     analysis = json.loads(args.analysis.read_text()) if args.analysis else None
     (dest / "CARD.md").write_text(card(args.name, args.run, sha, analysis))
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    write_model_json(dest, args.name, cfg, model_extra(args.run, analysis, float(cfg["action"]["beta"])))
     print(f"{dest}: sha256 {sha}")
     return 0
 

@@ -48,6 +48,7 @@ __all__ = [
     "config_to_dict",
     "beta_schedule_points",
     "parse_beta_schedule",
+    "flow_fingerprint_part",
 ]
 
 GROUPS = ("u1", "su2", "su3")
@@ -119,6 +120,10 @@ class FlowConfig:
     checkpoint_activations: bool = field(default=False,
                                          metadata=_opt("recompute activations in backward to save memory",
                                                        kind="bool"))
+    model: str | None = field(default=None, metadata=_opt(
+        "sample with a shipped model instead of training: its name (`hpcflow models` lists them) or a "
+        "model directory; lattice.shape, group and the flow.* architecture are the model's (a different "
+        "value is an error), algorithm, action.beta and precision default to the model's", kind="optpath"))
 
 
 @dataclass(frozen=True)
@@ -611,11 +616,96 @@ def _train_checks(ctx: _Ctx, cfg: Config) -> Config:
     return cfg
 
 
+# ``flow.model``: keys that must be the model's (taken from it when absent) and keys that
+# default to the model's (another value is allowed: e.g. sampling at a nearby beta is exact)
+MODEL_FIXED = ("lattice.shape", "group", "flow.n_layers", "flow.kernel", "flow.n_components", "flow.n_knots",
+               "flow.hidden", "flow.kernel_size")
+MODEL_DEFAULTS = ("algorithm", "action.beta", "precision")
+
+
+def _raw_get(raw: Any, key: str) -> tuple[bool, Any]:
+    node = raw
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _raw_set(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, Mapping) else {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _attr(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _with_model(ctx: _Ctx, raw: Any) -> tuple[Any, Config | None, str]:
+    """``raw`` completed from the model ``flow.model`` names (see :data:`MODEL_FIXED`,
+    :data:`MODEL_DEFAULTS`), the model's own validated config and its name; unchanged without one."""
+    has, ref = _raw_get(raw, "flow.model")
+    if not has or ref is None:
+        return raw, None, ""
+    allowed = "null, or a shipped model's name (`hpcflow models` lists them) or a model directory"
+    if not isinstance(ref, str) or not ref.strip():
+        raise ctx.fail("flow.model", ref, allowed)
+    from hpcflow.models import ModelError, resolve_model
+
+    try:
+        m = resolve_model(ref)
+    except ModelError as e:
+        raise ctx.fail("flow.model", ref, f"{allowed}: {e}") from None
+    mraw = dict(m.config)
+    if isinstance(mraw.get("flow"), Mapping):
+        mraw["flow"] = {k: v for k, v in mraw["flow"].items() if k != "model"}
+    try:
+        mcfg = config_from_dict(mraw, source=str(m.path / "config.yaml"))
+    except ConfigError as e:
+        raise ctx.fail("flow.model", ref, f"a usable model: its config.yaml is invalid ({e})") from None
+    out = dict(raw)
+    for key in MODEL_FIXED + MODEL_DEFAULTS:
+        if not _raw_get(raw, key)[0]:
+            _raw_set(out, key, _raw_get(mraw, key)[1] if _raw_get(mraw, key)[0] else _plain(_attr(mcfg, key)))
+    return out, mcfg, m.name
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _model_checks(ctx: _Ctx, cfg: Config, mcfg: Config, name: str) -> None:
+    for key in MODEL_FIXED:
+        if _attr(cfg, key) != _attr(mcfg, key):
+            raise ctx.fail(key, _plain(_attr(cfg, key)),
+                           f"{_plain(_attr(mcfg, key))!r}, the value of model {name} (flow.model); omit the key "
+                           "to take the model's")
+    if cfg.algorithm not in ("flow", "mixed"):
+        raise ctx.fail("algorithm", cfg.algorithm, "flow or mixed with flow.model (a model is sampled by "
+                       "a flow chain); or remove flow.model")
+
+
+def flow_fingerprint_part(flow: dict) -> dict:
+    """The ``flow`` section as run fingerprints see it: ``flow.model`` only when set (runs from
+    before the key existed keep their fingerprints, so they resume and verify unchanged)."""
+    return {k: v for k, v in flow.items() if not (k == "model" and v is None)}
+
+
 def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
     """Validate a raw mapping (as loaded from YAML) into a :class:`Config`."""
     ctx = _Ctx(source)
+    raw, mcfg, name = _with_model(ctx, raw)
     cfg = _build(ctx, Config, raw, "")
     cfg = dataclasses.replace(cfg, source=source)
+    if mcfg is not None:
+        _model_checks(ctx, cfg, mcfg, name)
     _cross_checks(ctx, cfg)
     return _train_checks(ctx, cfg)
 

@@ -24,34 +24,64 @@ from hpcflow.sampling.updates import (
     MixedUpdate,
 )
 
-__all__ = ["load_model", "local_update", "model_checkpoint_path", "update_of_config"]
+__all__ = ["load_model", "load_weights", "local_update", "model_checkpoint_path", "update_of_config"]
 
 
 def model_checkpoint_path(cfg: Config) -> str:
-    """The trained flow a flow/mixed chain samples with: ``<output.dir>/train/checkpoint.pt``."""
+    """The trained flow a flow/mixed chain samples with: the shipped model ``flow.model``
+    names (:mod:`hpcflow.models`), else ``<output.dir>/train/checkpoint.pt``."""
+    if cfg.flow.model is not None:
+        from hpcflow.models import ModelError, resolve_model
+
+        try:
+            return str(resolve_model(cfg.flow.model).checkpoint)
+        except ModelError as e:
+            raise CheckpointError(f"flow.model {cfg.flow.model!r}: {e}") from None
     return os.path.join(cfg.output.dir, "train", "checkpoint.pt")
 
 
-def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
-    """``(model, sha256 of its checkpoint file)``; a one-line :class:`CheckpointError` ("missing
-    model") when the checkpoint is absent, unreadable, or from another lattice, group,
-    architecture or beta."""
-    from hpcflow.flows.build import build_model
+def load_weights(cfg: Config, model: Any) -> str:
+    """Load the weights ``cfg`` samples with into ``model`` (a flow of ``cfg``'s architecture,
+    plain or decomposed) and return the sha256 of their file. A shipped model (``flow.model``)
+    is checked against the sha256 of its ``model.json`` first and may be used at another
+    ``action.beta``; a trained one (``<output.dir>/train/checkpoint.pt``) must be of this beta.
+    A one-line :class:`CheckpointError` ("missing model") when the file is absent, damaged,
+    unreadable, or from another lattice, group, architecture or beta."""
     from hpcflow.flows.train import load_flow_checkpoint
     from hpcflow.io.checkpoint import file_sha256
 
-    path = model_checkpoint_path(cfg)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing model: algorithm {cfg.algorithm} needs a trained flow; "
-                              "run `hpcflow train CONFIG` with the same config first")
-    model = build_model(cfg, lat)
-    sha = file_sha256(path)
+    beta: float | None = cfg.action.beta
+    if cfg.flow.model is not None:
+        from hpcflow.models import ModelError, resolve_model, verify_model
+
+        try:
+            shipped = resolve_model(cfg.flow.model)
+            sha = verify_model(shipped)
+        except ModelError as e:
+            raise CheckpointError(f"flow.model {cfg.flow.model!r}: {e}") from None
+        path, beta = str(shipped.checkpoint), None
+    else:
+        path = model_checkpoint_path(cfg)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing model: algorithm {cfg.algorithm} needs a trained flow; "
+                                  "run `hpcflow train CONFIG` with the same config first, or name a shipped "
+                                  "model in flow.model")
+        sha = file_sha256(path)
     try:
-        load_flow_checkpoint(model, path, cfg.action.beta)
+        load_flow_checkpoint(model, path, beta)
     except Exception as e:  # noqa: BLE001 - unpickling/shape errors of a foreign file: one clear line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: missing model for this run: the checkpoint does not fit "
                               f"({msg})") from None
+    return sha
+
+
+def load_model(cfg: Config, lat: Any) -> tuple[Any, str]:
+    """``(model, sha256 of its checkpoint file)`` of ``cfg`` on ``lat`` (see :func:`load_weights`)."""
+    from hpcflow.flows.build import build_model
+
+    model = build_model(cfg, lat)
+    sha = load_weights(cfg, model)
     model.eval()
     return model, sha
 

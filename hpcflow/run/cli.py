@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(i, required=False)
     i.add_argument("--json", action="store_true", help="print as JSON")
 
+    m = sub.add_parser("models", help="list the shipped flow models (flow.model) and where they are")
+    m.add_argument("--json", action="store_true", help="print as JSON")
+
     e = sub.add_parser("exact", help="exact 2D U(1) finite-volume values for (L, beta)")
     e.add_argument("--L", type=int, required=True, help="lattice extent (L x L)")
     e.add_argument("--beta", type=float, required=True, help="inverse coupling")
@@ -206,6 +209,27 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    """The models ``flow.model`` can name: one line each (or JSON), and the search path."""
+    from hpcflow.models import list_models, model_search_path
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([{**m.meta, "path": str(m.path)} for m in models], indent=2, default=str))
+        return EXIT_OK
+    print(f"{'name':<16} {'group':<5} {'lattice':<10} {'beta':>6} {'steps':>7} {'accept':>7} {'tau_int(Q)':>12}  path")
+    for m in models:
+        ch = m.meta.get("chain") or {}
+        tau = ch.get("tau_Q")
+        tau_s = "-" if tau is None else (f">={tau:.0f}" if ch.get("tau_Q_lower_bound") else f"{tau:.3g}")
+        acc = ch.get("acceptance")
+        print(f"{m.name:<16} {str(m.meta.get('group')):<5} {'x'.join(map(str, m.meta.get('lattice') or [])):<10} "
+              f"{m.meta.get('beta', float('nan')):>6g} {m.meta.get('training_steps', 0):>7} "
+              f"{'-' if acc is None else f'{acc:.3f}':>7} {tau_s:>12}  {m.path}")
+    print("search path: " + ":".join(str(d) for d in model_search_path()))
+    return EXIT_OK
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from hpcflow.io import export_ildg
 
@@ -243,6 +267,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ensemble": _cmd_ensemble,
     "measure": _cmd_measure,
     "export": _cmd_export,
+    "models": _cmd_models,
     "import": _cmd_import,
     "sample": _cmd_sample,
     "run": _cmd_run,

@@ -204,7 +204,7 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 def _run_fingerprint(cfg: Config) -> str:
     """What must match for a resumed ``hpcflow run`` to continue the same chain (the
     checkpoint holds the global state: the process grid may change)."""
-    from hpcflow.config import config_to_dict
+    from hpcflow.config import config_to_dict, flow_fingerprint_part
     from hpcflow.io.checkpoint import config_fingerprint
 
     d = config_to_dict(cfg)
@@ -213,6 +213,7 @@ def _run_fingerprint(cfg: Config) -> str:
             "measure", "run")
     if cfg.algorithm in ("flow", "mixed"):
         d["sample"] = {k: v for k, v in d["sample"].items() if k in ("n_therm", "batch")}
+        d["flow"] = flow_fingerprint_part(d["flow"])
         keys = keys + ("flow", "mixed", "sample")
     return config_fingerprint(d, keys)
 
@@ -364,6 +365,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = No
     if cfg.algorithm not in ("flow", "mixed"):
         raise ConfigError(f"{cfg.source}: key 'algorithm': got {cfg.algorithm}; "
                           "'hpcflow train' needs flow or mixed")
+    if cfg.flow.model is not None:
+        raise ConfigError(f"{cfg.source}: key 'flow.model': got {cfg.flow.model!r}; allowed: null with "
+                          "'hpcflow train' (a shipped model is sampled as it is: `hpcflow sample` or `hpcflow "
+                          "run`; to fine-tune it, set train.init_from to its checkpoint.pt)")
     flag, scope = _stop_scope(stop)
     with scope, output_dir(cfg, "train", resume=resume, fresh=fresh):
         return train_flow(cfg, resume=resume, stop=flag)
@@ -503,9 +508,19 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
         lat = _flow_lattice(cfg)
         model = build_model(cfg, lat)
     out = _prepare_output(cfg, comm)
-    tr, code = _train(cfg, comm, lat, model, resume, stop=stop)
-    if code != EXIT_OK:
-        return RunResult(code, {})
+    if cfg.flow.model is not None:  # a shipped model: sampled as it is, never trained here
+        from hpcflow.run.chains import load_weights
+
+        sha = load_weights(cfg, model)
+        training_steps = _shipped_steps(cfg)
+        if comm.is_root:
+            print(f"hpcflow run: flow.model {cfg.flow.model} (sha256 {sha[:16]}..., {training_steps} training "
+                  "steps); no training")
+    else:
+        tr, code = _train(cfg, comm, lat, model, resume, stop=stop)
+        if code != EXIT_OK:
+            return RunResult(code, {})
+        training_steps = tr.step
     model.eval()
     t0 = time.perf_counter()
     if dist is not None:
@@ -523,7 +538,9 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
     records = sink.records
     flow_steps = [r["accepted"] for r in records if r.get("kind") == "flow"]
     extra: dict[str, Any] = {"acceptance": float(np.mean(flow_steps)) if flow_steps else float("nan"),
-                             "training_steps": tr.step}
+                             "training_steps": training_steps}
+    if cfg.flow.model is not None:
+        extra["model"] = cfg.flow.model
     if sink.proposals:
         prop = np.asarray(sink.proposals, dtype=np.float64)
         lw = prop[:, 0]
@@ -543,6 +560,16 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
                      f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
         print(line)
     return result
+
+
+def _shipped_steps(cfg: Config) -> int:
+    """The training steps ``model.json`` of ``flow.model`` records (0 when it does not say)."""
+    from hpcflow.models import resolve_model
+
+    try:
+        return int(resolve_model(str(cfg.flow.model)).meta.get("training_steps", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _serial_if_plain(comm: Comm) -> Comm:

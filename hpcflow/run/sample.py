@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from hpcflow.backend import run_backend
-from hpcflow.config import Config, ConfigError, config_to_dict, to_yaml
+from hpcflow.config import Config, ConfigError, config_to_dict, flow_fingerprint_part, to_yaml
 from hpcflow.dtypes import precision_dtypes
 from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_OK, EXIT_RESUMABLE
 from hpcflow.io.checkpoint import (
@@ -126,7 +126,7 @@ def _fingerprint(cfg: Config) -> str:
     keys = _FINGERPRINT_KEYS
     if cfg.algorithm in FLOW_ALGORITHMS:
         # the proposal batch is in: batched forward passes need not be bitwise batch-independent
-        flat.update(flow=d["flow"], mixed=d["mixed"], sample_n_therm=d["sample"]["n_therm"],
+        flat.update(flow=flow_fingerprint_part(d["flow"]), mixed=d["mixed"], sample_n_therm=d["sample"]["n_therm"],
                     batch=d["sample"]["batch"])
         keys = keys + ("flow", "mixed", "sample_n_therm", "batch")
     return config_fingerprint(flat, keys)
