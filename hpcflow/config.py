@@ -273,16 +273,34 @@ def _typename(v: Any) -> str:
     return type(v).__name__ if v is not None else "null"
 
 
+MAX_SHOWN = 120  # characters of a bad value an error line shows (values can be megabytes)
+
+
+def _shown_path(path: str) -> str:
+    """A path as an error line shows it: printable, bounded."""
+    shown = path if path.isprintable() else repr(path)
+    return shown if len(shown) <= 4 * MAX_SHOWN else shown[:4 * MAX_SHOWN] + "..."
+
+
+def show_value(value: Any) -> str:
+    """``value`` in flow-style YAML on one line, cut to :data:`MAX_SHOWN` characters."""
+    try:
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    except yaml.YAMLError:
+        shown = repr(value)
+    if shown.endswith("\n..."):
+        shown = shown[:-4]
+    shown = " ".join(shown.removesuffix("...").split())
+    return shown if len(shown) <= MAX_SHOWN else shown[:MAX_SHOWN] + f"... ({len(shown)} characters)"
+
+
 class _Ctx:
     def __init__(self, source: str) -> None:
         self.source = source
 
     def fail(self, key: str, value: Any, allowed: str) -> ConfigError:
-        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-        if shown.endswith("\n..."):
-            shown = shown[:-4]
-        shown = shown.removesuffix("...").strip()
-        return ConfigError(f"{self.source}: key '{key}': got {shown} ({_typename(value)}); allowed: {allowed}")
+        return ConfigError(f"{self.source}: key '{_shown_path(key)}': got {show_value(value)} ({_typename(value)}); "
+                           f"allowed: {allowed}")
 
 
 def _bound_text(meta: Mapping[str, Any], what: str) -> str:
@@ -534,6 +552,9 @@ def _convert(ctx: _Ctx, key: str, v: Any, f: dataclasses.Field) -> Any:
 
 def _unknown(ctx: _Ctx, key: str, value: Any, valid: Sequence[str]) -> ConfigError:
     keys = _all_keys()
+    key = key if isinstance(key, str) else str(key)
+    if len(key) > 200 or not key.isprintable():  # no fuzzy matching of a huge or binary key
+        return ConfigError(f"{ctx.source}: unknown key {show_value(key)} (valid here: {', '.join(valid)})")
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:  # a misplaced or misspelt leaf: 'beta' or 'bet' -> 'action.beta'
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
@@ -583,6 +604,28 @@ def _cross_checks(ctx: _Ctx, cfg: Config) -> None:
                                f"an even extent (the {cfg.algorithm} checkerboard needs even extents)")
     if cfg.algorithm in ("flow", "mixed") and cfg.group == "u1" and len(shape) != 2:
         raise ctx.fail("lattice.shape", list(shape), "2 extents: U(1) flows are implemented in 2D")
+    _measure_checks(ctx, cfg)
+
+
+def _measure_checks(ctx: _Ctx, cfg: Config) -> None:
+    """Measurement settings against the lattice (before any work: a loop that cannot be measured
+    used to fail after the whole run, or be dropped without a word)."""
+    shape = cfg.lattice.shape
+    local = [n // p for n, p in zip(shape, cfg.grid)] if cfg.grid is not None else list(shape)
+    decomposed = [d for d, p in enumerate(cfg.grid or ()) if p > 1]
+    for i, (r, t) in enumerate(cfg.measure.wilson_loops):
+        if max(r, t) > min(shape):
+            raise ctx.fail(f"measure.wilson_loops[{i}]", [r, t],
+                           f"R and T <= {min(shape)}, the smallest extent of lattice.shape {list(shape)}")
+        for d in decomposed:  # the loops' reach is the halo width of a decomposed dimension
+            if max(r, t) > local[d]:
+                raise ctx.fail(f"measure.wilson_loops[{i}]", [r, t],
+                               f"R and T <= {local[d]}, the local extent of dimension {d} on grid "
+                               f"{list(cfg.grid or ())} (the loop's reach is the halo width there)")
+    if cfg.measure.flow_time > 0 and cfg.measure.flow_eps > cfg.measure.flow_time:
+        raise ctx.fail("measure.flow_eps", cfg.measure.flow_eps,
+                       f"a step <= measure.flow_time = {cfg.measure.flow_time} (or flow_time: 0 to measure "
+                       "without the Wilson flow)")
 
 
 def _diagnostics_module_present() -> bool:
@@ -717,10 +760,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set '{item}': empty key; expected KEY=VALUE")
+    from hpcflow.yamlio import YAMLReadError, load_bounded
+
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        value = load_bounded(text) if text.strip() else None
+    except YAMLReadError as e:
+        raise ConfigError(f"--set {_shown_path(key)}: value {show_value(text)} is not valid YAML ({e})") from None
     return key, value
 
 
@@ -757,16 +802,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{source}: no such config file")
         if os.path.isdir(source):
             raise ConfigError(f"{source}: is a directory, expected a YAML config file")
-        try:
-            with open(source, encoding="utf-8") as fh:
-                raw = yaml.safe_load(fh)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: not a text (UTF-8) YAML file") from None
+        from hpcflow.yamlio import YAMLReadError, read_yaml
+
+        try:  # bounded: size, nesting and alias expansion (a YAML alias bomb fails in milliseconds)
+            raw = read_yaml(source)
+        except YAMLReadError as e:
+            raise ConfigError(f"{_shown_path(source)}: {e}") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):

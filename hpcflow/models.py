@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hpcflow.yamlio import YAMLReadError, read_yaml
 
 __all__ = ["MODELS_ENV", "ModelError", "ShippedModel", "list_models", "model_search_path", "resolve_model",
            "verify_model", "write_model_json"]
@@ -83,9 +83,9 @@ def _load_dir(d: Path, name: str) -> ShippedModel:
         raise ModelError(f"{d}: not a model directory (missing {', '.join(missing)}; a model directory "
                          "has checkpoint.pt, config.yaml and model.json: bench/ship_model.py writes one)")
     try:
-        config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+        config = read_yaml(str(d / "config.yaml"))
         meta = json.loads((d / "model.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, YAMLReadError, json.JSONDecodeError) as e:
         raise ModelError(f"{d}: unreadable model description ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(config, dict) or not isinstance(meta, dict) or not re.fullmatch(

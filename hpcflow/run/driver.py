@@ -341,6 +341,15 @@ def _finish(cfg: Config, comm: Any, records: list[dict], elapsed: float, n_updat
     return RunResult(0, summary)
 
 
+def _check_memory(cfg: Config, command: str) -> None:
+    """Bounds before work (:mod:`hpcflow.run.resources`): refuse a job that cannot fit."""
+    from hpcflow.run.resources import check_memory
+    from hpcflow.run.world import launched_size
+
+    replicas = cfg.train.replicas if cfg.algorithm in ("flow", "mixed") else 1
+    check_memory(cfg, command, ranks_per_chain=max(1, launched_size() // max(1, replicas)))
+
+
 def run(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = None) -> RunResult:
     """``hpcflow run``: the configured algorithm end to end.
 
@@ -350,6 +359,7 @@ def run(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = None
     training and chain: a signal at any moment ends with a checkpoint and exit 3."""
     from hpcflow.run.outdir import output_dir
 
+    _check_memory(cfg, "run")
     flag, scope = _stop_scope(stop)
     with scope, output_dir(cfg, "run", resume=resume, fresh=fresh):
         if cfg.algorithm in ("hmc", "heatbath"):
@@ -369,6 +379,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = No
         raise ConfigError(f"{cfg.source}: key 'flow.model': got {cfg.flow.model!r}; allowed: null with "
                           "'hpcflow train' (a shipped model is sampled as it is: `hpcflow sample` or `hpcflow "
                           "run`; to fine-tune it, set train.init_from to its checkpoint.pt)")
+    _check_memory(cfg, "train")
     flag, scope = _stop_scope(stop)
     with scope, output_dir(cfg, "train", resume=resume, fresh=fresh):
         return train_flow(cfg, resume=resume, stop=flag)

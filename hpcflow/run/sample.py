@@ -390,7 +390,10 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
     is held throughout. Exit status: 0 done, 3 stopped and resumable.
     """
     from hpcflow.run.outdir import output_dir
+    from hpcflow.run.resources import check_memory
 
+    # bounds before work: a job that cannot fit is refused before anything is allocated or written
+    check_memory(cfg, "sample", ranks_per_chain=max(1, launched_size() // max(1, cfg.sample.n_workers)))
     if fresh:
         resume = False
     if use_mpi is None:

@@ -172,7 +172,8 @@ class HMCUpdate(_LinkUpdate):
 
     def step_links(self, U: torch.Tensor, step: int) -> tuple[torch.Tensor, bool, dict[str, float]]:
         U, acc, dH = self.hmc.trajectory(U, step)
-        return U, bool(acc), {"dH": float(dH), "exp_mdH": math.exp(-float(dH))}
+        # exp(-dH) overflows a float for dH < -709 (a hot start of a large lattice): inf then
+        return U, bool(acc), {"dH": float(dH), "exp_mdH": math.exp(-float(dH)) if float(dH) > -709.0 else math.inf}
 
     def advance(self, step: int) -> StepInfo:
         assert self.U is not None, "start() first"

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from hpcflow.yamlio import YAMLReadError, read_yaml
 
 __all__ = [
     "MPI_PLUGINS",
@@ -586,137 +586,16 @@ def load_campaign(path: str | os.PathLike) -> Campaign:
     return parse_campaign(raw, source=p, base_dir=os.path.dirname(os.path.abspath(p)))
 
 
-# ---- YAML: a bounded loader ---------------------------------------------------------------
-MAX_YAML_BYTES = 1 << 20  # a campaign (or its base config) is a few KB
-MAX_YAML_EXPANDED = 1 << 20  # nodes + scalar characters once every alias is expanded
-MAX_YAML_DEPTH = 64  # nesting of sequences and mappings
-
-
-class _YAMLBoundsError(yaml.YAMLError):
-    """A document over one of the bounds; ``str()`` is the one-line reason."""
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses, while composing (before anything is constructed),
-    documents nested deeper than ``MAX_YAML_DEPTH``, recursive aliases, and documents whose
-    alias-expanded size (nodes + scalar characters) exceeds ``MAX_YAML_EXPANDED``: a 1 KB
-    "billion laughs" file fails in milliseconds. Anchors and aliases within the bound work."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                raise _YAMLBoundsError(f"nested deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def compose_document(self) -> Any:
-        node = super().compose_document()
-        _check_expanded_size(node)
-        return node
-
-
-class _Campaign12Loader(_BoundedLoader):
-    """Campaign files: as :class:`_BoundedLoader`, with YAML 1.2 numbers: ``1:30`` and
-    ``02:00:00`` stay text (YAML 1.1 makes them the base-60 integers 90 and 7200, and
-    ``time: 02:00:00`` would be 7200 minutes)."""
-
-
-_Campaign12Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in rs if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Campaign12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""", re.X),
-    list("-+0123456789"))
-_Campaign12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _check_expanded_size(root: Any) -> None:
-    """Size of the node graph with every alias expanded (memoised: linear in the file), and no cycles."""
-    if root is None:
-        return
-    size: dict[int, int] = {}
-    open_: set[int] = set()
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:
-        node, closing = stack.pop()
-        nid = id(node)
-        if isinstance(node, yaml.ScalarNode):
-            size[nid] = 1 + len(node.value)
-            continue
-        kids = [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else node.value
-        if closing:
-            open_.discard(nid)
-            size[nid] = 1 + sum(size[id(k)] for k in kids)
-            if size[nid] > MAX_YAML_EXPANDED:
-                raise _YAMLBoundsError(f"YAML aliases expand the document to more than {MAX_YAML_EXPANDED} "
-                                       f"nodes and characters (at line {node.start_mark.line + 1}); "
-                                       "write the values out, or use fewer aliases")
-            continue
-        if nid in size:
-            continue
-        if nid in open_:
-            raise _YAMLBoundsError(f"recursive YAML alias at line {node.start_mark.line + 1}")
-        open_.add(nid)
-        stack.append((node, True))
-        for k in kids:
-            if id(k) in open_:
-                raise _YAMLBoundsError(f"recursive YAML alias at line {k.start_mark.line + 1}")
-            if id(k) not in size:
-                stack.append((k, False))
-
-
+# ---- YAML: the bounded reader of hpcflow.yamlio ------------------------------------------
 def load_yaml(path: str, what: str | None = None, base_60: bool = False) -> Any:
-    """Read one YAML document safely and within bounds: at most ``MAX_YAML_BYTES``, UTF-8, nesting
-    and alias expansion bounded (:class:`_BoundedLoader`). ``base_60=False`` (campaign files)
-    reads ``1:30`` as text. Every failure is a one-line :class:`CampaignError` starting with ``what``."""
+    """Read one YAML document safely and within bounds (:func:`hpcflow.yamlio.read_yaml`: size,
+    UTF-8, nesting and alias expansion bounded). ``base_60=False`` (campaign files) reads
+    ``1:30`` as text. Every failure is a one-line :class:`CampaignError` starting with ``what``."""
     what = what or (path if path.isprintable() else _show(path))
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_YAML_BYTES + 1)
-    except OSError as e:
-        raise CampaignError(f"{what}: cannot read the file ({e.strerror})") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise CampaignError(f"{what}: larger than {MAX_YAML_BYTES} bytes; a campaign or config file is a few KB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CampaignError(f"{what}: not UTF-8 text (byte {e.start})") from None
-    loader = None
-    try:
-        loader = (_BoundedLoader if base_60 else _Campaign12Loader)(text)
-        return loader.get_single_data()
-    except _YAMLBoundsError as e:
+        return read_yaml(path, base_60=base_60)
+    except YAMLReadError as e:
         raise CampaignError(f"{what}: {e}") from None
-    except yaml.YAMLError as e:
-        raise CampaignError(f"{what}: malformed YAML: {_yaml_problem(e)}") from None
-    except RecursionError:  # a bound above should have stopped it first
-        raise CampaignError(f"{what}: YAML nested too deeply") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """One line: the problem and where (line, column)."""
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
-        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
-        msg = f"{e.problem}{where}" + (f" ({e.context})" if e.context else "")
-    else:
-        msg = str(e)
-    msg = " ".join(msg.split())
-    return msg if len(msg) <= 300 else msg[:300] + "..."
 
 
 # ---- expansion ----------------------------------------------------------------------------
