@@ -115,6 +115,27 @@ def _kill_job(sid: int) -> None:
             pass
 
 
+def _wait_session_gone(sid: int, limit: float = 120.0) -> None:
+    """Wait until every process of session ``sid`` has exited (killed ranks included), instead
+    of sleeping a fixed time; ``limit`` only turns a hang into a failure."""
+    t0 = time.time()
+    while _session_pids(sid):
+        assert time.time() - t0 < limit, f"processes of session {sid} still alive after SIGKILL"
+        time.sleep(0.005)
+
+
+def _until(p: subprocess.Popen, cond, limit: float = 170.0) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``cond`` every millisecond while ``p`` runs: True once it holds, False if ``p``
+    ended first. ``limit`` only turns a hang into a failure (it never lets the test go on)."""
+    t0 = time.time()
+    while p.poll() is None:
+        if cond():
+            return True
+        assert time.time() - t0 < limit, "no progress: the run hangs"
+        time.sleep(0.001)
+    return False
+
+
 def _require_mpirun() -> None:
     # a missing MPI must fail this tier, never skip it (scripts/bootstrap.sh installs it)
     assert shutil.which("mpirun") is not None, "mpirun not installed: run scripts/bootstrap.sh"
@@ -143,18 +164,19 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference) -> None:
     for _ in range(N_KILLS):
         p = subprocess.Popen(_cmd(cfg), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-        t0 = time.time()
-        # wait until the chain is past start-up (a segment is open), then a random delay
-        while p.poll() is None and time.time() - t0 < 60:
-            if os.path.isdir(chain_dir) and any(n.endswith(".tmp") for n in os.listdir(chain_dir)):
-                break
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 1.0))
+        # kill on progress, not after a wall-clock delay (a fast machine can finish the chain
+        # within a fixed delay): once this run has committed 0-3 segments beyond what the last
+        # one left and has a segment open, then a random 0-10 ms, which lands inside or between
+        # the collective HDF5 writes
+        target = len(committed_segments(root, 0)) + rng.randint(0, 3)
+        _until(p, lambda t=target: len(committed_segments(root, 0)) >= t and os.path.isdir(chain_dir)
+               and any(n.endswith(".tmp") for n in os.listdir(chain_dir)))
+        time.sleep(rng.uniform(0.0, 0.01))
         if p.poll() is None:
             during_write += any(n.endswith(".tmp") for n in os.listdir(chain_dir))
             _kill_job(p.pid)
         p.wait(timeout=30)
-        time.sleep(0.2)  # let the killed ranks go
+        _wait_session_gone(p.pid)
         recs, Us = _read_all(root)
         n = len(recs["step"])
         assert n >= last, f"committed count decreased from {last} to {n}"
@@ -176,10 +198,7 @@ def test_sigusr1_to_mpirun_stops_with_checkpoint_then_resume(tmp_path, reference
     p = subprocess.Popen(_cmd(cfg), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     first = os.path.join(root, "chain000", "seg000000.h5")
-    t0 = time.time()
-    while p.poll() is None and not os.path.exists(first) and time.time() - t0 < 120:
-        time.sleep(0.01)
-    assert p.poll() is None, "the run ended before the signal; make it longer"
+    assert _until(p, lambda: os.path.exists(first)), "the run ended before the signal; make it longer"
     p.send_signal(signal.SIGUSR1)  # to mpirun only
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3, err[-2000:]
@@ -229,17 +248,13 @@ def test_flow_chains_sigkill_then_resume(tmp_path) -> None:
         # more than the last one left (so the kill lands after resume, mid-chain), then a
         # random 0-10 ms, which puts it inside or between HDF5 writes.
         target = len(committed_segments(root, 0)) + rng.randint(1, 4)
-        t0 = time.time()
-        while p.poll() is None and time.time() - t0 < 120:
-            if len(committed_segments(root, 0)) >= target:
-                break
-            time.sleep(0.001)
+        _until(p, lambda t=target: len(committed_segments(root, 0)) >= t)
         time.sleep(rng.uniform(0.0, 0.01))
         if p.poll() is None:
             landed += 1
             _kill_job(p.pid)
         p.wait(timeout=30)
-        time.sleep(0.2)
+        _wait_session_gone(p.pid)
         for ch in (0, 1):
             if not os.path.isdir(os.path.join(root, f"chain{ch:03d}")):
                 continue

@@ -113,10 +113,10 @@ sys.exit(run_guarded(body, mpi=True))
 
 
 def test_a_rank_failing_alone_aborts_the_job_instead_of_hanging(tmp_path) -> None:
-    rc, out, took = _mpirun(2, [sys.executable, "-c", _ALONE], timeout=120, HPCFLOW_SETTLE_S="2")
+    # a hang would end in subprocess.TimeoutExpired (the test fails); no assertion on the time
+    rc, out, _ = _mpirun(2, [sys.executable, "-c", _ALONE], timeout=240, HPCFLOW_SETTLE_S="2")
     assert rc == 2, out[-3000:]
     assert _hpcflow_lines(out) == ["hpcflow: [rank 1] config error: only the last rank fails"], out[-3000:]
-    assert took < 90
 
 
 def test_an_internal_error_on_every_rank_one_traceback_exit_1(tmp_path) -> None:
