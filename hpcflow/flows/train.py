@@ -55,6 +55,8 @@ __all__ = [
 
 SCHEDULES = ("constant", "cosine", "step")
 GRADIENTS = ("reparam", "path")
+#: consecutive skipped steps (non-finite loss or gradient) after which training stops as diverged
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 class TrainSetupError(ValueError):
@@ -310,6 +312,8 @@ class Trainer:
 
         self.gen.manual_seed(spawn_seed(self.seed, zlib.crc32(b"train"), int(self.comm.rank)) % 2**63)
         self.step = 0
+        self.skipped_in_a_row = 0  # steps skipped for a non-finite loss or gradient (train_step)
+        self.skipped_total = 0
 
     # ---- metadata and checkpoints ------------------------------------------------------
     @property
@@ -352,6 +356,7 @@ class Trainer:
             {
                 "meta": self._meta(),
                 "step": self.step,
+                "skipped": [self.skipped_in_a_row, self.skipped_total],
                 "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
@@ -363,6 +368,7 @@ class Trainer:
     def _restore(self, ck: dict[str, Any]) -> None:
         """Model, optimizer, scheduler, step and the warm-start record of a checkpoint."""
         self.model.load_state_dict(ck["model"])
+        self.skipped_in_a_row, self.skipped_total = (int(x) for x in ck.get("skipped", (0, 0)))
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.step = int(ck["step"])
@@ -485,14 +491,24 @@ class Trainer:
         local, s, logq, xs = self._gradients(beta, keep_x=diag)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = float(self.cfg.grad_clip)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        # the gradients are already summed over ranks: every rank sees the same norm and loss
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+        loss = float(self.comm.sum(local.reshape(1))[0])
         lr = self.opt.param_groups[0]["lr"]
-        self.opt.step()
+        skipped = not (math.isfinite(norm) and math.isfinite(loss))
+        if skipped:
+            # a non-finite loss or gradient (float32 at high beta: one extreme sample of the
+            # batch) must not reach the weights: the optimizer step is skipped; the step count
+            # and the learning-rate schedule advance, so a resume stays bit for bit
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+        else:
+            self.opt.step()
+            self.skipped_in_a_row = 0
         self.sched.step()
         self.step += 1
         logw = self._gather(-(s + logq))
-        loss = float(self.comm.sum(local.reshape(1))[0])
         row: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
@@ -503,6 +519,8 @@ class Trainer:
             "batch": self.effective_batch,
             "time": time.perf_counter() - t0,
         }
+        if skipped:
+            row["skipped"] = True
         if self.step == 1 and self.init_record is not None:
             row["init_from"] = self.init_record
         if diag:
@@ -553,8 +571,11 @@ class Trainer:
         try:
             while self.step < end:
                 row = self.train_step()
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"training loss is {row['loss']} at step {self.step}")
+                if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"training diverged: a non-finite loss or gradient in {self.skipped_in_a_row} steps in "
+                        f"a row up to step {self.step} (each step was skipped; the weights are those of step "
+                        f"{self.step - self.skipped_in_a_row}); lower train.lr or train with precision: float64")
                 rows.append(row)
                 if self.comm.is_root:
                     with open(self.metrics_path, "a") as fh:

@@ -163,3 +163,44 @@ def test_acceptance_estimate_matches_the_chain_acceptance() -> None:
     lw = torch.randn(50, generator=g, dtype=torch.float64)
     assert acceptance_estimate(lw) == pytest.approx(acceptance_estimate(lw.flip(0)), abs=1e-12)
     assert math.isnan(acceptance_estimate(lw[:1]))
+
+
+class _NaNAt:
+    """The action, but NaN for every sample of the steps in ``bad`` (0-based call count of the
+    trainer's action: one call per step with accumulate = 1)."""
+
+    def __init__(self, model, bad: set[int]) -> None:  # type: ignore[no-untyped-def]
+        self.model, self.bad, self.calls = model, bad, 0
+
+    def __call__(self, x: torch.Tensor, beta: float) -> torch.Tensor:
+        s = self.model.action(x, beta)
+        k, self.calls = self.calls, self.calls + 1
+        return s * float("nan") if k in self.bad else s
+
+
+def test_a_non_finite_loss_skips_the_step_and_never_reaches_the_weights(tmp_path) -> None:
+    """Regression (issue 17's beta-6 training at L = 16 ended in 'training loss is nan at step
+    4056', a traceback, after the NaN gradient had been applied): the step is skipped (weights
+    and optimizer unchanged, logged with skipped = true), training goes on, a resume is bit for
+    bit, and 10 skipped steps in a row stop training as diverged."""
+    lat = Lattice((4, 4))
+    cfg = _Train(steps=6)
+    m = _flow(lat)
+    tr = Trainer(m, lat, 1.0, cfg, tmp_path / "a", seed=9, progress=False, action_at=_NaNAt(m, {2}))
+    tr.train(stop_at=2)
+    before = _params(tr.model).clone()
+    rows = tr.train(resume=True)  # continues from the step-2 checkpoint; its first step is NaN
+    row3 = [r for r in rows if r["step"] == 3][0]
+    assert row3.get("skipped") is True and row3["loss"] != row3["loss"]
+    assert all(not r.get("skipped") for r in rows if r["step"] != 3) and rows[-1]["step"] == 6
+    assert torch.isfinite(_params(tr.model)).all() and not torch.equal(_params(tr.model), before)
+    # the skipped step left the weights as they were: rerun steps 1-2, skip 3, compare after 3
+    m2 = _flow(lat)
+    tr2 = Trainer(m2, lat, 1.0, cfg, tmp_path / "b", seed=9, progress=False, action_at=_NaNAt(m2, {2}))
+    tr2.train(stop_at=3)
+    assert torch.equal(_params(tr2.model), before) and tr2.skipped_total == 1
+    m3 = _flow(lat)
+    tr3 = Trainer(m3, lat, 1.0, _Train(steps=20), tmp_path / "c", seed=9, progress=False,
+                  action_at=_NaNAt(m3, set(range(3, 40))))
+    with pytest.raises(FloatingPointError, match="diverged: .* 10 steps in a row up to step 13"):
+        tr3.train()
