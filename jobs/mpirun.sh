@@ -34,5 +34,7 @@ while :; do
     resume=(--resume)   # "requeue": run again from the checkpoint
     continue
   fi
+  # anything else ends: 0 done, 1 a bug, 2 bad input, 4 the file system (full, quota,
+  # read-only, permission denied): not rerun, it would meet the same disk
   exit "$rc"
 done

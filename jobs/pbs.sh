@@ -39,4 +39,7 @@ rc=$?
 if [ "$rc" -eq 3 ]; then
   qsub -v "CONFIG=$config,CMD=$cmd,RESUME=1,WALLTIME_S=$walltime_s,MARGIN_S=$margin_s" "$0" && exit 0
 fi
+# any other status ends the job: 0 done; 1 a bug, 2 bad input, 4 the file system (full,
+# quota, read-only, permission denied) fail it, never requeued: a rerun would meet the same
+# disk (free space, then resubmit with --resume)
 exit "$rc"

@@ -31,4 +31,7 @@ rc=$?
 if [ "$rc" -eq 3 ]; then
   scontrol requeue "$SLURM_JOB_ID" && exit 0
 fi
+# any other status ends the job: 0 done; 1 a bug, 2 bad input, 4 the file system (full,
+# quota, read-only, permission denied) fail it, never requeued: a rerun would meet the same
+# disk (free space, then resubmit with --resume)
 exit "$rc"

@@ -50,6 +50,7 @@ the same warning (the chain checkpoint's fingerprint is what ties them to the ru
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -64,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcflow.exit_codes import EnvironmentFailure, environment_errno
 from hpcflow.io.checkpoint import fsync_dir
 from hpcflow.io.lime import scidac_checksum, xor_combine
 from hpcflow.lattice.geometry import Comm
@@ -85,6 +87,7 @@ __all__ = [
     "open_ensemble",
     "remove_uncommitted",
     "segment_path",
+    "unclosed_segments",
     "verify_ensemble",
 ]
 
@@ -253,6 +256,117 @@ def _h5py() -> Any:
     return h5py
 
 
+# Space reserved for a segment beyond its data: what ``prepare`` adds (row table, digests,
+# object headers, attributes) with a wide margin; released after the close.
+_RESERVE_SLACK = 64 << 10
+_RESERVE_PER_ROW = 128
+_FALLOC_FL_KEEP_SIZE = 1
+_fallocate_fn: Any = None
+_UNCLOSED: list[str] = []  # segments HDF5 could not close: see unclosed_segments()
+
+
+def unclosed_segments() -> list[str]:
+    """Segments whose HDF5 file could not be closed after a failed write (a metadata flush
+    that failed on a file system without ``fallocate``, see :func:`_reserve`): HDF5 1.10
+    would crash when the interpreter exits, so the CLI ends such a process with ``os._exit``
+    after its error line (``hpcflow.run.world.run_guarded``)."""
+    return list(_UNCLOSED)
+
+
+def _reserve(path: str, length: int) -> None:
+    """Allocate the blocks of ``path`` up to ``length`` bytes (Linux ``fallocate(2)`` with
+    ``FALLOC_FL_KEEP_SIZE``: the size HDF5 sees does not change), so that HDF5's writes there
+    cannot fail for lack of space: a full disk or a quota then fails here, cleanly, and not in
+    the middle of an HDF5 metadata flush (after which HDF5 1.10 cannot close the file, and
+    under ``mpio`` the other ranks wait for the failed one forever). Does nothing where the
+    file system has no ``fallocate`` (no emulation: that would write the whole segment)."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "fallocate64", None) or libc.fallocate
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+            _fallocate_fn = (fn, ctypes.get_errno)
+        except (OSError, AttributeError):
+            _fallocate_fn = False
+    if not _fallocate_fn:
+        return
+    fn, get_errno = _fallocate_fn
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        if fn(fd, _FALLOC_FL_KEEP_SIZE, 0, int(length)) != 0:
+            num = get_errno()
+            if num in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO):
+                raise OSError(num, os.strerror(num), path)
+            # EOPNOTSUPP, ENOSYS, EINVAL...: not supported here; HDF5 finds out by itself
+    finally:
+        os.close(fd)
+
+
+def _release_reserve(path: str) -> None:
+    """Give back what :func:`_reserve` allocated beyond the end of the closed file."""
+    with contextlib.suppress(OSError):
+        os.truncate(path, os.lstat(path).st_size)
+
+
+def _redirect_to_memory(path: str) -> bool:
+    """Make every descriptor of this process open on ``path`` (HDF5's, or MPI-IO's under
+    ``mpio``) write into an anonymous memory file instead, so that HDF5 can write what it must
+    to close a segment that is being thrown away, whatever the disk says; True if any."""
+    real = os.path.realpath(path)
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    done = False
+    for name in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != real:
+                continue
+            m = os.memfd_create("hpcflow-discarded-segment")
+        except (OSError, AttributeError):
+            continue
+        try:
+            os.dup2(m, int(name), inheritable=False)
+            done = True
+        except OSError:
+            pass
+        finally:
+            os.close(m)
+    return done
+
+
+def _diagnose(e: BaseException, path: str) -> int | None:
+    """The errno of a failed write of ``path``: from the error, or, when HDF5/MPI-IO said
+    only "file write failed", from the file system (read-only; no space left)."""
+    num = environment_errno(e, access=True)  # everything here is the run's output
+    if num is not None or "write failed" not in str(e) and "flush" not in str(e).lower():
+        return num
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < _RESERVE_SLACK:
+        return errno.ENOSPC
+    return None
+
+
+def _failure_info(e: BaseException, path: str) -> tuple[int | None, str, bool]:
+    """(errno, message, is an environment failure) of a failed write of ``path``: shared with
+    the other ranks of the group, which raise the same :class:`EnvironmentFailure`."""
+    num = _diagnose(e, path)
+    if num is None:
+        return None, f"{path}: {_short(e)}", False
+    if isinstance(e, EnvironmentFailure):
+        return num, str(e.strerror), True
+    return num, f"{path}: {os.strerror(num)}", True
+
+
 class SegmentWriter:
     """One segment of one chain, written collectively by the ranks of a worker group.
 
@@ -267,6 +381,16 @@ class SegmentWriter:
     The temporary file is created exclusively: an existing ``.segNNNNNN.h5.tmp`` (a crash's
     leftover, which a resume deletes first, or a planted symlink) is an :class:`EnsembleError`,
     never opened or followed.
+
+    A full disk (docs/DESIGN.md, "Exit status"): the root reserves the segment's space when
+    it is created and before the commit's metadata flush (:func:`_reserve`), so that a full
+    disk or quota fails there and not inside HDF5. A failed write (HDF5 reports it on some
+    ranks only, perhaps only in its message) is agreed by the ranks of the group after each
+    write, before the next collective HDF5 call; every rank then discards the segment (its
+    descriptors pointed at memory, so that HDF5 can close it: a close that fails leaves
+    objects that crash the interpreter at exit) and raises the same
+    :class:`hpcflow.exit_codes.EnvironmentFailure` naming it (exit 4). The rows committed
+    before stay; a resume continues after them.
     """
 
     def __init__(self, root: str, chain: int, index: int, lat: Any, capacity: int, dtype: torch.dtype,
@@ -284,10 +408,16 @@ class SegmentWriter:
         self.rows: dict[str, list] = {k: [] for k in ROW_FIELDS}
         self.parallel = comm is not None and comm.size > 1
         self.is_root = comm is None or comm.is_root
+        self._open = False
+        self._datasets: list[Any] = []
         h5py = _h5py()
+        err: BaseException | None = None
         if self.is_root:
-            os.makedirs(chain_dir(root, chain), exist_ok=True)
-        self._barrier()
+            try:
+                os.makedirs(chain_dir(root, chain), exist_ok=True)
+            except OSError as e:
+                err = e
+        self._settle(err, chain_dir(root, chain))  # collective: replaces a barrier
         # "x": H5F_ACC_EXCL = O_CREAT | O_EXCL (MPI_MODE_EXCL under mpio): an existing name,
         # a dangling or planted symlink included, fails instead of being truncated or followed
         try:
@@ -296,21 +426,33 @@ class SegmentWriter:
             else:
                 self.f = h5py.File(self.tmp, "x")
         except (OSError, FileExistsError) as e:
+            num = environment_errno(e, access=True)
+            if num is not None:
+                raise EnvironmentFailure(num, f"{self.tmp}: {os.strerror(num)} (creating the segment)") from None
             if os.path.lexists(self.tmp):
                 raise EnsembleError(
                     f"{self.tmp}: temporary segment already exists (a symlink or another writer's file); "
                     "refusing to open it: stop any other run on this directory and remove it "
                     "(a resume deletes a crash's leftovers)") from None
             raise EnsembleError(f"{self.tmp}: cannot create the temporary segment ({_short(e)})") from None
-        npdt = np.complex128 if dtype == torch.complex128 else np.complex64
-        shape = (capacity, lat.nd) + tuple(lat.global_shape) + (n_colors, n_colors)
-        self.U = self.f.create_dataset("U", shape=shape, dtype=npdt)
-        self._u_shape, self._u_dtype = shape, np.dtype(npdt)
-        for k, v in attrs.items():
-            # str subclasses (torch's version string) would become numpy unicode: no HDF5 type
-            self.f.attrs[k] = str(v).replace("\0", "") if isinstance(v, str) else v
-        self.f.attrs["chain"] = chain
-        self.f.attrs["segment"] = index
+        self._open = True
+        err = None
+        try:
+            npdt = np.complex128 if dtype == torch.complex128 else np.complex64
+            shape = (capacity, lat.nd) + tuple(lat.global_shape) + (n_colors, n_colors)
+            self.U = self.f.create_dataset("U", shape=shape, dtype=npdt)
+            self._u_shape, self._u_dtype = shape, np.dtype(npdt)
+            for k, v in attrs.items():
+                # str subclasses (torch's version string) would become numpy unicode: no HDF5 type
+                self.f.attrs[k] = str(v).replace("\0", "") if isinstance(v, str) else v
+            self.f.attrs["chain"] = chain
+            self.f.attrs["segment"] = index
+            self._meta_bytes = 4096 + sum(len(str(v)) for v in attrs.values())
+            if self.is_root:
+                _reserve(self.tmp, self._reserve_end(capacity))
+        except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
+            err = e
+        self._settle(err)
         self._ranks = _site_ranks_x0_fastest(lat)  # same sites for every row: computed once
         self._sel = (slice(None),) + tuple(
             slice(o, o + n) for o, n in zip(lat.origin, lat.local_shape)) + (slice(None), slice(None))
@@ -318,6 +460,56 @@ class SegmentWriter:
     def _barrier(self) -> None:
         if self.parallel:
             self.comm.barrier()
+
+    def _reserve_end(self, rows: int) -> int:
+        """Bytes to reserve (:func:`_reserve`): the file up to the end of the data (allocated
+        at the first write; under mpio at once), and what ``prepare`` adds for ``rows`` rows."""
+        off = self.U.id.get_offset()  # None before the data is allocated
+        end = (self._meta_bytes if off is None else off) + self.U.nbytes
+        return end + _RESERVE_SLACK + _RESERVE_PER_ROW * rows
+
+    def _settle(self, err: BaseException | None, path: str | None = None) -> None:
+        """Collective (every rank of the group, after each write): if a rank failed, every
+        rank discards the segment and raises; ``err``: this rank's exception or None."""
+        mine = None if err is None else _failure_info(err, path or self.tmp)
+        infos = self.comm.allgather_object(mine) if self.parallel else [mine]
+        first = next((i for i in infos if i is not None), None)
+        if first is None:
+            return
+        self._discard()
+        num, msg, env = first
+        if env:
+            if isinstance(err, EnvironmentFailure):
+                raise err
+            raise EnvironmentFailure(num, msg) from err
+        if err is not None:
+            raise err  # not the file system: the original error (a bug: traceback)
+        raise RuntimeError(f"{msg} (on another rank of the group)")
+
+    def _discard(self) -> None:
+        """Collective: close the file and delete it (errors ignored: the file is being thrown
+        away; a leftover is deleted by the resume). HDF5 writes its metadata to close a file,
+        and a close that fails leaves objects that crash the interpreter at exit: so the
+        file's descriptors are pointed at memory first (or, without /proc, its space is given
+        back) and the close succeeds whatever the disk says."""
+        if self._open:
+            redirected = _redirect_to_memory(self.tmp)
+            if not any(self.comm.allgather_object(redirected) if self.parallel else [redirected]) \
+                    and self.is_root:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.tmp, 0)
+            self._barrier()
+            with contextlib.suppress(Exception):
+                self.f.close()
+            if self.f.id.valid:  # HDF5 refused (a metadata flush had failed before)
+                _UNCLOSED.append(self.tmp)
+            self._open = False
+            self._datasets = []
+        self._barrier()
+        if self.is_root:
+            with contextlib.suppress(OSError):
+                if os.path.lexists(self.tmp):
+                    os.unlink(self.tmp)
 
     def __len__(self) -> int:
         return len(self.rows["step"])
@@ -329,11 +521,16 @@ class SegmentWriter:
             raise ValueError(f"segment {self.final} is full ({self.capacity} rows)")
         data = U_local[self.lat.interior_slices(2)].detach().cpu().numpy()
         ck = field_checksum(U_local, self.lat, self.comm, self._ranks)
-        if self.parallel:
-            with self.U.collective:
+        err: BaseException | None = None
+        try:
+            if self.parallel:
+                with self.U.collective:
+                    self.U[(row,) + self._sel] = data
+            else:
                 self.U[(row,) + self._sel] = data
-        else:
-            self.U[(row,) + self._sel] = data
+        except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
+            err = e
+        self._settle(err)
         rec = dict(record)
         rec["checksum"] = ck
         for k, dt in ROW_FIELDS.items():
@@ -357,50 +554,82 @@ class SegmentWriter:
             digest = _segment_digest(self.chain, self.index, self.fingerprint, self._u_shape, self._u_dtype, rec)
         if self.parallel:  # attributes are written collectively: identical values everywhere
             digest = self.comm.bcast_object(digest)
-        for k, dt in ROW_FIELDS.items():
-            ds = self.f.create_dataset(k, shape=(n,), dtype=dt)
-            if self.is_root and n:
-                ds[...] = cols[k]
-        ds = self.f.create_dataset("row_digest", shape=(n,), dtype=np.uint64)
-        if self.is_root and n:
-            ds[...] = rowd
-        self.f.attrs["n_rows"] = n
-        self.f.attrs["config_fingerprint"] = self.fingerprint
-        self.f.attrs["segment_format"] = SEGMENT_FORMAT
-        self.f.attrs["digest"] = digest
-        self.f.flush()
-        self.f.close()
-        if self.is_root:
-            fd = os.open(self.tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        # Each step is agreed before the next collective HDF5 call: a rank that failed alone
+        # and skipped one would leave the others waiting in it forever.
+        err: BaseException | None = None
+        if self.is_root:  # the metadata flush below must not meet a full disk (_reserve)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._barrier()
+                _reserve(self.tmp, self._reserve_end(n))
+            except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
+                err = e
+        self._settle(err)
+        try:
+            # every dataset stays referenced until the file is closed: an h5py object freed
+            # earlier closes (and flushes) its HDF5 dataset alone, which fails on a full disk
+            keep = self._datasets = [self.f.create_dataset(k, shape=(n,), dtype=dt)
+                                     for k, dt in ROW_FIELDS.items()]
+            keep.append(self.f.create_dataset("row_digest", shape=(n,), dtype=np.uint64))
+            if self.is_root and n:  # independent writes: the root's rows
+                for ds, k in zip(keep, ROW_FIELDS):
+                    ds[...] = cols[k]
+                keep[-1][...] = rowd
+        except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
+            err = e
+        self._settle(err)
+        try:
+            self.f.attrs["n_rows"] = n
+            self.f.attrs["config_fingerprint"] = self.fingerprint
+            self.f.attrs["segment_format"] = SEGMENT_FORMAT
+            self.f.attrs["digest"] = digest
+            self.f.flush()  # what close would write: a full disk fails here, not in close
+        except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
+            err = e
+        self._settle(err)
+        try:
+            self.f.close()
+        except Exception as e:  # noqa: BLE001
+            err = e
+        self._open = err is not None and self.f.id.valid
+        self._settle(err)
+        if self.is_root:
+            _release_reserve(self.tmp)
+            try:
+                fd = os.open(self.tmp, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                err = e
+        self._settle(err)  # collective: replaces a barrier
 
     def publish(self) -> str:
         """Phase 2 (collective): the atomic rename that commits the segment."""
         err: str | None = None
+        failed: tuple[int | None, str, bool] | None = None
         if self.is_root:
-            st = os.lstat(self.tmp)
-            if not stat.S_ISREG(st.st_mode):  # only what this writer created gets a final name
-                err = f"{self.tmp}: not a regular file (replaced while it was written); not committed"
-            else:
-                os.replace(self.tmp, self.final)
-                fsync_dir(os.path.dirname(self.final))
+            try:
+                st = os.lstat(self.tmp)
+                if not stat.S_ISREG(st.st_mode):  # only what this writer created gets a final name
+                    err = f"{self.tmp}: not a regular file (replaced while it was written); not committed"
+                else:
+                    os.replace(self.tmp, self.final)
+                    fsync_dir(os.path.dirname(self.final))
+            except OSError as e:
+                failed = _failure_info(e, self.tmp)
         if self.parallel:
-            err = self.comm.bcast_object(err)
+            err, failed = self.comm.bcast_object((err, failed))
+        if failed is not None:
+            self._discard()
+            num, msg, env = failed
+            raise EnvironmentFailure(num, msg) if env else EnsembleError(msg)
         if err is not None:
             raise EnsembleError(err)
         return self.final
 
     def abort(self) -> None:
-        """Close and delete the uncommitted segment."""
-        with contextlib.suppress(Exception):  # already closed or broken: deleting is what matters
-            self.f.close()
-        self._barrier()
-        if self.is_root and os.path.lexists(self.tmp):
-            os.unlink(self.tmp)
+        """Close and delete the uncommitted segment (collective)."""
+        self._discard()
 
 
 # ---- reading and checking one segment -------------------------------------------------------

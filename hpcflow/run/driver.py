@@ -27,6 +27,7 @@ from hpcflow.dtypes import precision_dtypes
 from hpcflow.exit_codes import EXIT_OK, EXIT_RESUMABLE
 from hpcflow.flows.build import build_model
 from hpcflow.lattice.geometry import Comm, Lattice
+from hpcflow.run.world import environment_errors
 from hpcflow.sampling.chain import HistorySink
 
 __all__ = ["RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
@@ -239,16 +240,68 @@ class _ProgressBar:
 
 class _RunSink(HistorySink):
     """The history sink of ``hpcflow run``; writes ``config.yaml`` once the checkpoint has been
-    checked (``recover``), so that a refused resume leaves every file as it was."""
+    checked (``recover``), so that a refused resume leaves every file as it was.
+
+    Only the writer (the root rank) writes files; a write that fails there (a full disk: exit
+    4, naming the file) is agreed with the other ranks, which would otherwise wait for it in
+    their next collective until the job is aborted: at once in ``recover`` and at the
+    checkpoints, and a failed history line at the next checkpoint (no collective per row;
+    the history is rewritten from the checkpoint on resume)."""
 
     def __init__(self, cfg: Config, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cfg = cfg
+        self._failed: BaseException | None = None  # the writer's failed history write
+
+    def _named(self, e: BaseException, path: str) -> BaseException:
+        from hpcflow.run.world import environment_failure
+
+        return environment_failure(e, (self.out,), path=path) or e
+
+    def _agree(self, err: BaseException | None) -> None:
+        from hpcflow.run.world import agree_error
+
+        agree_error(self.comm, err)
 
     def recover(self, resume: bool | None) -> dict[str, Any] | None:
-        st = super().recover(resume)
-        _write_config(self._cfg, self.writer)
+        st, err = None, None
+        try:
+            st = super().recover(resume)
+            _write_config(self._cfg, self.writer)
+        except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+            err = self._named(e, self.out)
+        self._agree(err)
         return st
+
+    def store(self, step: int, info: Any, update: Any) -> None:
+        try:
+            super().store(step, info, update)  # the record is kept before its line is written
+        except OSError as e:
+            if self._fh is None:
+                raise
+            err = self._named(e, os.path.join(self.out, "history.jsonl"))
+            if self.comm.size == 1:
+                raise err from e
+            self._failed = err
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+
+    def _checkpoint(self, step: int) -> None:
+        from hpcflow.io.checkpoint import save_checkpoint
+
+        if step == self._last_ckpt:
+            return
+        state = self.snapshot(step)  # collective (gathers the global field)
+        err = self._failed
+        if self.writer and err is None:
+            try:
+                os.makedirs(self.ckpt_dir, exist_ok=True)
+                save_checkpoint(self.ckpt, state, fingerprint=self.fp)
+            except Exception as e:  # noqa: BLE001 - agreed with the other ranks, then raised
+                err = self._named(e, self.ckpt)
+        self._agree(err)
+        self._last_ckpt = step
 
 
 def run_chain(cfg: Config, comm: Any, lat: Any, out: str, resume: bool, model: Any = None,
@@ -361,7 +414,7 @@ def run(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = None
 
     _check_memory(cfg, "run")
     flag, scope = _stop_scope(stop)
-    with scope, output_dir(cfg, "run", resume=resume, fresh=fresh):
+    with environment_errors(cfg.output.dir), scope, output_dir(cfg, "run", resume=resume, fresh=fresh):
         if cfg.algorithm in ("hmc", "heatbath"):
             return run_baseline(cfg, resume=resume, stop=flag)
         return run_flow(cfg, resume=resume, stop=flag)
@@ -381,7 +434,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False, stop: Any = No
                           "run`; to fine-tune it, set train.init_from to its checkpoint.pt)")
     _check_memory(cfg, "train")
     flag, scope = _stop_scope(stop)
-    with scope, output_dir(cfg, "train", resume=resume, fresh=fresh):
+    with environment_errors(cfg.output.dir), scope, output_dir(cfg, "train", resume=resume, fresh=fresh):
         return train_flow(cfg, resume=resume, stop=flag)
 
 

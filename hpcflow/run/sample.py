@@ -76,7 +76,7 @@ from hpcflow.io.ensemble import (
     remove_uncommitted,
 )
 from hpcflow.run.chains import load_model, model_checkpoint_path, update_of_config
-from hpcflow.run.world import agree_error, launched_size
+from hpcflow.run.world import agree_error, environment_errors, environment_failure, launched_size
 from hpcflow.sampling.chain import Chain
 from hpcflow.sampling.updates import LOCAL_STREAM_OFFSET
 from hpcflow.signals import StopFlag
@@ -277,22 +277,40 @@ class EnsembleSink:
 
     def _checkpoint(self, state: dict[str, Any], path: str) -> None:
         self._ckpt_step = state["step"]
+        self._root_writes(save_checkpoint, path, state, self.fp)
+
+    def _root_writes(self, fn: Any, path: str, *args: Any) -> None:
+        """``fn(path, *args)`` on the root rank; collective: a failure (a full disk: exit 4,
+        naming ``path``) is raised on every rank of the group, which would otherwise wait for
+        the root in their next collective."""
+        err: BaseException | None = None
         if self.comm.is_root:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_checkpoint(path, state, self.fp)
-        self.comm.barrier()
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fn(path, *args)
+            except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
+                err = environment_failure(e, (os.path.dirname(path),), path=path) or e
+        agree_error(self.comm, err)
+
+    def _promote(self, path: str) -> None:
+        os.replace(self.ckpt_next, path)
+        fsync_dir(os.path.dirname(path))
 
     def _commit(self, step: int) -> None:
         assert self.seg is not None
         self.n_seg += 1
-        self.seg.prepare()
-        self._checkpoint(self.snapshot(step), self.ckpt_next)
+        try:
+            self.seg.prepare()
+            self._checkpoint(self.snapshot(step), self.ckpt_next)
+        except Exception:
+            # not committed: the prepared (closed) temporary segment goes now (a resume would
+            # delete it too); a segment that failed while being written was discarded already
+            self.seg.abort()
+            self.seg = None
+            raise
         self.seg.publish()  # commit point
         self.seg = None
-        if self.comm.is_root:
-            os.replace(self.ckpt_next, self.ckpt)
-            fsync_dir(os.path.dirname(self.ckpt))
-        self.comm.barrier()
+        self._root_writes(self._promote, self.ckpt)
 
     # -- the chain's calls ------------------------------------------------------------------
     def on_step(self, step: int, info: Any) -> None:
@@ -399,7 +417,9 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
     if use_mpi is None:
         use_mpi = launched_size() > 1 or cfg.sample.n_workers > 1 or cfg.grid not in (None, (1,) * cfg.nd)
     flag = stop if stop is not None else StopFlag()
-    with flag, output_dir(cfg, "sample", resume=None if fresh else resume, fresh=fresh, use_mpi=use_mpi):
+    # a full disk, a read-only file system, permission denied in the output: exit 4, one line
+    with environment_errors(cfg.output.dir, ensemble_dir(cfg)), flag, \
+            output_dir(cfg, "sample", resume=None if fresh else resume, fresh=fresh, use_mpi=use_mpi):
         if use_mpi:
             chain, comm, lat, world = _group_comm(cfg)
         else:

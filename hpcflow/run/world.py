@@ -10,6 +10,10 @@
   directory: lock, results check, ``--fresh``); its result, or the same exception, on every
   rank. :func:`agree_error`: like ``Comm.any_error``, but every rank raises an exception of
   the same class with the same message (so every rank exits with the same code).
+* :func:`expected_error`: the exit code and one line of an expected error: an environment
+  failure (exit 4, :func:`environment_failure`: no space, quota, read-only file system,
+  permission denied on the run's output; :func:`environment_errors` converts them inside
+  ``run``/``train``/``sample``, knowing which paths are the run's output) or bad input (2).
 * :func:`settle_error`: how the CLI ends a command that failed under MPI: if every rank
   failed (the usual case: bad input is seen by all ranks, or agreed), rank 0 prints rank 0's
   message once and every rank returns rank 0's exit code; if some rank did not fail within
@@ -21,13 +25,16 @@ Only ``hpcflow.comm`` imports mpi4py; this module uses its objects.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["agree_error", "agreed", "data_errors", "error_line", "launched_rank", "launched_size",
+__all__ = ["agree_error", "agreed", "data_errors", "debug_requested", "environment_errors",
+           "environment_failure", "error_line", "expected_error", "launched_rank", "launched_size",
            "prepare_errors", "run_guarded", "settle_error", "world_control"]
 
 T = TypeVar("T")
@@ -86,7 +93,10 @@ def world_control(use_mpi: bool | None = None) -> Any:
 
 
 def _info(exc: BaseException) -> tuple[type, tuple, str]:
-    return type(exc), tuple(exc.args), str(exc)
+    args = tuple(exc.args)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        args = (exc.errno, exc.strerror, exc.filename)  # .args leaves the file name out
+    return type(exc), args, str(exc)
 
 
 def _rebuild(info: tuple[type, tuple, str]) -> BaseException:
@@ -188,28 +198,114 @@ def data_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointError, EnsembleError, ILDGError, LimeError, RunDirError)
 
 
-def error_line(e: BaseException) -> str | None:
-    """The one-line message of an expected error (exit 2), or None for anything else."""
-    from hpcflow.config import ConfigError
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    p = os.path.abspath(path)
+    return any(p == d or p.startswith(d.rstrip(os.sep) + os.sep) for d in map(os.path.abspath, dirs))
 
-    if isinstance(e, ConfigError):
-        return f"hpcflow: config error: {e}"
-    if isinstance(e, data_errors()):
-        return f"hpcflow: {e}"
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        return f"hpcflow: {e.filename}: {e.strerror}" if e.filename else f"hpcflow: {e}"
+
+_H5_NAME = re.compile(r"\b(?:file)?name = '([^']+)'")
+
+
+def _error_path(e: BaseException) -> str | None:
+    """The file an error (or what it was raised from or while handling) is about, if it says."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.filename is not None:
+            return os.fsdecode(cur.filename)
+        m = _H5_NAME.search(str(cur))  # h5py: "... (file write failed: ..., filename = '...', ...)"
+        if m is not None:
+            return m.group(1)
+        cur = cur.__cause__ or cur.__context__
     return None
 
 
-def run_guarded(call: Callable[[], int], mpi: bool = False) -> int:
-    """``call()`` with the error contract of the CLI: an expected error (:func:`error_line`)
-    is one line on stderr and exit 2; anything else a traceback (exit 1 under MPI; raised
-    otherwise). ``mpi``: the command may run on several ranks; when the launcher started
-    several, errors are settled (:func:`settle_error`): printed once, same code everywhere."""
+def environment_failure(e: BaseException, dirs: tuple[str, ...] = (), path: str | None = None) -> Any:
+    """``e`` as a :class:`hpcflow.exit_codes.EnvironmentFailure` (exit 4) with a one-line
+    message naming the path, or None when ``e`` is something else. ENOSPC, EDQUOT and EROFS
+    count wherever they come from; permission denied (EACCES/EPERM) only on a path inside
+    one of ``dirs`` (the run's output: ``output.dir``, the ensemble), since a file the user
+    gave and cannot read is bad input (exit 2). ``path``: the file being written, named when
+    the error itself names none (``write(2)`` errors), else the first of ``dirs``."""
+    from hpcflow.exit_codes import EnvironmentFailure, environment_errno
+
+    if isinstance(e, EnvironmentFailure):
+        return e
+    num = environment_errno(e)
+    named = _error_path(e)
+    path = named or path
+    if num is None and dirs:
+        num = environment_errno(e, access=True)
+        if num is not None and not (path is not None and _under(path, dirs)):
+            num = None
+    if num is None:
+        return None
+    if type(e).__module__.split(".")[0] == "hpcflow":
+        text = str(e)  # hpcflow's own errors (lock, ensemble, checkpoint) name the path
+    else:  # a system call's error, or h5py's/MPI-IO's long message with the errno inside
+        where = path or (dirs[0] if dirs else None)
+        text = f"{where}: {os.strerror(num)}" if where else os.strerror(num)
+    return EnvironmentFailure(num, text)
+
+
+@contextlib.contextmanager
+def environment_errors(*dirs: str) -> Iterator[None]:
+    """Turn environment failures of the body into :class:`~hpcflow.exit_codes.EnvironmentFailure`
+    (:func:`environment_failure`; ``dirs``: the run's output, where permission denied counts)."""
+    try:
+        yield
+    except Exception as e:
+        f = environment_failure(e, tuple(d for d in dirs if d))
+        if f is None or f is e:
+            raise
+        raise f from e
+
+
+def expected_error(e: BaseException) -> tuple[int, str] | None:
+    """``(exit code, one line)`` of an expected error: an environment failure (exit 4,
+    :func:`environment_failure`), bad input or an unusable file (exit 2); None for anything
+    else (a bug: traceback, exit 1)."""
+    from hpcflow.config import ConfigError
+    from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_ENVIRONMENT
+
+    env = environment_failure(e)
+    if env is not None:
+        return EXIT_ENVIRONMENT, f"hpcflow: {env}"
+    if isinstance(e, ConfigError):
+        return EXIT_BAD_INPUT, f"hpcflow: config error: {e}"
+    if isinstance(e, data_errors()):
+        return EXIT_BAD_INPUT, f"hpcflow: {e}"
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        line = f"hpcflow: {e.filename}: {e.strerror}" if e.filename else f"hpcflow: {e}"
+        return EXIT_BAD_INPUT, line
+    return None
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one-line message of an expected error (:func:`expected_error`), or None."""
+    got = expected_error(e)
+    return None if got is None else got[1]
+
+
+def debug_requested() -> bool:
+    """``HPCFLOW_DEBUG`` set to anything but empty/0/no/false/off."""
+    return os.environ.get("HPCFLOW_DEBUG", "").strip().lower() not in ("", "0", "no", "false", "off")
+
+
+def run_guarded(call: Callable[[], int], mpi: bool = False, debug: bool | None = None) -> int:
+    """``call()`` with the error contract of the CLI: an expected error (:func:`expected_error`)
+    is one line on stderr and exit 2 (bad input) or 4 (environment); anything else a traceback
+    (exit 1 under MPI; raised otherwise). ``debug`` (default: ``HPCFLOW_DEBUG``): print the
+    traceback of expected errors too, before their line. ``mpi``: the command may run on
+    several ranks; when the launcher started several, errors are settled
+    (:func:`settle_error`): printed once, same code everywhere."""
     import traceback
 
-    from hpcflow.exit_codes import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
+    from hpcflow.exit_codes import EXIT_INTERNAL, EXIT_OK
 
+    if debug is None:
+        debug = debug_requested()
     mpi = mpi and launched_size() > 1
     if mpi:
         prepare_errors()  # collective, before anything can fail on some ranks only
@@ -221,12 +317,30 @@ def run_guarded(call: Callable[[], int], mpi: bool = False) -> int:
         print("hpcflow: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - expected errors: one line; others: traceback
-        line = error_line(e)
+        got = expected_error(e)
         if not mpi:
-            if line is None:
+            if got is None:
+                _exit_if_hdf5_unclosed(EXIT_INTERNAL, traceback.format_exc())
                 raise
-            print(line, file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if line is None:
-            return settle_error(EXIT_INTERNAL, traceback.format_exc().rstrip())
-        return settle_error(EXIT_BAD_INPUT, line)
+            if debug:
+                traceback.print_exc(file=sys.stderr)
+            print(got[1], file=sys.stderr, flush=True)
+            return _exit_if_hdf5_unclosed(got[0])
+        if got is None:
+            return _exit_if_hdf5_unclosed(settle_error(EXIT_INTERNAL, traceback.format_exc().rstrip()))
+        code, line = got
+        return _exit_if_hdf5_unclosed(settle_error(code, traceback.format_exc() + line if debug else line))
+
+
+def _exit_if_hdf5_unclosed(code: int, text: str = "") -> int:
+    """``code``, or the end of the process with ``code`` (``os._exit``, after printing
+    ``text``) when HDF5 could not close a discarded segment: HDF5 1.10 would crash at
+    interpreter exit (``hpcflow.io.ensemble.unclosed_segments``)."""
+    ens = sys.modules.get("hpcflow.io.ensemble")
+    if ens is None or not ens.unclosed_segments():
+        return code
+    if text:
+        print(text, end="", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
