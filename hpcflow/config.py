@@ -611,17 +611,10 @@ def _measure_checks(ctx: _Ctx, cfg: Config) -> None:
     """Measurement settings against the lattice (before any work: a loop that cannot be measured
     used to fail after the whole run, or be dropped without a word)."""
     shape = cfg.lattice.shape
-    local = [n // p for n, p in zip(shape, cfg.grid)] if cfg.grid is not None else list(shape)
-    decomposed = [d for d, p in enumerate(cfg.grid or ()) if p > 1]
     for i, (r, t) in enumerate(cfg.measure.wilson_loops):
         if max(r, t) > min(shape):
             raise ctx.fail(f"measure.wilson_loops[{i}]", [r, t],
                            f"R and T <= {min(shape)}, the smallest extent of lattice.shape {list(shape)}")
-        for d in decomposed:  # the loops' reach is the halo width of a decomposed dimension
-            if max(r, t) > local[d]:
-                raise ctx.fail(f"measure.wilson_loops[{i}]", [r, t],
-                               f"R and T <= {local[d]}, the local extent of dimension {d} on grid "
-                               f"{list(cfg.grid or ())} (the loop's reach is the halo width there)")
     if cfg.measure.flow_time > 0 and cfg.measure.flow_eps > cfg.measure.flow_time:
         raise ctx.fail("measure.flow_eps", cfg.measure.flow_eps,
                        f"a step <= measure.flow_time = {cfg.measure.flow_time} (or flow_time: 0 to measure "

@@ -8,8 +8,7 @@ measured as the growth of the peak RSS of the process); the limit is the smalles
 limit along the process's cgroup path (v2, v1) or MemAvailable, shared by the ranks on a node;
 ``HPCFLOW_MEMORY_CHECK=off`` lets a job through. Config files: a YAML alias bomb, deep nesting
 and an oversized file are one line (no expansion), also through ``--set``; error lines never
-print unbounded values; Wilson loops larger than the lattice (or than a rank's local extent on
-the process grid) and a flow step larger than the flow time are refused at config time. HMC
+print unbounded values; Wilson loops larger than the lattice and a flow step larger than the flow time are refused at config time. HMC
 from a hot start of a large lattice (dH < -709) no longer ends in an OverflowError.
 """
 
@@ -66,9 +65,9 @@ print("PEAK", r0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)
 
 
 @pytest.mark.parametrize("command,raw", [
-    ("run", {"lattice": {"shape": [12, 12, 12, 12]}, "group": "su3", "algorithm": "heatbath",
+    ("run", {"lattice": {"shape": [16, 16, 16, 16]}, "group": "su3", "algorithm": "heatbath",
              "run": {"n_therm": 0, "n_steps": 1}, "measure": {"flow_time": 0.04, "flow_eps": 0.02}}),
-    ("run", {"lattice": {"shape": [12, 12, 12, 12]}, "group": "su3", "algorithm": "hmc", "hmc": {"n_steps": 2},
+    ("run", {"lattice": {"shape": [16, 16, 16, 16]}, "group": "su3", "algorithm": "hmc", "hmc": {"n_steps": 2},
              "run": {"n_therm": 0, "n_steps": 1}, "measure": {"flow_time": 0}}),
     ("train", {"lattice": {"shape": [48, 48]}, "algorithm": "flow", "flow": {"n_layers": 8, "hidden": [16, 16]},
                "train": {"steps": 2, "batch": 64}}),
@@ -86,6 +85,7 @@ def test_the_estimate_is_a_lower_bound_of_the_measured_peak(tmp_path: Path, comm
     grown = (int(r1) - int(r0)) * 1024  # ru_maxrss is in KiB on Linux
     est, how = estimate_bytes(config_from_dict(raw), command)
     assert est > 50 * 2**20, how  # a real amount, so that the comparison means something
+    print(f"MARGIN {command} {est / 2**20:.0f} MiB estimate, {grown / 2**20:.0f} MiB measured")
     assert est <= grown, f"estimate {est / 2**20:.0f} MiB > measured peak growth {grown / 2**20:.0f} MiB: {how}"
 
 
@@ -209,8 +209,6 @@ def test_error_lines_never_print_unbounded_values(tmp_path: Path) -> None:
      "R and T <= 4"),
     ({"lattice": {"shape": [8, 8, 8, 6]}, "measure": {"wilson_loops": [[7, 2]]}}, "measure.wilson_loops[0]",
      "R and T <= 6"),
-    ({"lattice": {"shape": [8, 8]}, "grid": [4, 1], "measure": {"wilson_loops": [[3, 3]]}},
-     "measure.wilson_loops[0]", "local extent of dimension 0"),
     ({"measure": {"flow_time": 0.1, "flow_eps": 0.5}}, "measure.flow_eps", "<= measure.flow_time"),
 ])
 def test_measurement_settings_are_checked_against_the_lattice(raw: dict, key: str, allowed: str) -> None:
