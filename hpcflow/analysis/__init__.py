@@ -1,4 +1,9 @@
-"""hpcflow.analysis: exact 2D results, Gamma-method errors, resampling, reweighting, topology."""
+"""hpcflow.analysis: exact 2D results, Gamma-method errors, resampling, reweighting, topology.
+
+Not imported here (they read ensembles, hence h5py and torch): :mod:`hpcflow.analysis.ensemble`
+(``measure_ensemble``, ``format_table``, ``export_pyerrors``: ``hpcflow measure``) and
+:mod:`hpcflow.analysis.plots` (``write_plots``: ``hpcflow plot``).
+"""
 
 from hpcflow.analysis.exact import (
     U1Exact2D,
@@ -15,7 +20,9 @@ from hpcflow.analysis.exact import (
     u1_2d_wilson_loop,
 )
 from hpcflow.analysis.gamma import (
+    FLAGS,
     GammaResult,
+    autocorrelation,
     gamma_method,
     gamma_method_derived,
     gamma_method_ratio,
@@ -38,10 +45,12 @@ from hpcflow.analysis.topology import (
 )
 
 __all__ = [
+    "FLAGS",
     "GammaResult",
     "ResamplingResult",
     "U1Exact2D",
     "as_charges",
+    "autocorrelation",
     "bessel_i_scaled",
     "bootstrap",
     "charge_histogram",

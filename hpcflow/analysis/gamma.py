@@ -14,6 +14,20 @@ hep-lat/0306017, exactly as PHYSICS.md states it, with ``S = 1.5``:
 ``bias_correction=True`` applies Wolff's eq. (49), ``C_F -> C_F (1 + (2W + 1)/N)``, as his
 UWerr and pyerrors do. Derived quantities ``f(<a_1>, ..., <a_k>)`` are analysed through the
 linearised fluctuation ``sum_a (df/da) (a_i - <a>)`` (Wolff section 3).
+
+The variance never silently becomes zero and ``tau_int`` is never negative. What can go wrong
+is reported in ``GammaResult.flags`` (codes in :data:`FLAGS`) and by a ``RuntimeWarning``:
+
+* ``"window_limit"``: no ``W < W_max = max_r N_r // 2`` satisfies ``g(W) < 0`` (the series is
+  too short for its autocorrelation time); the result at ``W = W_max - 1`` is returned, and
+  ``tau_int`` and the error are then probably underestimates.
+* ``"nonpositive_sum"``: ``tau_int(W) <= 0`` at the chosen window, i.e. the summed
+  autocorrelation ``C_F = 2 tau_int Gamma(0)`` is not a variance (strongly anticorrelated
+  data, e.g. a chain that alternates rejected flow steps with always-accepted local steps, or
+  noise on a short series). Decision: the naive error ``sqrt(Gamma(0)/N)`` of uncorrelated
+  data is returned instead (``tau_int = 1/2``, ``W = 0``, ``tau_int_error = 0``), an
+  overestimate for anticorrelated data, never zero.
+* ``"constant"``: ``Gamma(0)`` is zero to rounding: error 0, ``tau_int = 1/2`` (no warning).
 """
 
 from __future__ import annotations
@@ -25,15 +39,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GammaResult", "gamma_method", "gamma_method_derived", "gamma_method_ratio"]
+__all__ = ["FLAGS", "GammaResult", "autocorrelation", "gamma_method", "gamma_method_derived",
+           "gamma_method_ratio"]
 
 ArrayLike = np.ndarray | Sequence[float]
 Series = ArrayLike | Sequence[ArrayLike]
 
 
+#: What ``GammaResult.flags`` can hold (module docstring).
+FLAGS: dict[str, str] = {
+    "window_limit": "no window found below W_max = N/2: the series is too short for its "
+                    "autocorrelation time; tau_int and the error are probably underestimated",
+    "nonpositive_sum": "the autocorrelation sum went negative (tau_int(W) <= 0): the naive "
+                       "error of uncorrelated data is given instead (tau_int = 1/2)",
+    "constant": "constant series: no fluctuation to estimate an error from",
+}
+
+
 @dataclass(frozen=True)
 class GammaResult:
-    """Mean, its error, ``tau_int`` with its error, the summation window and the number of values."""
+    """Mean, its error, ``tau_int`` with its error, the summation window, the number of values
+    and the problems met (``flags``, codes of :data:`FLAGS`; empty when all went well)."""
 
     mean: float
     error: float
@@ -41,10 +67,12 @@ class GammaResult:
     tau_int_error: float
     window: int
     n: int
+    flags: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        extra = f", flags: {', '.join(self.flags)}" if self.flags else ""
         return (f"{self.mean:.8g} +/- {self.error:.3g} (tau_int = {self.tau_int:.3g} "
-                f"+/- {self.tau_int_error:.2g}, W = {self.window}, N = {self.n})")
+                f"+/- {self.tau_int_error:.2g}, W = {self.window}, N = {self.n}{extra})")
 
 
 def _replicas(x: Series, name: str = "x") -> list[np.ndarray]:
@@ -97,10 +125,11 @@ def _gamma_from_deltas(
     scale = max(abs(mean), max(float(np.abs(d).max()) for d in deltas))
     if not g0 > (16 * np.finfo(float).eps * scale) ** 2:
         # constant series (fluctuations at rounding level): nothing to measure, no 0/0
-        return GammaResult(mean, 0.0, 0.5, 0.0, 0, n)
+        return GammaResult(mean, 0.0, 0.5, 0.0, 0, n, ("constant",))
     rho = gamma / g0
     tau_w = 0.5 + np.cumsum(rho[1:])  # tau_int(W) for W = 1 .. w_max-1
     window = None
+    flags: list[str] = []
     if S == 0:
         window = 0
     else:
@@ -114,17 +143,26 @@ def _gamma_from_deltas(
                 break
         if window is None:
             window = max(w_max - 1, 0)
+            flags.append("window_limit")
             warnings.warn(
                 f"Gamma method: no window found below W_max = {w_max} (N = {n}); the series "
                 "is too short for its autocorrelation time", RuntimeWarning, stacklevel=3)
     tau_int = 0.5 if window == 0 else float(tau_w[window - 1])
+    if tau_int <= 0.0:
+        # C_F = 2 tau_int Gamma(0) <= 0 is no variance: the naive error, flagged (never zero)
+        warnings.warn(
+            f"Gamma method: the autocorrelation sum is negative (tau_int(W = {window}) = "
+            f"{tau_int:.3g}, N = {n}); giving the naive error of uncorrelated data",
+            RuntimeWarning, stacklevel=3)
+        flags.append("nonpositive_sum")
+        window, tau_int = 0, 0.5
     c_f = 2.0 * tau_int * g0
     if bias_correction:
         c_f *= 1.0 + (2 * window + 1) / n
         tau_int = c_f / (2.0 * g0)
-    error = math.sqrt(max(c_f, 0.0) / n)
+    error = math.sqrt(c_f / n)
     d_tau = 2.0 * tau_int * math.sqrt(max(window - tau_int + 0.5, 0.0) / n)
-    return GammaResult(float(mean), error, tau_int, d_tau, int(window), n)
+    return GammaResult(float(mean), error, tau_int, d_tau, int(window), n, tuple(flags))
 
 
 def _check_s(S: float) -> float:
@@ -142,6 +180,25 @@ def gamma_method(x: Series, S: float = 1.5, bias_correction: bool = False) -> Ga
     reps = _replicas(x)
     mean = float(sum(r.sum() for r in reps) / sum(r.size for r in reps))
     return _gamma_from_deltas(mean, [r - mean for r in reps], S, bias_correction)
+
+
+def autocorrelation(x: Series, w_max: int | None = None) -> np.ndarray:
+    """Normalised autocorrelation ``rho(t) = Gamma(t)/Gamma(0)``, ``t = 0 .. w_max - 1``
+    (default ``max_r N_r // 2``), of a series or of replica series (as :func:`gamma_method`);
+    ``tau_int(W) = 1/2 + sum_{t=1..W} rho(t)``. A constant series gives ``rho = [1, 0, ...]``."""
+    reps = _replicas(x)
+    mean = float(sum(r.sum() for r in reps) / sum(r.size for r in reps))
+    deltas = [r - mean for r in reps]
+    w = max(d.size for d in deltas) // 2 if w_max is None else int(w_max)
+    if w < 1:
+        raise ValueError(f"w_max must be >= 1, got {w_max!r}")
+    gamma = _autocov(deltas, w)
+    scale = max(abs(mean), max(float(np.abs(d).max()) for d in deltas))
+    if not gamma[0] > (16 * np.finfo(float).eps * scale) ** 2:
+        out = np.zeros(w)
+        out[0] = 1.0
+        return out
+    return gamma / gamma[0]
 
 
 def gamma_method_derived(

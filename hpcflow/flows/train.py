@@ -169,8 +169,12 @@ def load_flow_checkpoint(model: torch.nn.Module, path: str | Path, beta: float |
     return ck
 
 
-def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
-    """PNG with loss, ESS, acceptance and learning rate against step (matplotlib, Agg)."""
+def plot_metrics(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any] | None = None) -> None:
+    """PNG with loss, ESS, acceptance and learning rate against step (matplotlib, Agg).
+
+    ``meta`` (``group``, ``lattice``, ``beta``, ``batch``; e.g. ``Trainer._meta()``) titles the
+    figure; for 2D U(1) the loss panel also shows the exact ``-log Z`` at each row's beta
+    (:func:`hpcflow.analysis.exact.u1_2d_log_z`; loss + log Z = KL(q||p) >= 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,9 +188,25 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("step")
+    meta = meta or {}
+    lat = [int(n) for n in (meta.get("lattice") or [])]
+    if meta.get("group") == "u1" and len(lat) == 2:
+        from hpcflow.analysis.exact import u1_2d_log_z
+
+        betas = [float(r.get("beta", meta.get("beta") or 0.0)) for r in rows]
+        log_z = {b: u1_2d_log_z(b, volume=lat[0] * lat[1]) for b in set(betas)}
+        axes[0, 0].plot(steps, [-log_z[b] for b in betas], "k:", lw=1.2, label="exact -log Z (loss >= -log Z)")
+        axes[0, 0].legend(loc="upper right", fontsize=7)
+    title = ""
+    if meta:
+        beta = meta.get("beta")
+        title = (f"Training: {meta.get('group', '?')} {'x'.join(map(str, lat))}, "
+                 f"beta {'?' if beta is None else f'{float(beta):g}'}"
+                 + (f", batch {meta['batch']}" if meta.get("batch") else ""))
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=100, metadata={"Title": title} if title else None)
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -601,5 +621,5 @@ class Trainer:
         if self.step % ck_every != 0:
             self.save_checkpoint()
         if self.comm.is_root and rows:
-            plot_metrics(rows, self.dir / "metrics.png")
+            plot_metrics(rows, self.dir / "metrics.png", meta=self._meta())
         return rows

@@ -172,6 +172,6 @@ def test_export_from_ensemble_and_measure(tmp_path) -> None:
     ck = export_ildg(root, tmp_path / "c.lime", index=2)
     V, meta = read_ildg(tmp_path / "c.lime")
     assert torch.equal(V, Us[2]) and meta["checksum"] == ck and meta["info"]["step"] == "3"
-    m = measure_ensemble(root)
+    m = measure_ensemble(root)["observables"]
     assert m["plaquette"]["mean"] == pytest.approx(np.mean(plaqs), abs=1e-15) and m["plaquette"]["n"] == 4
     assert "plaquette_reweighted" not in m  # baseline rows carry no log w
