@@ -12,6 +12,11 @@
 #SBATCH --open-mode=append
 #SBATCH --signal=TERM@300
 #SBATCH --output=hpcflow.%j.out
+# Site settings: most centres require an account (project); set them here or on the command
+# line (sbatch -A PROJECT -p PARTITION --qos=QOS ...), which overrides these lines.
+##SBATCH --account=PROJECT
+##SBATCH --partition=PARTITION
+##SBATCH --qos=QOS
 set -uo pipefail
 config="${1:?usage: sbatch $0 CONFIG.yaml [train|sample|run]}"
 cmd="${2:-run}"
@@ -19,10 +24,18 @@ case "$cmd" in
   train|sample|run) ;;
   *) printf '%s: the command must be train, sample or run (got %q)\n' "$0" "$cmd" >&2; exit 2 ;;
 esac
-export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+# CPUs and threads (Slurm >= 22.05: srun no longer inherits --cpus-per-task from sbatch, so
+# without this every rank and its OpenMP threads would share one CPU): each task gets
+# cpus-per-task cores (--cpu-bind=cores), one OpenMP thread per core, pinned inside them.
+cpt="${SLURM_CPUS_PER_TASK:-1}"
+case "$cpt" in
+  ''|*[!0-9]*) printf '%s: SLURM_CPUS_PER_TASK must be a number (got %q)\n' "$0" "$cpt" >&2; exit 2 ;;
+esac
+export SRUN_CPUS_PER_TASK="$cpt"
+export OMP_NUM_THREADS="$cpt" OMP_PLACES=cores OMP_PROC_BIND=close
 resume=()
 [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && resume=(--resume)
-srun --mpi=pmix hpcflow "$cmd" "$config" "${resume[@]}"
+srun --mpi=pmix --cpus-per-task="$cpt" --cpu-bind=cores hpcflow "$cmd" "$config" "${resume[@]}"
 rc=$?
 if [ "$rc" -eq 3 ]; then
   # stopped with a checkpoint written: back into the queue, same job id

@@ -12,6 +12,10 @@
 # run side by side on one machine and none touches /etc/slurm. Daemons and jobs run as root
 # (SlurmUser=root): this is a test fixture, not a production set-up.
 # Plugins: select/cons_tres, proctrack/linuxproc, task/none (no cgroups needed in containers).
+# SLURM_TEST_TASK_PLUGIN=task/affinity makes slurmd bind each task to its CPUs
+# (sched_setaffinity, still no cgroups); SLURM_TEST_CPUS=N advertises N CPUs (default: the
+# machine's, at least 4). A binding test needs the real count (SLURM_TEST_CPUS=$(nproc)):
+# affinity masks of advertised CPUs the machine lacks cannot be applied.
 set -euo pipefail
 log() { echo "[slurm_test_cluster] $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -92,6 +96,16 @@ ncpu="$(nproc)"
 # Advertise at least 4 CPUs so a 2-task job and a dependent job fit on a 2-core machine;
 # config_overrides lets slurmd accept more CPUs than the hardware has.
 cpus=$(( ncpu < 4 ? 4 : ncpu ))
+case "${SLURM_TEST_CPUS:-}" in
+  '') ;;
+  *[!0-9]*|0) die "SLURM_TEST_CPUS must be a positive integer (got '${SLURM_TEST_CPUS}')" ;;
+  *) cpus="$SLURM_TEST_CPUS" ;;
+esac
+task_plugin="${SLURM_TEST_TASK_PLUGIN:-task/none}"
+case "$task_plugin" in
+  task/none|task/affinity) ;;
+  *) die "SLURM_TEST_TASK_PLUGIN must be task/none or task/affinity (got '${task_plugin}')" ;;
+esac
 cluster="hpcflowtest$(date +%s)$$"
 
 cat >"$dir/slurm.conf" <<EOF
@@ -114,7 +128,7 @@ SlurmdLogFile=${dir}/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=${task_plugin}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill

@@ -8,9 +8,13 @@ What these tests prove, with the real ``sbatch``/``squeue``/``scontrol`` of Debi
   (made with the trained model: its sha256 is in the file attributes), and ``hpcflow campaign
   status`` reports the committed count and acceptance read from that ensemble;
 * a campaign submitted again submits nothing once everything is done;
-* a job stopped by ``scontrol requeue`` runs again under the same job id and the campaign
-  completes, with the dependent stage waiting for the rerun;
-* a stage that exits 3 (stopped, resumable) is requeued by its own batch script and rerun with
+* each stage is one job array (chain i = index i), the sample array depends (afterok) on the
+  train array, and the campaign reads their states with squeue (this cluster has no
+  accounting, so sacct fails and the fallback is what runs; the sacct parser is tested on
+  recorded output in tests/unit/test_campaign.py);
+* an array task stopped by ``scontrol requeue <array>_<i>`` runs again under the same ids and
+  the campaign completes, with the dependent stage waiting for the rerun;
+* a stage that exits 3 (stopped, resumable) requeues its own array task and reruns with
   ``--resume``;
 * a campaign directory and hpcflow path full of shell and sbatch syntax reach Slurm and the job
   literally (the real sbatch parses the '#SBATCH' lines; nothing is executed).
@@ -39,6 +43,7 @@ import pytest
 import yaml
 
 from hpcflow.run import campaign as cp
+from hpcflow.run.campaign.slurm import queue_states
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts" / "slurm_test_cluster.sh"
@@ -102,7 +107,7 @@ def _states(ids) -> dict[str, tuple[str, str]]:
     ids = [str(i) for i in ids]
     if not ids:
         return {}
-    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i %T %r"], check=False,
+    r = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(ids), "-o", "%i %T %r"], check=False,
                        capture_output=True, text=True)
     out = {}
     for line in r.stdout.splitlines():
@@ -182,10 +187,14 @@ def _run_to_completion(jobs, slurm_dir: Path, camp_dir: Path | None = None) -> d
 
 
 def _jobcomp(slurm_dir: Path) -> list[dict]:
-    """Slurm's own completion records (jobcomp/filetxt): JobId, JobState, StartTime, EndTime, ..."""
+    """Slurm's own completion records (jobcomp/filetxt): JobId, JobState, StartTime, EndTime, ...;
+    ``Task`` is the array task as the campaign records it (``<ArrayJobId>_<ArrayTaskId>``)."""
     recs = []
     for line in (slurm_dir / "log" / "jobcomp.log").read_text().splitlines():
-        recs.append(dict(kv.split("=", 1) for kv in line.split() if "=" in kv))
+        r = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        arr = r.get("ArrayJobId", "0")
+        r["Task"] = f"{arr}_{r.get('ArrayTaskId')}" if arr not in ("", "0") else r["JobId"]
+        recs.append(r)
     return recs
 
 
@@ -220,7 +229,16 @@ def test_campaign_train_then_sample(slurm: Path, tmp_path: Path) -> None:
     _run_to_completion([j["job_id"] for j in state["jobs"].values()], slurm, Path(c.dir))
     rows = cp.campaign_status(c)
     assert len(rows) == 2
-    comp = {r["JobId"]: r for r in _jobcomp(slurm)}
+    comp = {r["Task"]: r for r in _jobcomp(slurm)}
+    # one job array per stage: chain i is index i of both
+    for st in ("train", "sample"):
+        ids = [state["jobs"][f"{ch.id}/{st}"]["job_id"] for ch in cp.expand_chains(c)]
+        assert len({i.split("_")[0] for i in ids}) == 1 and [i.split("_")[1] for i in ids] == ["0", "1"], ids
+    # this cluster runs without accounting: sacct fails and the state comes from squeue -r
+    r = subprocess.run(["sacct", "-j", "1"], check=False, capture_output=True, text=True)
+    assert r.returncode != 0 and "accounting storage is disabled" in (r.stdout + r.stderr), r
+    all_ids = [j["job_id"] for j in state["jobs"].values()]
+    assert queue_states(all_ids, subprocess.run) == {i: "COMPLETED" for i in all_ids}
     for row in rows:
         for st in ("train", "sample"):
             assert row["stages"][st]["state"] == "done", (row, _status(c, row["chain"], st))
@@ -302,9 +320,9 @@ exec '{HPCFLOW}' "$@"
     first, again, _ = calls.read_text().splitlines()  # train twice, sample once
     # resume: false -> the rerun starts afresh, moving the interrupted attempt's results aside
     assert not first.endswith(("--fresh", "--resume")) and again.endswith("--fresh"), (first, again)
-    comp = [r for r in _jobcomp(slurm) if r["JobId"] in (tj, sj)]
-    final_train = [r for r in comp if r["JobId"] == tj and r["JobState"] == "COMPLETED"]
-    sample = [r for r in comp if r["JobId"] == sj]
+    comp = [r for r in _jobcomp(slurm) if r["Task"] in (tj, sj)]
+    final_train = [r for r in comp if r["Task"] == tj and r["JobState"] == "COMPLETED"]
+    sample = [r for r in comp if r["Task"] == sj]
     assert len(final_train) == 1 and len(sample) == 1 and sample[0]["JobState"] == "COMPLETED"
     assert sample[0]["StartTime"] >= final_train[0]["EndTime"]
     hist = hist_file.read_text().splitlines()
@@ -366,7 +384,7 @@ def test_shell_and_sbatch_syntax_in_paths_stays_literal(slurm: Path, tmp_path: P
     _run_to_completion([jid], slurm, Path(c.dir))
     paths = cp.job_paths(c, ch, st)
     assert rec.read_bytes().split(b"\0")[:-1] == [b"run", paths["config"].encode()]
-    assert (Path(c.dir) / "logs" / f"{ch.id}.{st.name}.{jid}.out").is_file()
-    assert sorted(p.name for p in (Path(c.dir) / "logs").iterdir()) == [f"{ch.id}.{st.name}.{jid}.out"]
+    assert (Path(c.dir) / "logs" / f"{st.name}.{jid}.out").is_file()  # jid: <array id>_<index>
+    assert sorted(p.name for p in (Path(c.dir) / "logs").iterdir()) == [f"{st.name}.{jid}.out"]
     assert _status(c, ch.id, st.name)["state"] == "done"
     assert not list(tmp_path.rglob("PWNED*")) and not list(ROOT.glob("PWNED*"))

@@ -39,22 +39,38 @@ def _load(tmp_path: Path, raw: dict) -> cp.Campaign:
 
 
 class FakeSlurm:
-    """Records sbatch/scancel calls; squeue answers from ``queue`` (job id -> state)."""
+    """Records sbatch/scancel calls; a job array's tasks go into ``queue`` (``<array>_<i>`` ->
+    state). Without accounting (``sacct=False``) sacct fails as Slurm's does and squeue answers
+    (``squeue -r``: one line per task); with it, sacct answers in its --parsable2 format."""
 
-    def __init__(self) -> None:
+    def __init__(self, sacct: bool = False) -> None:
         self.calls: list[list[str]] = []
         self.queue: dict[str, str] = {}
         self.next = 100
+        self.sacct = sacct
+
+    def _listed(self, cmd: list[str]) -> list[str]:
+        arrays = cmd[cmd.index("-j") + 1].split(",")
+        return [t for t in self.queue if t.split("_")[0] in arrays]
 
     def __call__(self, cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
         self.calls.append(cmd)
         if cmd[0] == "sbatch":
             self.next += 1
-            self.queue[str(self.next)] = "PENDING"
+            spec = next(a for a in cmd if a.startswith("--array="))[len("--array="):].split("%")[0]
+            for part in spec.split(","):
+                lo, _, hi = part.partition("-")
+                for i in range(int(lo), int(hi or lo) + 1):
+                    self.queue[f"{self.next}_{i}"] = "PENDING"
             return subprocess.CompletedProcess(cmd, 0, f"{self.next}\n", "")
+        if cmd[0] == "sacct":
+            if not self.sacct:
+                return subprocess.CompletedProcess(cmd, 1, "", "Slurm accounting storage is disabled\n")
+            out = "".join(f"{t}|{self.queue[t]}|0:0\n{t}.batch|{self.queue[t]}|0:0\n" for t in self._listed(cmd))
+            return subprocess.CompletedProcess(cmd, 0, out, "")
         if cmd[0] == "squeue":
-            ids = cmd[cmd.index("-j") + 1].split(",")
-            out = "".join(f"{i} {self.queue[i]}\n" for i in ids if i in self.queue)
+            assert "-r" in cmd  # one line per array task
+            out = "".join(f"{t} {self.queue[t]}\n" for t in self._listed(cmd))
             return subprocess.CompletedProcess(cmd, 0, out, "")
         if cmd[0] == "scancel":
             self.queue.pop(cmd[1], None)
@@ -133,15 +149,16 @@ def test_bad_campaign_fails_before_submission(tmp_path: Path, change: dict, matc
 def test_script_requeues_and_resumes(tmp_path: Path) -> None:
     c = _load(tmp_path, _raw(slurm={"mpi": "pmi2", "signal_seconds": 120, "partition": "gpu"}))
     ch = cp.expand_chains(c)[0]
-    s = cp.render_script(c, ch, c.stages[1])
+    s = cp.render_script(c, c.stages[1], [ch])
     for line in ("#SBATCH --signal=TERM@120", "#SBATCH --requeue", "#SBATCH --partition=gpu",
-                 'scontrol requeue "$SLURM_JOB_ID"', "resume=(--resume)", "srun --mpi=pmi2 /opt/bin/hpcflow run "):
+                 'scontrol requeue "$task"', "resume=(--resume)",
+                 'srun --cpus-per-task="$cpt" --cpu-bind=cores --mpi=pmi2 /opt/bin/hpcflow run "$config"'):
         assert line in s
     p = tmp_path / "s.sh"
     p.write_text(s)
     assert subprocess.run(["bash", "-n", str(p)], check=False).returncode == 0
     no_resume = _load(tmp_path, _raw(stages={"train": {"command": "run", "resume": False}}))
-    s = cp.render_script(no_resume, ch, no_resume.stages[0])
+    s = cp.render_script(no_resume, no_resume.stages[0], [ch])
     assert "resume=(--resume)" not in s and "resume=(--fresh)" in s
 
 
@@ -168,7 +185,7 @@ def test_rerun_flags(tmp_path: Path, command: str, resume: bool, model: bool, fi
     ch = cp.expand_chains(c)[0]
     paths = cp.job_paths(c, ch, st)
     Path(paths["script"]).parent.mkdir(parents=True)
-    Path(paths["script"]).write_text(cp.render_script(c, ch, st))
+    Path(paths["script"]).write_text(cp.render_script(c, st))
     out = Path(cp.job_config(c, ch, st)["output"]["dir"])
     if model:
         (out / "train").mkdir(parents=True)
@@ -178,7 +195,8 @@ def test_rerun_flags(tmp_path: Path, command: str, resume: bool, model: bool, fi
     _stubs(stubs, log)
     (stubs / "hpcflow").write_text(_STUB.format(name="hpcflow", body="exit 0"))
     (stubs / "hpcflow").chmod(0o755)
-    env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "9"}
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8",
+           "SLURM_ARRAY_TASK_ID": "0"}
     for restarts, want in (("0", first), ("1", rerun)):
         for f in log.iterdir():
             f.unlink()
@@ -209,60 +227,88 @@ def test_dry_run_prints_and_submits_nothing(tmp_path: Path) -> None:
     fake, printed = FakeSlurm(), []
     cp.submit(c, dry_run=True, run=fake, out=printed.append)
     assert fake.calls == []
-    assert sum(p.startswith("#!/bin/bash") for p in printed) == 8
+    # one job array per stage, every chain an index
+    assert sum(p.startswith("#!/bin/bash") for p in printed) == 2
+    assert sum("--array=0-3 " in p for p in printed) == 2
     assert not Path(c.dir).exists()
 
 
-def test_submit_dependencies_and_resubmission(tmp_path: Path) -> None:
-    c = _load(tmp_path, _raw(beta=[1.0], chains=1))
-    fake = FakeSlurm()
+@pytest.mark.parametrize("sacct", [False, True], ids=["squeue", "sacct"])
+def test_submit_dependencies_and_resubmission(tmp_path: Path, sacct: bool) -> None:
+    """One job array per stage (chain i = index i), the sample array afterok on the train array;
+    resubmission puts exactly the unfinished chains in a new array; scheduler state from sacct,
+    or from squeue when accounting is off."""
+    c = _load(tmp_path, _raw(beta=[1.0], chains=2))
+    fake = FakeSlurm(sacct=sacct)
     state = cp.submit(c, run=fake, out=lambda s: None)
     sb = fake.sbatches()
     assert len(sb) == 2 and not any(a.startswith("--dependency") for a in sb[0])
+    assert "--array=0-1" in sb[0] and "--array=0-1" in sb[1]
+    assert sb[0][-1].endswith("scripts/train.sbatch") and sb[1][-1].endswith("scripts/sample.sbatch")
     assert "--dependency=afterok:101" in sb[1]
-    assert state["jobs"]["beta1-c0/sample"]["job_id"] == "102"
+    assert state["jobs"]["beta1-c1/sample"]["job_id"] == "102_1"
+    assert state["jobs"]["beta1-c1/sample"]["array_job_id"] == "102"
     assert json.loads((Path(c.dir) / "campaign_state.json").read_text()) == state
     assert (Path(c.dir) / "configs" / "beta1-c0.train.yaml").exists()
+    assert (Path(c.dir) / "configs" / "beta1-c1.train.yaml").exists()
+    asked = [x[0] for x in fake.calls if x[0] in ("sacct", "squeue")]
+    assert asked == []  # nothing known before the first submission
 
-    # both still queued: nothing to do
+    # all still queued: nothing to do
     cp.submit(c, run=fake, out=lambda s: None)
     assert len(fake.sbatches()) == 2
+    assert [x[0] for x in fake.calls if x[0] in ("sacct", "squeue")] == (["sacct"] if sacct else ["sacct", "squeue"])
 
-    # train failed (gone from the queue); sample still pending on it -> both replaced
-    del fake.queue["101"]
+    # train of chain 1 failed (gone): its train again, and its sample (cancelled) after it;
+    # chain 0's tasks stay
+    del fake.queue["101_1"]
     state = cp.submit(c, run=fake, out=lambda s: None)
-    assert ["scancel", "102"] in fake.calls
-    assert fake.sbatches()[2][-1].endswith("beta1-c0.train.sbatch")
-    assert "--dependency=afterok:103" in fake.sbatches()[3]
-    assert state["jobs"]["beta1-c0/train"]["history"] == ["101", "103"]
+    assert ["scancel", "102_1"] in fake.calls and ["scancel", "102_0"] not in fake.calls
+    new_train, new_sample = fake.sbatches()[2:]
+    assert new_train[-1].endswith("train.sbatch") and "--array=1" in new_train
+    assert "--array=1" in new_sample and "--dependency=afterok:103" in new_sample
+    assert state["jobs"]["beta1-c1/train"]["history"] == ["101_1", "103_1"]
+    assert state["jobs"]["beta1-c0/sample"]["job_id"] == "102_0"
 
-    # train done (status file written by the job), sample lost: sample alone, no dependency
+    # chain 1's train done (status file written by the job), its sample lost: alone, no dependency
     status = Path(c.dir) / "status"
     status.mkdir()
-    (status / "beta1-c0.train.json").write_text(json.dumps({"state": "done", "job_id": "103"}))
-    fake.queue.clear()
+    (status / "beta1-c1.train.json").write_text(json.dumps({"state": "done", "job_id": "103_1"}))
+    del fake.queue["103_1"], fake.queue["104_1"]
     cp.submit(c, run=fake, out=lambda s: None)
     last = fake.sbatches()[4]
-    assert len(fake.sbatches()) == 5 and last[-1].endswith("beta1-c0.sample.sbatch")
+    assert len(fake.sbatches()) == 5 and last[-1].endswith("sample.sbatch") and "--array=1" in last
     assert not any(a.startswith("--dependency") for a in last)
 
 
-def test_status_table(tmp_path: Path) -> None:
-    c = _load(tmp_path, _raw(beta=[1.0], chains=1))
+def test_array_limit_and_spec(tmp_path: Path) -> None:
+    from hpcflow.run.campaign.slurm import array_spec
+
+    assert array_spec([3, 0, 1, 2, 7, 9, 10]) == "0-3,7,9-10" and array_spec([5], 2) == "5%2"
+    c = _load(tmp_path, _raw(slurm={"array_limit": 1}))
     fake = FakeSlurm()
     cp.submit(c, run=fake, out=lambda s: None)
-    fake.queue["101"] = "RUNNING"
-    out = Path(c.dir) / "chains" / "beta1-c0"
-    out.mkdir(parents=True)
-    recs = [{"step": i, "plaquette": 0.5, "accepted": float(i % 4 != 0)} for i in range(8)]
-    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 8, "plaq')
-    rows = cp.campaign_status(c, run=fake)
-    assert rows[0]["stages"]["train"] == {"job_id": "101", "state": "running", "restarts": 0}
-    assert rows[0]["stages"]["sample"]["state"] == "pending"
-    assert rows[0]["configs"] == 8  # the cut last line is not a committed measurement
-    assert rows[0]["acceptance"] == pytest.approx(6 / 8)
-    table = cp.format_status(c, rows)
-    assert "0/1 chains finished" in table and "101 running" in table and "0.750" in table
+    assert [x[2] for x in fake.sbatches()] == ["--array=0-3%1"] * 2
+    with pytest.raises(cp.CampaignError, match="slurm.max_array_size = 3 chains"):
+        _load(tmp_path, _raw(chains=2, slurm={"max_array_size": 3}))
+    with pytest.raises(cp.CampaignError, match="slurm.array_limit"):
+        _load(tmp_path, _raw(slurm={"array_limit": "2;x"}))
+
+
+def test_sacct_parser_real_format() -> None:
+    """Recorded ``sacct --noheader --parsable2 --allocations --format=JobID,State,ExitCode`` of a
+    Slurm 22.05 cluster with accounting (array 2001 of 4 tasks: done, requeued/pending,
+    failed, cancelled; a pending compressed remainder; a plain job; steps are skipped)."""
+    from hpcflow.run.campaign.slurm import parse_sacct, parse_squeue
+
+    text = ("2001_0|COMPLETED|0:0\n2001_0.batch|COMPLETED|0:0\n2001_1|PENDING|0:0\n2001_2|FAILED|4:0\n"
+            "2001_2.batch|FAILED|4:0\n2001_3|CANCELLED by 0|0:0\n2002_[0-2,5%2]|PENDING|0:0\n"
+            "2003|RUNNING|0:0\n2003.0|RUNNING|0:0\n")
+    assert parse_sacct(text) == {"2001_0": "COMPLETED", "2001_1": "PENDING", "2001_2": "FAILED",
+                                 "2001_3": "CANCELLED", "2002_0": "PENDING", "2002_1": "PENDING",
+                                 "2002_2": "PENDING", "2002_5": "PENDING", "2003": "RUNNING"}
+    assert parse_squeue("7_1 RUNNING\n7_[2-3] PENDING\n8 COMPLETED\n") == {
+        "7_1": "RUNNING", "7_2": "PENDING", "7_3": "PENDING", "8": "COMPLETED"}
 
 
 def test_example_campaign_is_valid() -> None:
@@ -414,7 +460,7 @@ def test_allowed_resources_reach_the_script(tmp_path: Path) -> None:
     for t in ("90", "90:30", "2:00:00", "100:00:00", "1-0", "2-12", "2-12:30", "2-12:30:15", 90):
         c = _load(tmp_path, _raw(stages={"train": {"command": "run", "resources": {**res, "time": t}}}))
         assert c.stages[0].resources.time == str(t)
-    s = cp.render_script(c, cp.expand_chains(c)[0], c.stages[0])
+    s = cp.render_script(c, c.stages[0])
     for line in ("#SBATCH --partition=gpu,batch", "#SBATCH --account=proj_1.a-b", "#SBATCH --mem=64G",
                  "#SBATCH --qos=normal", "#SBATCH --exclusive", "#SBATCH --constraint=intel&(v100|a100)",
                  "#SBATCH --gres=gpu:2", "#SBATCH --mail-type=END,FAIL"):
@@ -441,14 +487,14 @@ def test_render_script_revalidates(tmp_path: Path) -> None:
     for bad in (dataclasses.replace(c, name="x\ntouch PWNED"), dataclasses.replace(c, mpi="pmix\nx"),
                 dataclasses.replace(c, dir=str(tmp_path / "a\nb")), dataclasses.replace(c, hpcflow="a\nb")):
         with pytest.raises(cp.CampaignError):
-            cp.render_script(bad, ch, st)
+            cp.render_script(bad, st, [ch])
     with pytest.raises(cp.CampaignError):
-        cp.render_script(c, dataclasses.replace(ch, id=".."), st)
+        cp.render_script(c, st, [dataclasses.replace(ch, id="..")])
     with pytest.raises(cp.CampaignError):
-        cp.render_script(c, ch, dataclasses.replace(st, resources=dataclasses.replace(
-            st.resources, partition="gpu\ntouch PWNED")))
+        cp.render_script(c, dataclasses.replace(st, resources=dataclasses.replace(
+            st.resources, partition="gpu\ntouch PWNED")), [ch])
     with pytest.raises(cp.CampaignError):
-        cp.render_script(c, ch, dataclasses.replace(st, command="run; touch PWNED"))
+        cp.render_script(c, dataclasses.replace(st, command="run; touch PWNED"), [ch])
 
 
 def _sbatch_directives(script: str) -> list[str]:
@@ -493,14 +539,15 @@ def _sbatch_directives(script: str) -> list[str]:
     return args
 
 
-def _slurm_fname(pattern: str, job_id: str) -> str:
-    """Slurm's batch --output file name: '%%' -> '%', '%j' -> the job id (the only ones used)."""
+def _slurm_fname(pattern: str, job_id: str, array_id: str = "", index: str = "") -> str:
+    """Slurm's batch --output file name: '%%' -> '%', '%j' -> the job id, '%A' the array's job
+    id, '%a' the array index (the only ones used)."""
     out, i = "", 0
     while i < len(pattern):
         if pattern[i] == "%" and i + 1 < len(pattern):
             nxt = pattern[i + 1]
-            assert nxt in "%j", f"unexpected Slurm file pattern %{nxt} in {pattern!r}"
-            out += "%" if nxt == "%" else job_id
+            assert nxt in "%jAa", f"unexpected Slurm file pattern %{nxt} in {pattern!r}"
+            out += {"%": "%", "j": job_id, "A": array_id, "a": index}[nxt]
             i += 2
         else:
             out += pattern[i]
@@ -566,12 +613,13 @@ def test_shell_special_values_are_literal_in_the_script(tmp_path: Path) -> None:
     assert subprocess.run(["bash", "-n", paths["script"]], check=False).returncode == 0
     directives = _sbatch_directives(script)
     outs = [a for a in directives if a.startswith("--output=")]
-    log_file = os.path.join(os.path.dirname(paths["log"]), f"{ch.id}.{st.name}.77.out")
-    assert len(outs) == 1 and _slurm_fname(outs[0][len("--output="):], "77") == log_file
-    assert f"--job-name={c.name}.{ch.id}.{st.name}" in directives
+    log_file = os.path.join(os.path.dirname(paths["log"]), f"{st.name}.77_0.out")
+    assert len(outs) == 1 and _slurm_fname(outs[0][len("--output="):], "78", "77", "0") == log_file
+    assert f"--job-name={c.name}.{st.name}" in directives
     work = tmp_path / "work"
     work.mkdir()
-    env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "77", "HOME": str(tmp_path)}
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "78", "HOME": str(tmp_path),
+           "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1"}
     for attempt, (rc, restarts) in enumerate([(3, "0"), (0, "1")]):
         for f in log.iterdir():
             f.unlink()
@@ -580,13 +628,15 @@ def test_shell_special_values_are_literal_in_the_script(tmp_path: Path) -> None:
         assert r.returncode == 0, (attempt, r.stderr)
         assert not list(tmp_path.rglob("PWNED*")), list(tmp_path.rglob("PWNED*"))
         resume = ["--resume"] if attempt else []
-        assert _args(log, "srun") == [["--mpi=pmix", str(hp), "run", paths["config"], *resume]]
+        assert _args(log, "srun") == [["--cpus-per-task=1", "--cpu-bind=cores", "--mpi=pmix", str(hp), "run",
+                                       paths["config"], *resume]]
         assert _args(log, "hpcflow") == [["run", paths["config"], *resume]]
         status = json.loads(Path(paths["status"]).read_text())
         if rc == 3:
-            assert status["state"] == "requeued" and _args(log, "scontrol") == [["requeue", "77"]]
+            assert status["state"] == "requeued" and _args(log, "scontrol") == [["requeue", "77_0"]]
         else:
-            assert status == {**status, "state": "done", "exit_code": 0, "job_id": "77", "restarts": 1}
+            assert status == {**status, "state": "done", "exit_code": 0, "job_id": "77_0", "chain": ch.id,
+                              "restarts": 1}
             assert _args(log, "scontrol") == []
     assert not list(tmp_path.rglob("PWNED*"))
 
@@ -731,7 +781,7 @@ def test_job_templates_execute_no_values(tmp_path: Path, name: str) -> None:
     stubs, log = tmp_path / "stubs", tmp_path / "log"
     log.mkdir()
     _stubs(stubs, log)
-    bodies = {"mpirun": 'if [ "$1" = -n ]; then shift 2; fi\nexec "$@"',
+    bodies = {"mpirun": 'while [ "$1" != hpcflow ]; do shift; done\nexec "$@"',
               "timeout": 'while [ "${1#-}" != "$1" ]; do shift; done\nshift\nexec "$@"',
               "qsub": "exit 0", "hpcflow": "exit 0"}
     for tool, body in bodies.items():
@@ -741,7 +791,9 @@ def test_job_templates_execute_no_values(tmp_path: Path, name: str) -> None:
     cfg = "my cfg $(touch PWNED2) `touch PWNED3`.yaml"
     env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "5",
            "SLURM_RESTART_COUNT": "0", "PBS_O_WORKDIR": str(tmp_path), "CONFIG": cfg, "CMD": "run",
-           "WALLTIME_S": evil, "MARGIN_S": "300", "CHUNK_S": "", "HPCFLOW_SRUN_MPI": "pmix"}
+           "WALLTIME_S": evil, "MARGIN_S": "300", "CHUNK_S": "", "HPCFLOW_SRUN_MPI": "pmix",
+           "PBS_NODEFILE": str(tmp_path / "nodes")}
+    (tmp_path / "nodes").write_text("n1\nn1\nn2\nn2\n")
     script = str(ROOT / "jobs" / name)
     args = ["2", cfg, "run"] if name == "mpirun.sh" else ([] if name == "pbs.sh" else [cfg, "run"])
     r = subprocess.run(["bash", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -3,9 +3,9 @@
 A campaign YAML (format in ``docs/HPC.md``) names a base hpcflow config, scan axes (e.g.
 ``beta: [5.8, 6.0]``), a number of independent chains per scan point and stages (``train``
 then ``sample``) with their resources. ``hpcflow campaign CAMPAIGN.yaml`` expands it into one
-batch script per (chain, stage) that calls only the ``hpcflow`` CLI, and submits the scripts
-with ``sbatch --dependency=afterok:...`` so a chain's sampling starts only after its training
-succeeded. Running it again resubmits exactly the unfinished work: stages that finished are
+batch script per stage that calls only the ``hpcflow`` CLI and submits it as a job array (chain
+``i`` = array index ``i``) with ``sbatch --array=... --dependency=afterok:<upstream array>``, so
+sampling starts only after the training succeeded. Running it again resubmits exactly the unfinished work: stages that finished are
 skipped, jobs still queued or running are kept, anything else (failed, cancelled, lost) is
 submitted again, with ``--resume`` so it continues from its checkpoints.
 
@@ -17,11 +17,11 @@ submitted again, with ``--resume`` so it continues from its checkpoints.
 
 Book-keeping under the campaign directory ``dir``::
 
-    campaign_state.json            submitted job ids per chain/stage (atomic writes)
+    campaign_state.json            array task ids <array>_<index> per chain/stage (atomic writes)
     configs/<chain>.<stage>.yaml   the complete hpcflow config of the job (validated before submission)
-    scripts/<chain>.<stage>.sbatch the batch script
+    scripts/<stage>.sbatch         the batch script (a job array over the chains)
     status/<chain>.<stage>.json    written by the job itself: running / done / requeued / failed
-    logs/<chain>.<stage>.<jobid>.out
+    logs/<stage>.<array>_<index>.out
     chains/<chain>/                output.dir of the chain (ensemble, checkpoints, summary)
 """
 

@@ -1,10 +1,11 @@
-"""Slurm: the batch script of each (chain, stage) job, submission with ``afterok`` dependencies,
-and the campaign's book-keeping under ``dir``.
+"""Slurm: the batch script of each stage (a job array over the chains), submission with
+``afterok`` dependencies, and the campaign's book-keeping under ``dir``.
 
-``hpcflow campaign CAMPAIGN.yaml`` writes one batch script per (chain, stage) that calls only
-the ``hpcflow`` CLI, and submits the scripts with ``sbatch --dependency=afterok:...`` so a
-chain's sampling starts only after its training succeeded. Running it again resubmits exactly
-the unfinished work: stages that finished are skipped, jobs still queued or running are kept,
+``hpcflow campaign CAMPAIGN.yaml`` writes one batch script per stage that calls only the
+``hpcflow`` CLI and submits it as a job array over the chains (chain ``i`` = index ``i``) with
+``sbatch --array=... --dependency=afterok:<upstream array>``, so sampling starts only after the
+training succeeded; scheduler state comes from ``sacct``, else ``squeue``. Running it again
+resubmits exactly the unfinished work: stages that finished are skipped, jobs still queued or running are kept,
 anything else (failed, cancelled, lost) is submitted again, with ``--resume`` so it continues
 from its checkpoints.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -43,12 +45,14 @@ Runner = Callable[..., subprocess.CompletedProcess]
 
 # ---- scripts ------------------------------------------------------------------------------
 def job_paths(c: Campaign, ch: Chain, st: Stage) -> dict[str, str]:
-    """Files of one (chain, stage) job under the campaign directory: config, script, status, log."""
+    """Files of one (chain, stage) job under the campaign directory: config, status (per chain),
+    script (one per stage: the job array of all its chains) and log (Slurm pattern: ``%A`` the
+    array's job id, ``%a`` the chain's array index)."""
     tag = f"{ch.id}.{st.name}"
     return {"config": os.path.join(c.dir, "configs", f"{tag}.yaml"),
-            "script": os.path.join(c.dir, "scripts", f"{tag}.sbatch"),
+            "script": os.path.join(c.dir, "scripts", f"{st.name}.sbatch"),
             "status": os.path.join(c.dir, "status", f"{tag}.json"),
-            "log": os.path.join(c.dir, "logs", f"{tag}.%j.out")}
+            "log": os.path.join(c.dir, "logs", f"{st.name}.%A_%a.out")}
 
 
 def _sbatch_word(s: str) -> str:
@@ -68,7 +72,14 @@ def _output_pattern(path: str) -> str:
 TRAIN_CHECKPOINT = os.path.join("train", "checkpoint.pt")
 
 
-def _rerun_flags(c: Campaign, ch: Chain, st: Stage) -> str:
+def _train_checkpoint(c: Campaign, ch: Chain, st: Stage) -> str:
+    """The training checkpoint a rerun of a ``train`` stage resumes from (under its output.dir)."""
+    out = job_config(c, ch, st).get("output", {}).get("dir", ch.dir)
+    out = _text(c.source, f"stages.{st.name}.set.output.dir", out, "the stage's output directory")
+    return os.path.join(out, TRAIN_CHECKPOINT)
+
+
+def _rerun_flags(st: Stage) -> str:
     """The shell lines that set ``resume`` (the flags of a rerun) in the batch script.
 
     ``stage.resume`` true: a rerun continues. ``run --resume`` (continues from the checkpoint,
@@ -77,7 +88,6 @@ def _rerun_flags(c: Campaign, ch: Chain, st: Stage) -> str:
     (``sample --resume`` would require one). ``stage.resume`` false: a rerun starts the stage
     afresh with ``--fresh``, which moves the earlier attempt's results aside (``previous-<time>/``).
     """
-    q = shlex.quote
     if not st.resume:
         return ("# stage.resume is false: a rerun starts the stage afresh (--fresh moves the earlier\n"
                 "# attempt's results aside)\n"
@@ -85,34 +95,44 @@ def _rerun_flags(c: Campaign, ch: Chain, st: Stage) -> str:
     if st.command == "sample":
         return "# hpcflow sample continues from its chain checkpoints by itself (no flag needed)"
     if st.command == "train":
-        out = job_config(c, ch, st).get("output", {}).get("dir", ch.dir)
-        out = _text(c.source, f"stages.{st.name}.set.output.dir", out, "the stage's output directory")
-        model = q(os.path.join(out, TRAIN_CHECKPOINT))
         return ("# continue the training from its checkpoint, if the first attempt wrote one\n"
-                f'if [ "$rerun" = 1 ] && [ -e {model} ]; then resume=(--resume); fi')
+                'if [ "$rerun" = 1 ] && [ -e "$model" ]; then resume=(--resume); fi')
     return 'if [ "$rerun" = 1 ]; then resume=(--resume); fi'
 
 
-def render_script(c: Campaign, ch: Chain, st: Stage) -> str:
-    """The Slurm batch script of one (chain, stage) job.
+def render_script(c: Campaign, st: Stage, chains: Sequence[Chain] | None = None) -> str:
+    """The Slurm batch script of one stage: a job array over ``chains`` (default: all chains of
+    the campaign, :func:`expand_chains`), array index ``i`` running chain ``chains[i]``.
+
+    The script maps ``SLURM_ARRAY_TASK_ID`` to the chain's config, status file and (train)
+    checkpoint through a ``case`` of literal, ``shlex.quote``d paths; an index it does not know
+    exits 2. CPUs: ``srun --cpus-per-task`` (and ``SRUN_CPUS_PER_TASK``: srun no longer inherits
+    sbatch's value since Slurm 22.05) with ``--cpu-bind=cores``; ``OMP_NUM_THREADS`` is the
+    allocation's CPUs per task, threads pinned to cores (``OMP_PLACES=cores``,
+    ``OMP_PROC_BIND=close``).
 
     Time limits: ``--signal=TERM@N`` makes Slurm send SIGTERM to the hpcflow ranks N seconds
-    before the limit; hpcflow checkpoints and exits 3 (resumable), and the script requeues the
-    job (``scontrol requeue``; same job id, so ``afterok`` dependants keep waiting). A rerun
-    (``SLURM_RESTART_COUNT > 0``, or an earlier attempt left a status file) continues or starts
-    afresh as :func:`_rerun_flags` says.
+    before the limit; hpcflow checkpoints and exits 3 (resumable), and the script requeues its
+    own array task (``scontrol requeue <array id>_<index>``; same ids, so ``afterok``
+    dependants keep waiting). A rerun (``SLURM_RESTART_COUNT > 0``, or an earlier attempt left
+    a status file) continues or starts afresh as :func:`_rerun_flags` says.
 
     Every value is checked again here (:func:`check_job_values`); names and Slurm values are of
     closed grammars, paths are quoted for sbatch in ``#SBATCH`` lines and with ``shlex.quote``
     in commands, and the campaign file name appears only JSON-escaped in a comment.
     """
-    check_job_values(c, ch, st)
+    chains = list(expand_chains(c) if chains is None else chains)
+    if not chains:
+        raise CampaignError(f"{c.source}: stage {st.name}: no chains")
+    for ch in chains:
+        check_job_values(c, ch, st)
     r = st.resources
-    p = job_paths(c, ch, st)
     q = shlex.quote
-    log_dir, log_name = os.path.split(p["log"])
+    p0 = job_paths(c, chains[0], st)
+    log_dir, log_name = os.path.split(p0["log"])
+    # '%A' and '%a' are Slurm's (array job id, array index): only the directory is escaped
     lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={c.name}.{ch.id}.{st.name}",
+             f"#SBATCH --job-name={c.name}.{st.name}",
              f"#SBATCH --output={_sbatch_word(_output_pattern(log_dir) + '/' + log_name)}",
              "#SBATCH --open-mode=append",
              f"#SBATCH --nodes={r.nodes}",
@@ -127,35 +147,49 @@ def render_script(c: Campaign, ch: Chain, st: Stage) -> str:
         if getattr(r, k):
             lines.append(f"#SBATCH --{k}={getattr(r, k)}")
     lines += [f"#SBATCH {x}" for x in r.extra]
-    launch = "srun" if c.mpi == "none" else f"srun --mpi={q(c.mpi)}"
+    mpi = "" if c.mpi == "none" else f" --mpi={q(c.mpi)}"
+    launch = f'srun --cpus-per-task="$cpt" --cpu-bind=cores{mpi}'
     device = " --set device=cuda" if r.gpus_per_task else ""
-    rerun_flags = _rerun_flags(c, ch, st)
+    table = []
+    for i, ch in enumerate(chains):
+        p = job_paths(c, ch, st)
+        model = f" model={q(_train_checkpoint(c, ch, st))}" if st.command == "train" else ""
+        table.append(f"  {i}) chain={q(ch.id)} config={q(p['config'])} status={q(p['status'])}{model} ;;")
     body = f"""
-# Generated by 'hpcflow campaign' from {json.dumps(c.source)}: campaign {c.name}, chain {ch.id}, stage {st.name}.
-# Calls only the hpcflow CLI. Exit status of hpcflow: 0 done, 2 bad input, 3 stopped by a
-# signal with a checkpoint written (resumable) -> requeue this job.
+# Generated by 'hpcflow campaign' from {json.dumps(c.source)}: campaign {c.name}, stage {st.name}.
+# A job array: index i runs chain i of the table below. Calls only the hpcflow CLI. Exit status
+# of hpcflow: 0 done, 2 bad input, 3 stopped by a signal with a checkpoint written (resumable)
+# -> requeue this array task; anything else fails it (4: the file system).
 set -uo pipefail
-export OMP_NUM_THREADS="${{SLURM_CPUS_PER_TASK:-1}}"
-status={q(p['status'])}
+case "${{SLURM_ARRAY_TASK_ID:-}}" in
+{chr(10).join(table)}
+  *) printf 'no chain with array index %q in this campaign stage\\n' "${{SLURM_ARRAY_TASK_ID:-}}" >&2; exit 2 ;;
+esac
+task="${{SLURM_ARRAY_JOB_ID:-${{SLURM_JOB_ID:-}}}}_${{SLURM_ARRAY_TASK_ID}}"
+# CPUs: srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): pass it, bind each
+# task to its cores, one OpenMP thread per CPU of the task
+cpt="${{SLURM_CPUS_PER_TASK:-{r.cpus_per_task}}}"
+case "$cpt" in ''|*[!0-9]*) cpt={r.cpus_per_task} ;; esac
+export SRUN_CPUS_PER_TASK="$cpt" OMP_NUM_THREADS="$cpt" OMP_PLACES=cores OMP_PROC_BIND=close
 mkdir -p "$(dirname "$status")"
 mark() {{
-  printf '{{"state": "%s", "exit_code": %s, "job_id": "%s", "restarts": %s, "time": %s}}\\n' \\
-    "$1" "$2" "${{SLURM_JOB_ID:-}}" "${{SLURM_RESTART_COUNT:-0}}" "$(date +%s)" >"$status.tmp" \\
+  printf '{{"state": "%s", "exit_code": %s, "job_id": "%s", "chain": "%s", "restarts": %s, "time": %s}}\\n' \\
+    "$1" "$2" "$task" "$chain" "${{SLURM_RESTART_COUNT:-0}}" "$(date +%s)" >"$status.tmp" \\
     && mv -f "$status.tmp" "$status"
 }}
 # a rerun (requeued: SLURM_RESTART_COUNT > 0; resubmitted: an earlier attempt left a status file)
 rerun=0
 if [ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] || [ -e "$status" ]; then rerun=1; fi
 resume=()
-{rerun_flags}
+{_rerun_flags(st)}
 mark running null
-{launch} {q(c.hpcflow)} {q(st.command)} {q(p['config'])}{device} "${{resume[@]}}"
+{launch} {q(c.hpcflow)} {q(st.command)} "$config"{device} "${{resume[@]}}"
 rc=$?
 case $rc in
   0) mark done 0; exit 0 ;;
   3) mark requeued 3
-     # same job id: jobs depending on it (afterok) keep waiting for the resumed run
-     scontrol requeue "$SLURM_JOB_ID" && exit 0
+     # this array task only, same ids: jobs depending on the array (afterok) keep waiting
+     scontrol requeue "$task" && exit 0
      mark failed 3; exit 3 ;;
   *) mark failed "$rc"; exit "$rc" ;;
 esac
@@ -199,21 +233,69 @@ def read_json(path: str) -> dict[str, Any] | None:
         return None
 
 
+_ARRAY_RE = re.compile(r"\A(?P<job>[0-9]+)_\[(?P<spec>[0-9,\-]+)(%[0-9]+)?\]\Z")
+
+
+def _expand_ids(jid: str) -> list[str]:
+    """``123_[0-3,7%2]`` (a pending array's tasks, as sacct and squeue write them) ->
+    ``123_0 ... 123_3, 123_7``; any other id as it is."""
+    m = _ARRAY_RE.match(jid)
+    if m is None:
+        return [jid]
+    out = []
+    for part in m.group("spec").split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += [f"{m.group('job')}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def parse_sacct(text: str) -> dict[str, str]:
+    """``sacct --parsable2 --noheader --allocations --format=JobID,State,ExitCode`` -> job id ->
+    state (``CANCELLED by 0`` -> ``CANCELLED``); array tasks are ``<array id>_<index>``, a
+    pending array's compressed ``123_[0-3]`` is expanded. Steps (``123.batch``) are skipped."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 2 or not parts[0] or "." in parts[0] or not parts[1].strip():
+            continue
+        for j in _expand_ids(parts[0].strip()):
+            out[j] = parts[1].split()[0]
+    return out
+
+
+def parse_squeue(text: str) -> dict[str, str]:
+    """``squeue -h -r -t all -o '%i %T'`` -> job id -> state (compressed array ids expanded)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            for j in _expand_ids(parts[0]):
+                out[j] = parts[1]
+    return out
+
+
 def queue_states(ids: Sequence[str], run: Runner) -> dict[str, str]:
-    """Scheduler state of the given job ids that Slurm still knows (squeue)."""
-    if not ids:
+    """Scheduler state of the given jobs and array tasks (``123`` or ``123_4``; an array's
+    tasks are asked for by its job id): ``sacct`` (the accounting database: finished jobs too,
+    whatever MinJobAge), else ``squeue`` when sacct is missing or accounting is off (it fails:
+    "Slurm accounting storage is disabled"); a job neither knows is absent."""
+    jobs = sorted({str(i).split("_")[0] for i in ids if i})
+    if not jobs:
         return {}
     try:
-        r = run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i %T"],
+        r = run(["sacct", "--noheader", "--parsable2", "--allocations", "-j", ",".join(jobs),
+                 "--format=JobID,State,ExitCode"], capture_output=True, text=True)
+        if r.returncode == 0:
+            return parse_sacct(r.stdout)
+    except FileNotFoundError:
+        pass
+    try:
+        r = run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(jobs), "-o", "%i %T"],
                 capture_output=True, text=True)
     except FileNotFoundError:
         return {}
-    out = {}
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            out[parts[0]] = parts[1]
-    return out
+    return parse_squeue(r.stdout)
 
 
 #: Variables that describe a running MPI job or an MPI singleton (Open MPI's singleton init
@@ -233,9 +315,29 @@ def job_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith(_LAUNCHER_PREFIXES)}
 
 
-def _sbatch(script: str, deps: Sequence[str], run: Runner) -> str:
+def array_spec(indices: Sequence[int], limit: int = 0) -> str:
+    """``--array`` value of the given indices: ranges compressed (``0-3,7``), ``%limit`` when > 0."""
+    idx = sorted(set(indices))
+    parts: list[str] = []
+    i = 0
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        parts.append(str(idx[i]) if i == j else f"{idx[i]}-{idx[j]}")
+        i = j + 1
+    return ",".join(parts) + (f"%{limit}" if limit else "")
+
+
+def _sbatch(script: str, deps: Sequence[str], run: Runner, array: str | None = None) -> str:
     cmd = ["sbatch", "--parsable"]
+    if array is not None:
+        if not re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*(%[0-9]+)?", array):
+            raise CampaignError(f"sbatch {script}: bad array specification {array!r}")
+        cmd.append(f"--array={array}")
     if deps:
+        if not all(d.isdigit() for d in deps):
+            raise CampaignError(f"sbatch {script}: bad dependency job ids {list(deps)!r}")
         cmd.append("--dependency=afterok:" + ":".join(deps))
     cmd.append(script)
     try:
@@ -252,59 +354,84 @@ def _sbatch(script: str, deps: Sequence[str], run: Runner) -> str:
 
 def submit(c: Campaign, dry_run: bool = False, run: Runner = subprocess.run,
            out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Submit every unfinished (chain, stage) job in dependency order; returns the campaign state.
+    """Submit every unfinished (chain, stage) in dependency order, one job array per stage;
+    returns the campaign state.
 
-    A stage is skipped when its status file says ``done``; kept when its last job is still
-    queued or running and nothing upstream was resubmitted; otherwise (never submitted,
-    failed, cancelled, or upstream resubmitted) it is submitted with ``afterok`` on the
-    upstream jobs that have not finished. ``dry_run`` prints the scripts and submits nothing.
+    Chain ``i`` of :func:`expand_chains` is array index ``i`` of every stage. Per chain, a stage
+    is skipped when its status file says ``done``; kept when its array task is still queued or
+    running and nothing upstream of that chain was resubmitted; otherwise (never submitted,
+    failed, cancelled, lost, or upstream resubmitted: a pending task is cancelled) the chain
+    goes into the stage's new array (``--array=<indices>[%slurm.array_limit]``), which depends
+    (``afterok``: every task of the array completed with exit 0) on the arrays of the upstream
+    stages that still hold unfinished tasks of these chains. ``dry_run`` prints the scripts
+    and submits nothing.
     """
     chains = expand_chains(c)
     state: dict[str, Any] = load_state(c) if not dry_run else {"campaign": c.name, "jobs": {}}
     jobs = state["jobs"]
     known = [str(j["job_id"]) for j in jobs.values() if j.get("job_id")]
     queue = {} if dry_run else queue_states(known, run)
+    # (chain index, stage) -> array job id that will run it (unfinished only); chains resubmitted
+    current: dict[tuple[int, str], str] = {}
+    fresh: set[tuple[int, str]] = set()
     n_new = 0
-    for ch in chains:
-        current: dict[str, str] = {}  # stage -> job id that will run it (unfinished stages only)
-        fresh: set[str] = set()
-        for st in c.stages:
+    for st in c.stages:
+        todo: list[int] = []
+        for i, ch in enumerate(chains):
             key = f"{ch.id}/{st.name}"
-            p = job_paths(c, ch, st)
             rec = jobs.get(key, {})
-            mark = read_json(p["status"]) or {}
+            mark = read_json(job_paths(c, ch, st)["status"]) or {}
             if not dry_run and mark.get("state") == "done":
                 continue
-            deps = [current[a] for a in st.after if a in current]
             jid = str(rec.get("job_id", ""))
-            upstream_new = any(a in fresh for a in st.after)
+            upstream_new = any((i, a) in fresh for a in st.after)
             if jid and queue.get(jid) in ACTIVE_STATES and not upstream_new:
-                current[st.name] = jid
+                current[(i, st.name)] = jid.split("_")[0]
                 continue
             if jid and queue.get(jid) in ACTIVE_STATES:
                 # it waits on a job that failed: replace it with one depending on the new upstream
                 run(["scancel", jid], capture_output=True, text=True)
-            cfg = job_config(c, ch, st, validate=True)
-            script = render_script(c, ch, st)
-            if dry_run:
-                out(f"# ---- {p['script']} (after: {', '.join(st.after) or '-'})")
-                out(script)
-                current[st.name] = f"<{key}>"
-                fresh.add(st.name)
-                continue
-            _atomic_write(p["config"], f"# hpcflow config of campaign {c.name}, chain {ch.id}, stage "
-                          f"{st.name}\n" + yaml.safe_dump(cfg, sort_keys=False))
-            _atomic_write(p["script"], script)
-            os.makedirs(os.path.join(c.dir, "logs"), exist_ok=True)
-            new = _sbatch(p["script"], deps, run)
-            jobs[key] = {"job_id": new, "submitted": time.time(), "chain": ch.id, "stage": st.name,
-                         "history": list(rec.get("history", [])) + [new]}
-            current[st.name] = new
-            fresh.add(st.name)
-            n_new += 1
-            # record each submission at once: a crash mid-campaign leaves no untracked job
-            _atomic_write(_state_path(c), json.dumps(state, indent=2) + "\n")
+            todo.append(i)
+        if not todo:
+            continue
+        deps = sorted({current[(i, a)] for i in todo for a in st.after if (i, a) in current}, key=int)
+        for i in todo:
+            job_config(c, chains[i], st, validate=True)
+        script = render_script(c, st, chains)
+        spec = array_spec(todo, c.array_limit)
+        p = job_paths(c, chains[todo[0]], st)
+        if dry_run:
+            out(f"# ---- {p['script']} --array={spec} (after: {', '.join(st.after) or '-'})")
+            out(script)
+            for i in todo:
+                current[(i, st.name)] = "0"
+                fresh.add((i, st.name))
+            continue
+        if max(todo) >= c.max_array_size:
+            raise CampaignError(f"{c.source}: stage {st.name}: array index {max(todo)} >= MaxArraySize "
+                                f"{c.max_array_size}; use fewer chains per campaign")
+        for i in todo:
+            ch = chains[i]
+            _atomic_write(job_paths(c, ch, st)["config"], f"# hpcflow config of campaign {c.name}, chain "
+                          f"{ch.id}, stage {st.name}\n" + yaml.safe_dump(job_config(c, ch, st), sort_keys=False))
+        _atomic_write(p["script"], script)
+        os.makedirs(os.path.join(c.dir, "logs"), exist_ok=True)
+        new = _sbatch(p["script"], deps, run, array=spec)
+        for i in todo:
+            ch = chains[i]
+            key = f"{ch.id}/{st.name}"
+            rec = jobs.get(key, {})
+            tid = f"{new}_{i}"
+            jobs[key] = {"job_id": tid, "array_job_id": new, "array_index": i, "submitted": time.time(),
+                         "chain": ch.id, "stage": st.name, "history": list(rec.get("history", [])) + [tid]}
+            current[(i, st.name)] = new
+            fresh.add((i, st.name))
+        n_new += 1
+        # record each submission at once: a crash mid-campaign leaves no untracked job
+        _atomic_write(_state_path(c), json.dumps(state, indent=2) + "\n")
     if not dry_run:
         _atomic_write(_state_path(c), json.dumps(state, indent=2) + "\n")
-        out(f"campaign {c.name}: {n_new} job(s) submitted, {len(chains)} chain(s) x {len(c.stages)} stage(s)")
+        n_tasks = sum(1 for (_, s) in fresh)
+        out(f"campaign {c.name}: {n_new} job array(s) submitted ({n_tasks} task(s)), {len(chains)} chain(s) x "
+            f"{len(c.stages)} stage(s)")
     return state

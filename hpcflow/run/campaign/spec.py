@@ -54,6 +54,7 @@ _STAGE_KEYS = ("command", "after", "set", "resources", "resume")
 # integer resources and their lower bounds, in the order they are checked
 _INT_RESOURCES = {"nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1, "gpus_per_task": 0}
 _INT_MAX = 1_000_000  # upper bound of every integer resource
+_SLURM_OWN_KEYS = ("mpi", "signal_seconds", "array_limit", "max_array_size")  # slurm: keys that are no resources
 MAX_AXIS_VALUES = 1000  # values per scan axis
 MAX_CHAINS = 10_000  # scan points x chains
 
@@ -113,6 +114,8 @@ class Campaign:
     mpi: str = "pmix"
     signal_seconds: int = 300
     source: str = "<campaign>"
+    array_limit: int = 0  # sbatch --array=...%K: at most K tasks of a stage's array at once (0: no limit)
+    max_array_size: int = 1001  # the cluster's MaxArraySize: array indices (chains) 0 .. this - 1
 
 
 # ---- values: showing them, and the grammar of everything that reaches a job script --------
@@ -524,9 +527,18 @@ def _slurm_settings(src: str, raw: Mapping[str, Any]) -> tuple[str, int, dict[st
         raise _err(src, "slurm.mpi", mpi, ", ".join(MPI_PLUGINS))
     # sbatch --signal takes at most 65535 seconds
     sig = _int(src, "slurm.signal_seconds", slurm.get("signal_seconds", 300), 1, 65535)
-    res_defaults = {k: v for k, v in slurm.items() if k not in ("mpi", "signal_seconds")}
+    res_defaults = {k: v for k, v in slurm.items() if k not in _SLURM_OWN_KEYS}
     _resources(src, "slurm", res_defaults, {})
     return mpi, sig, res_defaults
+
+
+def _array_settings(src: str, raw: Mapping[str, Any]) -> tuple[int, int]:
+    """``slurm.array_limit`` (``--array=...%K``, 0: none) and ``slurm.max_array_size`` (the
+    cluster's MaxArraySize, default Slurm's 1001)."""
+    slurm = raw.get("slurm", {}) or {}
+    limit = _int(src, "slurm.array_limit", slurm.get("array_limit", 0), 0, MAX_CHAINS)
+    size = _int(src, "slurm.max_array_size", slurm.get("max_array_size", 1001), 1, 4_000_001)
+    return limit, size
 
 
 def _hpcflow_command(src: str, raw: Mapping[str, Any]) -> str:
@@ -567,9 +579,16 @@ def parse_campaign(raw: Any, source: str = "<campaign>", base_dir: str = ".") ->
     chains = _int(src, "chains", raw.get("chains", 1), 1, MAX_CHAINS)
     _count_chains(src, axes, chains)
     mpi, sig, res_defaults = _slurm_settings(src, raw)
+    limit, size = _array_settings(src, raw)
+    n_chains = math.prod(len(v) for _, v in axes) * chains
+    if n_chains > size:
+        raise _err(src, "chains", chains, f"at most slurm.max_array_size = {size} chains in all (scan points x "
+                                          f"chains: one job array per stage, chain i is index i); this campaign "
+                                          f"has {n_chains}")
     stages = _stages(src, raw.get("stages"), res_defaults)
     camp = Campaign(name=name, seed=seed, dir=d, base=base, axes=axes, chains=chains, stages=stages,
-                    hpcflow=_hpcflow_command(src, raw), mpi=mpi, signal_seconds=sig, source=src)
+                    hpcflow=_hpcflow_command(src, raw), mpi=mpi, signal_seconds=sig, source=src,
+                    array_limit=limit, max_array_size=size)
     # every job's hpcflow config must be valid before anything is submitted
     for ch in expand_chains(camp):
         for st in camp.stages:

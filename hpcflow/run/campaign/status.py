@@ -83,7 +83,8 @@ def _history_counts(out_dir: str) -> tuple[int | None, float | None]:
 def campaign_status(c: Campaign, run: Runner = subprocess.run) -> list[dict[str, Any]]:
     """One row per chain: scan point, seed, per-stage job id and state, configurations, acceptance.
 
-    A stage's state is the scheduler's (squeue) while Slurm knows the job, else the job's own
+    A stage's state is the scheduler's (sacct, else squeue: :func:`queue_states`) while Slurm knows
+    the array task, else the job's own
     status file (``done``, ``failed``, ...), else ``not submitted``.
     """
     state = load_state(c)
