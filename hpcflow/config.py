@@ -180,7 +180,11 @@ class RunConfig:
     n_steps: int = field(default=1000, metadata=_opt("measured steps (trajectories / sweeps)", kind="int", ge=1))
     measure_every: int = field(default=1, metadata=_opt("steps between measurements", kind="int", ge=1))
     start: str = field(default="hot", metadata=_opt("initial configuration", choices=STARTS))
-    progress: bool = field(default=True, metadata=_opt("progress bar on rank 0", kind="bool"))
+    progress: bool = field(default=True, metadata=_opt(
+        "progress on rank 0 (a bar on a terminal, one line every 10% or 60 s otherwise)", kind="bool"))
+    plots: bool = field(default=True, metadata=_opt(
+        "write <output.dir>/plots at the end of run and sample (a plotting failure is a warning)",
+        kind="bool"))
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,10 @@ class MeasureConfig:
     flow_time: float = field(default=1.0, metadata=_opt("Wilson-flow time for the 4D clover charge",
                                                         kind="float", ge=0.0))
     flow_eps: float = field(default=0.02, metadata=_opt("Wilson-flow step size", kind="float", gt=0.0))
+    flow_every: int = field(default=0, metadata=_opt(
+        "4D: Wilson-flow (Q, t^2 E, t0, w0) every this many stored configurations; the others store NaN "
+        "there. 0 = auto: ceil(5 * flow steps / run.measure_every), so that the flow (about one update per "
+        "flow step) costs at most ~20% of the updates", kind="int", ge=0))
 
 
 @dataclass(frozen=True)

@@ -584,9 +584,9 @@ class Trainer:
         end = steps if stop_at is None else min(steps, int(stop_at))
         bar = None
         if self.progress and self.comm.is_root:
-            from tqdm import tqdm
+            from hpcflow.progress import Progress
 
-            bar = tqdm(total=steps, initial=self.step, desc="train", dynamic_ncols=True)
+            bar = Progress(steps, "hpcflow train", initial=self.step)
         log_every, ck_every = int(self.cfg.log_every), int(self.cfg.checkpoint_every)
         try:
             while self.step < end:

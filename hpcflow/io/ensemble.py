@@ -14,6 +14,12 @@ ranks: every rank writes the hyperslab of its interior sites of each configurati
 Per row: ``chain, step, accepted, multiplicity, S, log_q, log_w, plaquette, checksum``
 (``checksum`` = SciDAC ``suma << 32 | sumb`` of the configuration's big-endian bytes, one
 site = its Nd links, site rank x_0 fastest: decomposition-independent).
+Extra row columns (``SegmentWriter(columns=...)``: ``hpcflow sample`` stores ``kind`` and the
+per-configuration observables of :mod:`hpcflow.run.measurements`, vectors included) are
+datasets of shape ``(rows, *shape)`` listed, in order, in the segment attribute
+``row_columns``; the digests cover them. A segment without that attribute (written before
+extra columns existed) has the :data:`ROW_FIELDS` only and verifies as it always did;
+:meth:`Ensemble.records` fills its missing columns with NaN.
 
 Commit and streaming (design choice): HDF5 1.10's SWMR does not work with the ``mpio``
 driver, and a file killed in the middle of a write may not open again. So a segment is
@@ -30,7 +36,8 @@ Verified reads (segment format 2). At commit a segment gets three more things:
 * ``config_fingerprint`` (attribute): the hash of the configuration that produced it (the
   chain checkpoint's fingerprint), so a segment copied in from another run is recognised;
 * ``row_digest`` (dataset, one uint64 per row): a keyed 8-byte BLAKE2b of the row's columns
-  (all of :data:`ROW_FIELDS`, the per-configuration checksum included) and its row number;
+  (all of :data:`ROW_FIELDS`, the per-configuration checksum included, then the extra
+  columns of ``row_columns``) and its row number;
 * ``digest`` (attribute): ``sha256:`` over a header (chain, segment, row count, fingerprint,
   ``U`` shape and type) and every row column.
 
@@ -72,6 +79,7 @@ from hpcflow.lattice.geometry import Comm
 
 __all__ = [
     "ROW_FIELDS",
+    "ExtraColumn",
     "SEGMENT_FORMAT",
     "Ensemble",
     "EnsembleError",
@@ -83,6 +91,7 @@ __all__ = [
     "committed_segments",
     "ensemble_info",
     "export_ildg",
+    "extra_columns",
     "field_checksum",
     "open_ensemble",
     "remove_uncommitted",
@@ -222,16 +231,65 @@ def array_checksum(arr: np.ndarray) -> int:
     return (a << 32) | b
 
 
+# ---- extra row columns ----------------------------------------------------------------------
+#: An extra row column: (name, dtype, per-row shape); listed in the segment attribute
+#: ``row_columns`` (JSON ``[[name, dtype.str, shape], ...]``), in the order the digests hash them.
+ExtraColumn = tuple[str, np.dtype, tuple[int, ...]]
+
+
+def extra_columns(spec: Mapping[str, Any] | None) -> tuple[ExtraColumn, ...]:
+    """Normalise ``{name: dtype}`` or ``{name: (dtype, shape)}`` into extra column specs."""
+    out: list[ExtraColumn] = []
+    for k, v in (spec or {}).items():
+        dt, shape = (v if isinstance(v, tuple) else (v, ()))
+        if k in ROW_FIELDS or k in ("U", "row_digest") or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ValueError(f"extra row column {k!r}: not a valid new column name")
+        dt = np.dtype(dt)
+        if dt.kind not in "fiubS":
+            raise ValueError(f"extra row column {k!r}: dtype {dt} not supported (numbers or bytes)")
+        out.append((k, dt, tuple(int(x) for x in shape)))
+    return tuple(out)
+
+
+def _fill(dt: np.dtype) -> Any:
+    return np.nan if dt.kind == "f" else (b"" if dt.kind == "S" else 0)
+
+
+def _columns_attr(extra: tuple[ExtraColumn, ...]) -> str:
+    import json
+
+    return json.dumps([[k, dt.str, list(sh)] for k, dt, sh in extra])
+
+
+def _parse_columns_attr(path: str, v: Any) -> tuple[ExtraColumn, ...]:
+    import json
+
+    try:
+        items = json.loads(_attr(v))
+        return extra_columns({str(k): (np.dtype(d), tuple(sh)) for k, d, sh in items})
+    except (TypeError, ValueError) as e:
+        raise EnsembleError(f"{path}: attribute row_columns is not a list of row columns ({_short(e)}); "
+                            "the file is corrupted") from None
+
+
 # ---- digests ------------------------------------------------------------------------------
-def _packed_rows(cols: Mapping[str, Any], n: int) -> np.ndarray:
-    rec = np.zeros(n, dtype=_ROW_DTYPE)
+def _packed_rows(cols: Mapping[str, Any], n: int, extra: tuple[ExtraColumn, ...] = ()) -> np.ndarray:
+    """The little-endian packed rows the digests hash: :data:`ROW_FIELDS`, then the extra
+    columns in their stored order (no extra column: the record of segment format 2 as it was,
+    so old segments verify unchanged)."""
+    dtype = _ROW_DTYPE if not extra else np.dtype(
+        list(_ROW_DTYPE.descr) + [(k, dt.newbyteorder("<"), sh) if sh else (k, dt.newbyteorder("<"))
+                                  for k, dt, sh in extra])
+    rec = np.zeros(n, dtype=dtype)
     for k in ROW_FIELDS:
+        rec[k] = np.asarray(cols[k])[:n]
+    for k, _, _ in extra:
         rec[k] = np.asarray(cols[k])[:n]
     return rec
 
 
 def _row_digests(rec: np.ndarray) -> np.ndarray:
-    raw = rec.view(np.uint8).reshape(len(rec), _ROW_DTYPE.itemsize) if len(rec) else np.zeros((0, 0), np.uint8)
+    raw = rec.view(np.uint8).reshape(len(rec), rec.dtype.itemsize) if len(rec) else np.zeros((0, 0), np.uint8)
     out = np.zeros(len(rec), dtype=np.uint64)
     for i in range(len(rec)):
         h = hashlib.blake2b(raw[i].tobytes(), digest_size=8, key=_ROW_KEY, salt=i.to_bytes(16, "little"))
@@ -394,7 +452,8 @@ class SegmentWriter:
     """
 
     def __init__(self, root: str, chain: int, index: int, lat: Any, capacity: int, dtype: torch.dtype,
-                 n_colors: int, attrs: Mapping[str, Any], comm: Any = None, fingerprint: str = "") -> None:
+                 n_colors: int, attrs: Mapping[str, Any], comm: Any = None, fingerprint: str = "",
+                 columns: Mapping[str, Any] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if dtype not in (torch.complex128, torch.complex64):
@@ -405,7 +464,9 @@ class SegmentWriter:
         self.tmp = _tmp_path(self.final)
         self.capacity = capacity
         self.fingerprint = str(fingerprint or attrs.get("config_fingerprint", "") or "")
+        self.extra = extra_columns(columns)
         self.rows: dict[str, list] = {k: [] for k in ROW_FIELDS}
+        self.rows.update({k: [] for k, _, _ in self.extra})
         self.parallel = comm is not None and comm.size > 1
         self.is_root = comm is None or comm.is_root
         self._open = False
@@ -535,6 +596,9 @@ class SegmentWriter:
         rec["checksum"] = ck
         for k, dt in ROW_FIELDS.items():
             self.rows[k].append(rec.get(k, np.nan if dt is np.float64 else 0))
+        for k, dt, sh in self.extra:
+            v = rec.get(k)
+            self.rows[k].append(np.full(sh, _fill(dt), dtype=dt) if v is None else np.asarray(v, dtype=dt))
         return ck
 
     def commit(self) -> str:
@@ -547,9 +611,11 @@ class SegmentWriter:
         temporary file."""
         n = len(self)
         cols = {k: np.asarray(self.rows[k], dtype=dt) for k, dt in ROW_FIELDS.items()}
+        for k, dt, sh in self.extra:
+            cols[k] = np.asarray(self.rows[k], dtype=dt).reshape((n,) + sh)
         digest = rowd = None
         if self.is_root:  # the rows written are the root's: so are the digests
-            rec = _packed_rows(cols, n)
+            rec = _packed_rows(cols, n, self.extra)
             rowd = _row_digests(rec)
             digest = _segment_digest(self.chain, self.index, self.fingerprint, self._u_shape, self._u_dtype, rec)
         if self.parallel:  # attributes are written collectively: identical values everywhere
@@ -566,11 +632,13 @@ class SegmentWriter:
         try:
             # every dataset stays referenced until the file is closed: an h5py object freed
             # earlier closes (and flushes) its HDF5 dataset alone, which fails on a full disk
+            names = list(ROW_FIELDS) + [k for k, _, _ in self.extra]
             keep = self._datasets = [self.f.create_dataset(k, shape=(n,), dtype=dt)
                                      for k, dt in ROW_FIELDS.items()]
+            keep += [self.f.create_dataset(k, shape=(n,) + sh, dtype=dt) for k, dt, sh in self.extra]
             keep.append(self.f.create_dataset("row_digest", shape=(n,), dtype=np.uint64))
             if self.is_root and n:  # independent writes: the root's rows
-                for ds, k in zip(keep, ROW_FIELDS):
+                for ds, k in zip(keep, names):
                     ds[...] = cols[k]
                 keep[-1][...] = rowd
         except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
@@ -581,6 +649,8 @@ class SegmentWriter:
             self.f.attrs["config_fingerprint"] = self.fingerprint
             self.f.attrs["segment_format"] = SEGMENT_FORMAT
             self.f.attrs["digest"] = digest
+            if self.extra:
+                self.f.attrs["row_columns"] = _columns_attr(self.extra)
             self.f.flush()  # what close would write: a full disk fails here, not in close
         except Exception as e:  # noqa: BLE001 - agreed with the group, then raised
             err = e
@@ -646,6 +716,7 @@ class _Seg:
     u_dtype: Any
     stamp: tuple[int, int, int]
     rows: dict[str, np.ndarray] | None = field(default=None, repr=False)  # verified row columns
+    extra: tuple[ExtraColumn, ...] = ()  # extra row columns (attribute row_columns)
 
 
 def _attr(v: Any) -> Any:
@@ -700,7 +771,17 @@ def _load_meta(path: str, chain: int, index: int) -> _Seg:
         if U.ndim < 4 or U.dtype.kind != "c":
             raise EnsembleError(f"{path}: dataset U has shape {U.shape} and type {U.dtype}; expected complex "
                                 "(rows, Nd, *lattice, N, N)")
+        extra = _parse_columns_attr(path, a["row_columns"]) if "row_columns" in a else ()
+        for k, dt, sh in extra:
+            if k not in f:
+                raise EnsembleError(f"{path}: no dataset {k!r} (listed in row_columns); the file is not a "
+                                    "complete ensemble segment")
+            if tuple(f[k].shape[1:]) != sh or f[k].dtype.kind != dt.kind:
+                raise EnsembleError(f"{path}: dataset {k!r} has shape {f[k].shape} and type {f[k].dtype}, not "
+                                    f"(rows, {', '.join(map(str, sh))}) {dt} as row_columns says; the file is "
+                                    "corrupted")
         lens = {k: f[k].shape[0] if f[k].ndim == 1 else -1 for k in ROW_FIELDS}
+        lens.update({k: f[k].shape[0] for k, _, _ in extra})
         if not 0 <= n <= min([U.shape[0], *lens.values()]):
             raise EnsembleError(f"{path}: n_rows = {n} does not fit the datasets (U has {U.shape[0]} rows, "
                                 f"the row columns {min(lens.values())}); the file is corrupted")
@@ -721,7 +802,7 @@ def _load_meta(path: str, chain: int, index: int) -> _Seg:
             raise EnsembleError(f"{path}: dataset U has shape {U.shape}, which does not hold configurations of "
                                 f"the lattice {lat} of its attributes; the file is corrupted")
         return _Seg(path, chain, index, n, digest, (str(fp) or None) if fp is not None else None, ident,
-                    tuple(U.shape), U.dtype, (st.st_ino, st.st_size, st.st_mtime_ns))
+                    tuple(U.shape), U.dtype, (st.st_ino, st.st_size, st.st_mtime_ns), extra=extra)
 
 
 def _row_label(seg: _Seg, i: int, steps: np.ndarray | None) -> str:
@@ -735,10 +816,11 @@ def _row_problems(f: Any, seg: _Seg) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read the row columns of a segment and check them against its digests."""
     with _reading(seg.path):
         cols = {k: np.asarray(f[k][: seg.n]) for k in ROW_FIELDS}
+        cols.update({k: np.asarray(f[k][: seg.n]) for k, _, _ in seg.extra})
         if seg.digest is None:
             return cols, []
         stored_rows = np.asarray(f["row_digest"][: seg.n])
-        rec = _packed_rows(cols, seg.n)
+        rec = _packed_rows(cols, seg.n, seg.extra)
     probs: list[str] = []
     want = _segment_digest(seg.chain, seg.index, seg.fingerprint or "", seg.u_shape, seg.u_dtype, rec)
     rowd = _row_digests(rec)
@@ -897,18 +979,41 @@ class Ensemble:
             self._full_ok.add(key)
 
     def records(self, chain: int | None = None) -> dict[str, np.ndarray]:
-        """Per-row fields of one chain (or all chains, concatenated in chain order)."""
+        """Per-row fields of one chain (or all chains, concatenated in chain order).
+
+        :data:`ROW_FIELDS`, then every extra column any of the segments has (``row_columns``:
+        ``kind``, ``Q``, Wilson loops, flowed observables...); rows of segments without one
+        (written before it existed) hold NaN (bytes: ``b""``, integers: 0). A column whose
+        per-row shape differs between segments (the flow-time grid changed on a resume) is
+        left out with a :class:`UserWarning`."""
         cs = self.chains if chain is None else [chain]
-        out: dict[str, list] = {k: [] for k in ROW_FIELDS}
+        parts: list[tuple[_Seg, dict[str, np.ndarray]]] = []
+        spec: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        bad: set[str] = set()
         for c in cs:
             for s in self._chain(c):
                 with self._open(s.path) as f:
                     rows = self._rows(f, s)
                     if self.verify == "all":
                         self._verify_all(f, s)
-                for k in ROW_FIELDS:
-                    out[k].append(rows[k])
-        return {k: (np.concatenate(v) if v else np.zeros(0, dtype=ROW_FIELDS[k])) for k, v in out.items()}
+                parts.append((s, rows))
+                for k, dt, sh in s.extra:
+                    if k in spec and spec[k][1] != sh:
+                        bad.add(k)
+                    spec.setdefault(k, (dt, sh))
+        if bad:
+            warnings.warn(f"{self.root}: row column{'s' if len(bad) > 1 else ''} {', '.join(sorted(bad))} "
+                          "changed shape between segments (measure settings changed on a resume): left out",
+                          UserWarning, stacklevel=2)
+        out: dict[str, np.ndarray] = {}
+        for k, dt in ROW_FIELDS.items():
+            out[k] = np.concatenate([r[k] for _, r in parts]) if parts else np.zeros(0, dtype=dt)
+        for k, (dt, sh) in spec.items():
+            if k in bad:
+                continue
+            vals = [r[k] if k in r else np.full((s.n,) + sh, _fill(dt), dtype=dt) for s, r in parts]
+            out[k] = np.concatenate(vals) if vals else np.zeros((0,) + sh, dtype=dt)
+        return out
 
     def _read_config(self, f: Any, seg: _Seg, i: int) -> torch.Tensor:
         rows = self._rows(f, seg)
@@ -957,7 +1062,10 @@ class Ensemble:
         s = next(s for s in self._segs[chain] if s.path == path)
         with self._open(path) as f:
             rows = self._rows(f, s)
-        return {k: rows[k][i].item() for k in ROW_FIELDS}
+        out = {k: rows[k][i].item() for k in ROW_FIELDS}
+        for k, _, sh in s.extra:
+            out[k] = rows[k][i].item() if not sh else np.array(rows[k][i])
+        return out
 
 
 def _raise_first(probs: list[str], root: str) -> None:

@@ -17,8 +17,14 @@ from hpcflow.lattice.geometry import Comm, Lattice, as_comm
 from hpcflow.lattice.groups import dagger, group_for_field
 
 __all__ = [
+    "T0_REFERENCE",
+    "W0_REFERENCE",
     "clover_field_strength",
     "energy_density_clover",
+    "energy_density_plaquette",
+    "flow_energy",
+    "flow_scale_t0",
+    "flow_scale_w0",
     "polyakov_loop",
     "topological_charge_clover",
     "topological_charge_u1_2d",
@@ -245,3 +251,82 @@ def energy_density_clover(u: torch.Tensor, lat: Lattice, comm: Comm | None = Non
     f = clover_field_strength(u, lat)
     dens = -(f * f.transpose(-1, -2)).sum((-1, -2)).real.sum(-(lat.nd + 1))
     return as_comm(comm).sum(lat.interior_sum(dens, inner=0)) / lat.volume
+
+
+# ---- Wilson-flow scale setting (t0, w0) -------------------------------------------------------
+
+#: Reference values of the scale-setting conditions: t^2 E(t0) = 0.3 (Luscher, arXiv 1006.4518,
+#: eq. (3.5)) and t d/dt [t^2 E(t)] at t = w0^2 equals 0.3 (BMW, arXiv 1203.4469, eq. (2.2)).
+T0_REFERENCE = 0.3
+W0_REFERENCE = 0.3
+
+
+def energy_density_plaquette(u: torch.Tensor, lat: Lattice, comm: Comm | None = None) -> torch.Tensor:
+    """Plaquette action density ``E = (2/V) sum_x sum_{mu<nu} Re tr(1 - P_{mu nu}(x))``, ``(*B)``.
+
+    The plaquette discretisation of Luscher's ``E`` (arXiv 1006.4518, section 3.2): for smooth
+    fields ``P = exp(F)``, ``2 Re tr(1 - P) = -tr(F F) + O(a^2)``, so it agrees with
+    :func:`energy_density_clover` to ``O(a^2)``. Reach 1.
+    """
+    from hpcflow.lattice.action import average_plaquette
+
+    check_link_field(u, lat)
+    n = u.shape[-1]
+    return 2.0 * lat.n_planes * n * (1.0 - average_plaquette(u, lat, comm=comm))
+
+
+def flow_energy(u: torch.Tensor, lat: Lattice, eps: float, n_steps: int, every: int = 1,
+                comm: Comm | None = None) -> tuple[torch.Tensor, list[float], list[float], list[float]]:
+    """Wilson-flow ``u`` for ``n_steps`` steps of ``eps``, measuring ``E`` every ``every`` steps.
+
+    Returns ``(V(t_end), times, E_clover, E_plaquette)`` at the grid ``t_j = eps * min(j *
+    every, n_steps)``, ``j = 1 .. ceil(n_steps / every)`` (the last point is the end of the
+    flow). :func:`wilson_flow` is called once per grid interval.
+    """
+    _check_positive_int("every", every)
+    cm = as_comm(comm)
+    w = u
+    done = 0
+    times: list[float] = []
+    ec: list[float] = []
+    ep: list[float] = []
+    while done < n_steps:
+        k = min(every, n_steps - done)
+        w = wilson_flow(w, lat, eps, k, comm=comm)
+        done += k
+        w = cm.exchange(w, lat)  # the measurements read the halos
+        times.append(eps * done)
+        ec.append(float(energy_density_clover(w, lat, comm=comm)))
+        ep.append(float(energy_density_plaquette(w, lat, comm=comm)))
+    return w, times, ec, ep
+
+
+def _first_crossing(t: list[float] | torch.Tensor, f: list[float] | torch.Tensor, ref: float) -> float:
+    """The first ``t`` where the piecewise-linear ``f(t)`` reaches ``ref`` from below (NaN: never)."""
+    ts = [float(x) for x in t]
+    fs = [float(x) for x in f]
+    for j in range(1, len(ts)):
+        a, b = fs[j - 1], fs[j]
+        if a < ref <= b:
+            return ts[j - 1] + (ref - a) * (ts[j] - ts[j - 1]) / (b - a)
+    return math.nan
+
+
+def flow_scale_t0(times: list[float], t2e: list[float], ref: float = T0_REFERENCE) -> float:
+    """``t0/a^2``: the flow time where ``t^2 E(t)`` first reaches ``ref`` (0.3), by linear
+    interpolation on the grid ``times`` (the point ``t = 0``, where ``t^2 E = 0``, prepended).
+    NaN when the flow does not reach it (``measure.flow_time`` too small)."""
+    return _first_crossing([0.0, *times], [0.0, *t2e], ref)
+
+
+def flow_scale_w0(times: list[float], t2e: list[float], ref: float = W0_REFERENCE) -> float:
+    """``w0/a``: ``sqrt(t)`` where ``W(t) = t d/dt [t^2 E(t)]`` first reaches ``ref`` (0.3; BMW,
+    arXiv 1203.4469). ``d/dt`` by differences between neighbouring grid points (``t = 0``
+    prepended), ``W`` at the midpoints, the crossing by linear interpolation. NaN when the flow
+    does not reach it."""
+    ts = [0.0, *(float(x) for x in times)]
+    fs = [0.0, *(float(x) for x in t2e)]
+    mid = [(ts[j] + ts[j + 1]) / 2 for j in range(len(ts) - 1)]
+    w = [m * (fs[j + 1] - fs[j]) / (ts[j + 1] - ts[j]) for j, m in enumerate(mid)]
+    tw = _first_crossing([0.0, *mid], [0.0, *w], ref)
+    return math.sqrt(tw) if tw == tw else math.nan

@@ -27,10 +27,13 @@ from hpcflow.dtypes import precision_dtypes
 from hpcflow.exit_codes import EXIT_OK, EXIT_RESUMABLE
 from hpcflow.flows.build import build_model
 from hpcflow.lattice.geometry import Comm, Lattice
+from hpcflow.progress import ChainProgress, time_split
+from hpcflow.run.autoplots import write_plots_safely
+from hpcflow.run.measurements import Measurer, loop_halo
 from hpcflow.run.world import environment_errors
 from hpcflow.sampling.chain import HistorySink
 
-__all__ = ["RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
+__all__ = ["Measurer", "RunResult", "run", "train", "exact_values", "summarize_history", "format_summary"]
 
 log = logging.getLogger("hpcflow")
 
@@ -64,8 +67,7 @@ def make_comm(cfg: Config) -> Comm:
 def make_lattice(cfg: Config, comm: Comm) -> Lattice:
     # the halo must cover the reach of every measured quantity: max(R, T) of the Wilson
     # loops (updates and plaquettes need 1); a serial comm gives the whole lattice, no halo
-    loops = [max(r, t) for r, t in cfg.measure.wilson_loops if max(r, t) <= min(cfg.lattice.shape)]
-    lat = comm.local_lattice(cfg.lattice.shape, halo=max([1] + loops))
+    lat = comm.local_lattice(cfg.lattice.shape, halo=loop_halo(cfg))
     return dataclasses.replace(lat, backend=run_backend(cfg))
 
 
@@ -95,35 +97,6 @@ def exact_values(cfg: Config) -> dict[str, dict]:
     elif cfg.nd == 4 and cfg.group == "su3" and abs(beta - 6.0) < 1e-12:
         out["plaquette"] = {"value": 0.5937, "kind": "literature, large volume"}
     return out
-
-
-class Measurer:
-    """Observables measured on the chain, per configuration."""
-
-    def __init__(self, cfg: Config, lat: Any, comm: Any) -> None:
-        self.cfg, self.lat, self.comm = cfg, lat, comm
-        self.loops = [(r, t) for r, t in cfg.measure.wilson_loops
-                      if max(r, t) <= min(cfg.lattice.shape)]
-
-    def __call__(self, U: torch.Tensor) -> dict[str, float]:
-        from hpcflow.lattice import observables as obs
-        from hpcflow.lattice.action import average_plaquette
-
-        cfg, lat, comm = self.cfg, self.lat, self.comm
-        U = comm.exchange(U, lat)  # updates leave halos stale; observables read them
-        m: dict[str, float] = {"plaquette": float(average_plaquette(U, lat, comm=comm))}
-        for r, t in self.loops:
-            m[f"W_{r}x{t}"] = float(obs.wilson_loop(U, lat, r, t, comm=comm))
-        m["polyakov_abs"] = float(abs(obs.polyakov_loop(U, lat, comm=comm)))
-        if cfg.nd == 2 and cfg.group == "u1":
-            q = float(obs.topological_charge_u1_2d(U, lat, comm=comm))
-            m["Q"], m["Q2"] = q, q * q
-        elif cfg.nd == 4 and cfg.measure.flow_time > 0:
-            n = max(1, round(cfg.measure.flow_time / cfg.measure.flow_eps))
-            V = obs.wilson_flow(U, lat, cfg.measure.flow_eps, n, comm=comm)
-            q = float(obs.topological_charge_clover(V, lat, comm=comm))
-            m["Q"], m["Q2"] = q, q * q
-        return m
 
 
 def summarize_history(records: list[dict], exact: dict[str, dict]) -> dict:
@@ -196,12 +169,6 @@ def _stop_scope(stop: Any) -> tuple[Any, Any]:
     return flag, flag
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, mininterval=1.0, dynamic_ncols=True)
-
-
 def _run_fingerprint(cfg: Config) -> str:
     """What must match for a resumed ``hpcflow run`` to continue the same chain (the
     checkpoint holds the global state: the process grid may change)."""
@@ -209,7 +176,7 @@ def _run_fingerprint(cfg: Config) -> str:
     from hpcflow.io.checkpoint import config_fingerprint
 
     d = config_to_dict(cfg)
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("n_steps", "progress")}
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("n_steps", "progress", "plots")}
     keys = ("lattice", "group", "action", "algorithm", "seed", "precision", "hmc", "heatbath",
             "measure", "run")
     if cfg.algorithm in ("flow", "mixed"):
@@ -217,25 +184,6 @@ def _run_fingerprint(cfg: Config) -> str:
         d["flow"] = flow_fingerprint_part(d["flow"])
         keys = keys + ("flow", "mixed", "sample")
     return config_fingerprint(d, keys)
-
-
-class _ProgressBar:
-    """The chain's progress callback: a bar on the writing rank, created at the first step
-    (when a resumed chain knows where it continues)."""
-
-    def __init__(self, cfg: Config, chain: Any, enabled: bool) -> None:
-        self.cfg, self.chain, self.enabled = cfg, chain, enabled
-        self.bar: Any = None
-
-    def __call__(self, step: int, info: Any) -> None:
-        if self.bar is None:
-            self.bar = _progress(self.chain.total, self.enabled, self.cfg.algorithm)
-            self.bar.update(step - 1)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class _RunSink(HistorySink):
@@ -326,13 +274,16 @@ def run_chain(cfg: Config, comm: Any, lat: Any, out: str, resume: bool, model: A
     with scope:
         chain = Chain(update, sink, control if control is not None else comm, n_therm, n_steps,
                       cfg.run.measure_every, stop=flag)
-        bar = _ProgressBar(cfg, chain, cfg.run.progress and writer)
+        bar = ChainProgress(chain, cfg.run.progress and writer, f"hpcflow run {cfg.algorithm}")
         chain.progress = bar
+        t0 = time.perf_counter()
         try:
             code = chain.run(resume)
         finally:
             bar.close()
             sink.close()
+        if writer:
+            print(time_split(time.perf_counter() - t0, sink.measure_seconds))
         if code != EXIT_OK and writer:
             print(f"hpcflow: stopped by {flag.signal_name or 'signal'} after step "
                   f"{sink.last_checkpoint}; checkpoint written to {sink.ckpt_dir}; rerun with "
@@ -623,6 +574,8 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
             line += (f"; reweighted proposals: plaquette {rw['plaquette']['mean']:.5f} +- "
                      f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
         print(line)
+        if cfg.run.plots and os.path.isfile(os.path.join(out, "train", "metrics.jsonl")):
+            write_plots_safely(out)  # the training plot (write_plots reads no history.jsonl)
     return result
 
 

@@ -73,7 +73,7 @@ def fresh_items(out: str, command: str, algorithm: str) -> list[str]:
     elif command == "run" and algorithm not in _FLOW:
         items = run
     else:  # train, or run of a flow: a new model; everything sampled with the old one goes too
-        items = sampled + run + ["train"]
+        items = sampled + run + ["train", "plots"]  # plots: of the old model's training and chains
     return _exists(out, items)
 
 

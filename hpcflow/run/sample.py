@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -75,6 +76,8 @@ from hpcflow.io.ensemble import (
     committed_segments,
     remove_uncommitted,
 )
+from hpcflow.progress import ChainProgress, time_split
+from hpcflow.run.autoplots import write_plots_safely
 from hpcflow.run.chains import load_model, model_checkpoint_path, update_of_config
 from hpcflow.run.world import agree_error, environment_errors, environment_failure, launched_size
 from hpcflow.sampling.chain import Chain
@@ -99,6 +102,9 @@ __all__ = [
 ]
 
 FLOW_ALGORITHMS = ("flow", "mixed")
+#: The ``kind`` row column: the update of the step that produced the row (``heatbath``,
+#: ``hmc``, ``flow``), as ASCII bytes.
+KIND_DTYPE = "S16"
 
 # Keys whose change makes a checkpoint belong to another run. run.n_steps is left out so a
 # finished chain can be extended; sample.checkpoint_every only moves segment boundaries.
@@ -191,8 +197,16 @@ class EnsembleSink:
     """
 
     def __init__(self, cfg: Config, chain: int, comm: Any, lat: Any, dtype: torch.dtype,
-                 n_rows_total: int, model_sha256: str, rng: Any) -> None:
+                 n_rows_total: int, model_sha256: str, rng: Any, measurer: Any = None) -> None:
+        from hpcflow.run.measurements import Measurer
+
         self.cfg, self.chain, self.comm, self.lat, self.dtype = cfg, chain, comm, lat, dtype
+        # the observables of every stored configuration (those of `hpcflow run`: run == sample)
+        self.measurer = measurer if measurer is not None else Measurer(cfg, lat, comm)
+        self.columns: dict[str, Any] = {"kind": (KIND_DTYPE, ()), **self.measurer.columns()}
+        self.measure_seconds = 0.0
+        self.accepted = 0  # stored rows accepted (this process's run)
+        self.stored = 0
         self.root = ensemble_dir(cfg)
         self.ckpt = chain_checkpoint_path(cfg, chain)
         self.ckpt_next = self.ckpt + ".next"
@@ -263,10 +277,18 @@ class EnsembleSink:
         agree_error(comm, err)  # the same error class and message on every rank of the group
         st = comm.bcast_object(st)
         self.attrs = ensemble_attrs(self.cfg, self.chain, comm, self.model_sha256)
+        if self.measurer.flow_times:  # the flow-time grid of the t2E_* columns
+            self.attrs["flow_times"] = list(self.measurer.flow_times)
+            self.attrs["flow_every"] = int(self.measurer.flow_every)
         if st is not None:
             self.n_rows, self.n_seg = int(st["n_rows"]), int(st["n_segments"])
             self.rng.load_state_dict(st["rng"])
             self._ckpt_step = int(st["step"])
+        if comm.is_root:  # the resume point of every chain (one line per worker group)
+            print(f"hpcflow sample: chain {self.chain}: " + (
+                "fresh start" if st is None else
+                f"resuming after step {int(st['step'])} ({self.n_rows} configurations in {self.n_seg} "
+                "segments committed)"), flush=True)
         return st
 
     # -- files ----------------------------------------------------------------------------
@@ -322,11 +344,19 @@ class EnsembleSink:
             cap = min(self.K, self.n_rows_total - self.n_rows)
             self.seg = SegmentWriter(self.root, self.chain, self.n_seg, self.lat, cap, self.dtype,
                                      self.cfg.n_colors, self.attrs, comm if comm.size > 1 else None,
-                                     fingerprint=self.fp)
+                                     fingerprint=self.fp, columns=self.columns)
         U = update.links()
         rec = update.row()
+        t = time.perf_counter()
+        m = self.measurer(U, self.n_rows)  # index: the stored configurations before it
+        self.measure_seconds += time.perf_counter() - t
+        # S, log q, log w from the update (a flow chain's from the model); the rest measured on
+        # the links, as `hpcflow run` measures them
+        rec = {**rec, **{k: v for k, v in m.items() if k not in ("S", "log_q", "log_w")}}
         self.seg.append(U, {"chain": self.chain, "step": step, "accepted": int(info.accepted),
-                            "multiplicity": 1, **rec})
+                            "multiplicity": 1, "kind": info.kind.encode(), **rec})
+        self.stored += 1
+        self.accepted += int(info.accepted)
         self.n_rows += 1
         if len(self.seg) == self.seg.capacity:
             self._commit(step)
@@ -440,9 +470,57 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
             err = ConfigError(f"{cfg.source}: {e}")
         agree_error(world, err)
         assert runner is not None
-        code = runner.run(resume)
-        codes = world.allgather_object(code)
+        say = print if world.is_root else (lambda *a, **k: None)
+        say(_start_line(cfg, world.size), flush=True)
+        bar = None
+        if chain == 0 and comm.is_root:  # chain 0's progress: a bar on a terminal, lines in a batch log
+            bar = runner.progress = ChainProgress(runner, cfg.run.progress, "hpcflow sample chain 0")
+        t0 = time.perf_counter()
+        try:
+            code = runner.run(resume)
+        finally:
+            if bar is not None:
+                bar.close()
+        sink = runner.sink
+        assert isinstance(sink, EnsembleSink)
+        mine = (chain, sink.n_rows, sink.stored, sink.accepted, sink.measure_seconds) if comm.is_root else None
+        gathered = world.allgather_object((code, mine))
+        codes = [c for c, _ in gathered]
+        say(_closing_line(cfg, [m for _, m in gathered if m is not None], max(codes), flag,
+                          time.perf_counter() - t0), flush=True)
+    if max(codes) == EXIT_OK and cfg.run.plots and world.is_root:
+        write_plots_safely(cfg.output.dir, say)
     return max(codes)
+
+
+def _start_line(cfg: Config, ranks: int) -> str:
+    n = cfg.sample.n_workers
+    flow = cfg.algorithm in FLOW_ALGORITHMS
+    n_therm = cfg.sample.n_therm if flow else cfg.run.n_therm
+    n_steps = cfg.sample.n_steps if flow else cfg.run.n_steps
+    return (f"hpcflow sample: {cfg.source}: {cfg.algorithm} {cfg.group} {'x'.join(map(str, cfg.lattice.shape))} "
+            f"beta={cfg.action.beta}; {n} chain{'s' if n > 1 else ''} x {ranks // max(1, n)} rank(s); per chain "
+            f"{n_therm} + {n_steps} steps, every {cfg.run.measure_every}-th stored "
+            f"({n_steps // cfg.run.measure_every} configurations) in segments of {cfg.sample.checkpoint_every}; "
+            f"ensemble {ensemble_dir(cfg)}")
+
+
+def _closing_line(cfg: Config, chains: list[Any], code: int, flag: Any, elapsed: float) -> str:
+    """The closing summary: configurations committed, acceptance, time and its split."""
+    committed = sum(int(m[1]) for m in chains)
+    stored = sum(int(m[2]) for m in chains)
+    acc = sum(int(m[3]) for m in chains)
+    meas = max([float(m[4]) for m in chains] or [0.0])
+    head = ("hpcflow sample: done" if code == EXIT_OK else
+            f"hpcflow sample: stopped by {getattr(flag, 'signal_name', None) or 'a signal'}")
+    line = (f"{head}: {committed} configurations committed in {len(chains)} chain{'s' if len(chains) != 1 else ''} "
+            f"({stored} this run")
+    if stored and cfg.algorithm != "heatbath":
+        line += f", acceptance {acc / stored:.3f}"
+    line += f"); {time_split(elapsed, meas).removeprefix('hpcflow: ')}"
+    if code != EXIT_OK:
+        line += "; rerun the same command to resume"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

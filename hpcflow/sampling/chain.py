@@ -166,10 +166,23 @@ class MemorySink:
         return out
 
 
+def _json_safe(v: Any) -> Any:
+    """NaN and infinities as ``None`` (strict JSON), recursively through lists and dicts."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
 class HistorySink:
     """``hpcflow run``: a measurement record per stored state, in ``<out>/history.jsonl``.
 
-    ``measure(links) -> dict`` gives the observables of a stored state; the record is
+    ``measure(links, index) -> dict`` gives the observables of stored state number ``index``
+    (0-based; NaN becomes ``null`` in the history, vectors are lists; ``measure_seconds``: the
+    time spent in it); the record is
     ``{"step", "kind", **measure, "accepted", **step extras (HMC: dH, exp_mdH), and for flow
     chains S, logq, logw}``. The chain checkpoint (``<out>/checkpoints/run.ckpt``, written
     atomically by the root rank with the *global* state, so a resume may use another process
@@ -178,7 +191,7 @@ class HistorySink:
     the checkpointed records plus what followed. ``log(msg)`` prints on the root rank.
     """
 
-    def __init__(self, out: str, comm: Comm, measure: Callable[[Any], dict[str, float]],
+    def __init__(self, out: str, comm: Comm, measure: Callable[[Any, int], dict[str, Any]],
                  fingerprint: str, checkpoint_every: int, writer: bool | None = None,
                  flow: bool = False, log: Callable[[str], None] = print) -> None:
         self.out, self.comm, self.measure, self.fp = out, comm, measure, fingerprint
@@ -193,6 +206,7 @@ class HistorySink:
         self._fh: Any = None
         self._last_ckpt = -1
         self.t0 = time.perf_counter()
+        self.measure_seconds = 0.0
 
     def recover(self, resume: bool | None) -> dict[str, Any] | None:
         from hpcflow.io.checkpoint import load_checkpoint
@@ -222,7 +236,10 @@ class HistorySink:
             self._checkpoint(step)
 
     def store(self, step: int, info: StepInfo, update: Update) -> None:
-        rec: dict[str, Any] = {"step": step, "kind": info.kind, **self.measure(update.links())}
+        t = time.perf_counter()
+        m = self.measure(update.links(), len(self.records))  # index: stored configurations before it
+        self.measure_seconds += time.perf_counter() - t
+        rec: dict[str, Any] = {"step": step, "kind": info.kind, **_json_safe(m)}
         if info.kind != "heatbath" or self.flow:
             rec["accepted"] = float(info.accepted)
         rec.update(info.extra)
