@@ -449,7 +449,9 @@ def test_job_templates_do_not_requeue_an_environment_failure(tmp_path, name: str
     stubs.mkdir()
     log.mkdir()
     bodies = {"srun": 'while [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"',
-              "mpirun": 'while [ "${1#-}" != "$1" ]; do [ "$1" = -n ] && shift; shift; done\nexec "$@"',
+              # options with a value (pbs.sh: --hostfile F -n N --map-by M --bind-to B -x VAR)
+              "mpirun": 'while [ "${1#-}" != "$1" ]; do case "$1" in -n|--hostfile|--map-by|--bind-to|-x) '
+                        'shift;; esac; shift; done\nexec "$@"',
               "timeout": 'while [ "${1#-}" != "$1" ]; do shift; done\nshift\nexec "$@"',
               "scontrol": "exit 0", "qsub": "exit 0",
               # 3 on the first call, then the code in STUB_RC
@@ -457,8 +459,11 @@ def test_job_templates_do_not_requeue_an_environment_failure(tmp_path, name: str
     for tool, body in bodies.items():
         (stubs / tool).write_text(_STUB.format(name=tool, body=body))
         (stubs / tool).chmod(0o755)
+    nodefile = tmp_path / "nodefile"  # pbs.sh gives mpirun the node file (exit 2 without one)
+    nodefile.write_text("localhost\n")
     env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "5", "HOME": str(tmp_path),
-           "SLURM_RESTART_COUNT": "0", "PBS_O_WORKDIR": str(tmp_path), "CONFIG": "c.yaml", "CMD": "run"}
+           "SLURM_RESTART_COUNT": "0", "PBS_O_WORKDIR": str(tmp_path), "CONFIG": "c.yaml", "CMD": "run",
+           "PBS_NODEFILE": str(nodefile)}
     script = os.path.join(REPO, "jobs", name)
     args = ["2", "c.yaml", "run"] if name == "mpirun.sh" else ([] if name == "pbs.sh" else ["c.yaml", "run"])
 

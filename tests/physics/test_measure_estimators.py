@@ -7,7 +7,8 @@ ensemble); with a deliberately poor model the bias is large. The point (2D U(1),
 beta = 1.5) is used nowhere else in the tests.
 
 Issue 19 item 3: `measure` now prints every stored column (plaquette, S, acceptance, log q,
-log w), per chain and combined, with --skip and --bin, and the ESS per proposal estimated from
+log w, and since item 2 the Wilson loops W_1x1 and W_2x2, Q, Q^2 and |Polyakov loop|: exact
+values for the loops, Q and Q^2, fresh reweighted proposals for the Polyakov loop), per chain and combined, with --skip and --bin, and the ESS per proposal estimated from
 the chain states. References: exact plaquette and S; acceptance, ESS and the p-means of log q
 and log w from fresh, independent proposals of the same model (the acceptance as before; log q
 and log w reweighted, which is valid for independent proposals; the ESS as
@@ -70,22 +71,26 @@ def _independent(cfg, root: str) -> dict[str, tuple[float, float]]:  # type: ign
     from hpcflow.lattice.geometry import Lattice
     from hpcflow.run.sample import load_model
 
+    from hpcflow.lattice.observables import polyakov_loop
+
     lat = Lattice(cfg.lattice.shape)
     model, _ = load_model(cfg, lat)
     torch.manual_seed(SEED + 1)
     with torch.no_grad():
-        lq_y, lw_y = [], []
+        lq_y, lw_y, pol_y = [], [], []
         for _ in range(8):
             x, log_q = model.sample(512)
-            S = wilson_action(links_from_angles(x).to(torch.complex128), lat, BETA)
+            U = links_from_angles(x).to(torch.complex128)
+            S = wilson_action(U, lat, BETA)
             lq_y.append(log_q.double().numpy())
             lw_y.append((-S.double() - log_q.double()).numpy())
-    lq, lw = np.concatenate(lq_y), np.concatenate(lw_y)
+            pol_y.append(polyakov_loop(U, lat).abs().double().numpy())
+    lq, lw, pol = np.concatenate(lq_y), np.concatenate(lw_y), np.concatenate(pol_y)
     lw_x = open_ensemble(root).records(0)["log_w"]
     f = np.minimum(1.0, np.exp(lw[None, :] - lw_x[:, None])).mean(axis=1)
     g = gamma_method(f)
     out = {"acceptance": (g.mean, g.error)}
-    for name, v in (("log_q", lq), ("log_w", lw)):
+    for name, v in (("log_q", lq), ("log_w", lw), ("polyakov_abs", pol)):
         r = reweighted_gamma(v, lw, S=0)
         out[name] = (r.mean, r.error)
     w = np.exp(lw - lw.max())
@@ -112,7 +117,12 @@ def _check(printed: dict, want: dict[str, tuple[float, float]], n_rows: int) -> 
 def test_measure_prints_unbiased_numbers(tmp_path, train_steps: int, n_steps: int) -> None:
     cfg, root = _flow_ensemble(tmp_path, train_steps, n_steps)
     plaq = exact.u1_2d_plaquette(BETA, L=L)
-    want = {"plaquette": (plaq, 0.0), "S": (-BETA * L * L * plaq, 0.0), **_independent(cfg, root)}
+    ex = exact.u1_2d_exact(BETA, L=L)
+    # the rows' observables (issue 19 item 2): the default Wilson loops, the charge and its
+    # square exactly; |Polyakov loop| from the independent proposals
+    want = {"plaquette": (plaq, 0.0), "S": (-BETA * L * L * plaq, 0.0), "W_1x1": (ex.wilson_loop(1), 0.0),
+            "W_2x2": (ex.wilson_loop(4), 0.0), "Q": (0.0, 0.0), "Q2": (exact.u1_2d_q2(BETA, L=L), 0.0),
+            **_independent(cfg, root)}
     for extra, n_rows in (([], n_steps), (["--skip", "500", "--bin", "10"], (n_steps - 500) // 10)):
         r = subprocess.run([sys.executable, "-m", "hpcflow.run.cli", "measure", root, "--json", *extra], cwd=REPO,
                            capture_output=True, text=True, check=False)
