@@ -96,8 +96,11 @@ def _finish(base: str) -> None:
 
 
 # torch path: 2D U(1), bitwise; host kernels (the CPU default): 4D SU(2), fields to 1e-12
+# (the rows carry the configured Wilson loops: on 4 ranks the 4^4 lattice is split into local
+# extents of 1, so only 1x1 loops fit a rank's sub-lattice; larger ones are refused in one line)
 SETUPS = {"torch": {"backend": "torch"},
-          "host": {"backend": "host", "group": "su2", "lattice": {"shape": [4, 4, 4, 4]}}}
+          "host": {"backend": "host", "group": "su2", "lattice": {"shape": [4, 4, 4, 4]},
+                   "measure": {"wilson_loops": [[1, 1]]}}}
 
 
 @pytest.mark.mpi
@@ -337,5 +340,29 @@ def test_readers_see_only_committed_segments(collective) -> None:
             ens = open_ensemble(root)
             ok = ens.n_committed() == 3 and all(torch.equal(ens.config(0, i), gathered[i]) for i in range(3))
         collective(ok, "after the second commit the reader sees all three configurations")
+    finally:
+        _finish(base)
+
+
+@pytest.mark.mpi
+def test_loops_longer_than_a_ranks_extent_are_refused_on_every_rank(collective) -> None:
+    """The default loops [[1, 1], [2, 2]] on 4^4 split over P ranks along x_0: with local extent
+    4/P < 2 (P = 4) the 2x2 loop cannot be measured on a sub-lattice: one ConfigError naming
+    measure.wilson_loops on every rank, before any file is written; with P <= 2 it runs."""
+    base = _tmpdir()
+    try:
+        cfg = _cfg(f"{base}/par", "heatbath", grid=[SIZE, 1, 1, 1], backend="host", group="su2",
+                   lattice={"shape": [4, 4, 4, 4]})
+        msg = ""
+        try:
+            code = sample(cfg, use_mpi=True)
+        except ConfigError as e:
+            msg, code = str(e), None
+        if SIZE == 4:
+            collective("measure.wilson_loops" in msg and "local extent" in msg, f"expected a refusal, got {msg!r}")
+            collective(not os.path.exists(f"{base}/par/ensemble/chain000") or
+                       not os.listdir(f"{base}/par/ensemble/chain000"), "the refused run wrote segments")
+        else:
+            collective(code == EXIT_OK, f"P = {SIZE}: exit {code}, {msg!r}")
     finally:
         _finish(base)
