@@ -17,8 +17,12 @@ lattice, beta, algorithm and chain(s):
 * ``training.png`` -- the training curves of ``train/metrics.jsonl`` with title and, for 2D
   U(1), the exact ``-log Z`` line (:func:`hpcflow.flows.train.plot_metrics`).
 
-``t^2 E(t)`` curves of the 4D Wilson flow are not drawn: the ensembles store no flow-time
-data yet. Every file is written under a temporary name and renamed.
+* ``flow_energy.png`` -- 4D: ``t^2 E(t)`` of the Wilson flow (rows ``t2E_clov``, ``t2E_plaq`` on
+  the segment attribute ``flow_times``), averaged over the flowed configurations after the
+  cut (chains as replicas, Gamma-method error per flow time), with the reference value 0.3
+  that defines ``t0`` and the mean ``t0/a^2`` of the rows where the flow reaches it.
+
+Every file is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from hpcflow.analysis.ensemble import EnsembleSeries, format_value, load_series
 from hpcflow.analysis.gamma import autocorrelation, gamma_method
 from hpcflow.io.ensemble import EnsembleError
 
-__all__ = ["plot_autocorrelation", "plot_history", "plot_topology", "plot_training", "resolve_plot_dirs",
-           "write_plots"]
+__all__ = ["plot_autocorrelation", "plot_flow_energy", "plot_history", "plot_topology", "plot_training",
+           "resolve_plot_dirs", "write_plots"]
 
 _DPI = 110
 
@@ -310,6 +314,53 @@ def plot_topology(ser: EnsembleSeries, steps: dict[int, np.ndarray], q: dict[int
     return _save(fig, path, f"{title} ({source})")
 
 
+def plot_flow_energy(ens: Any, ser: EnsembleSeries, path: Path, skip: int = 0) -> Path | None:
+    """``t^2 E(t)`` of the stored Wilson-flow grid (None when the ensemble holds none)."""
+    times = np.atleast_1d(np.asarray(ser.attrs.get("flow_times", []), dtype=np.float64))
+    curves: dict[str, list[np.ndarray]] = {}
+    t0s: dict[str, list[float]] = {}
+    for c in ser.chains:
+        rec = ens.records(c)
+        for kind in ("clov", "plaq"):
+            v = rec.get(f"t2E_{kind}")
+            if v is None or np.ndim(v) != 2 or v.shape[1] != times.size or times.size == 0:
+                continue
+            v = np.asarray(v, dtype=np.float64)[skip:]
+            keep = np.all(np.isfinite(v), axis=1)
+            if keep.sum() >= 2:
+                curves.setdefault(kind, []).append(v[keep])
+            t0 = np.asarray(rec.get(f"t0_{kind}", np.full(len(rec["step"]), np.nan)), dtype=np.float64)[skip:]
+            t0s.setdefault(kind, []).extend(t0[np.isfinite(t0)].tolist())
+    if not curves:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {"clov": "tab:blue", "plaq": "tab:orange"}
+    names = {"clov": "clover E", "plaq": "plaquette E"}
+    n_cfg = 0
+    for kind, reps in curves.items():
+        n_cfg = max(n_cfg, sum(r.shape[0] for r in reps))
+        mean, err = np.empty(times.size), np.empty(times.size)
+        for j in range(times.size):
+            g = _gamma_quiet([r[:, j] for r in reps])
+            mean[j], err[j] = g.mean, g.error
+        ax.plot(times, mean, color=colours[kind], label=f"{names[kind]} ({sum(r.shape[0] for r in reps)} configs)")
+        ax.fill_between(times, mean - err, mean + err, color=colours[kind], alpha=0.3, lw=0)
+        if t0s.get(kind):
+            t0 = float(np.mean(t0s[kind]))
+            ax.axvline(t0, color=colours[kind], ls=":", lw=1,
+                       label=f"t0/a^2 = {t0:.4g} ({names[kind]}, mean of {len(t0s[kind])})")
+    ax.axhline(0.3, color="k", ls="--", lw=0.8, label="0.3 (defines t0)")
+    ax.set_xlabel("flow time t/a^2")
+    ax.set_ylabel("t^2 E(t)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    title = _title(ser, "Wilson flow t^2 E(t)", _chains_label(sorted(ser.chains)))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, title)
+
+
 def _training_meta(out_dir: Path, ser: EnsembleSeries | None) -> dict[str, Any]:
     """Group, lattice and beta for the training plot: ``config.yaml`` of the output directory,
     else the ensemble's attributes."""
@@ -383,6 +434,9 @@ def write_plots(target: str | os.PathLike, out: str | os.PathLike | None = None,
             written.append(plot_topology(full, steps, q, src, dest / "topology.png", cut=cut, max_chains=max_chains))
         else:
             say("topology: no Q column and not 2D U(1): no topological-charge plot")
+        fe = plot_flow_energy(ens, full, dest / "flow_energy.png", skip=skip)
+        if fe is not None:
+            written.append(fe)
     if metrics is not None:
         p = plot_training(metrics, dest / "training.png", _training_meta(out_dir, ser))
         if p is not None:

@@ -241,3 +241,20 @@ def test_measurer_flows_every_flow_every_th_configuration(monkeypatch) -> None:
     got = [m(U, i) for i in range(7)]
     assert sum(calls) == 3 * 4  # rows 0, 3, 6; 4 flow steps each
     assert [not math.isnan(g["Q"]) for g in got] == [True, False, False, True, False, False, True]
+
+
+def test_4d_flow_energy_plot(tmp_path) -> None:
+    """Issue 19 item 4: the t^2 E(t) curves of a 4D ensemble (plaquette and clover E on the
+    stored flow-time grid) are drawn, titled, by write_plots (and hpcflow plot)."""
+    from PIL import Image
+
+    from hpcflow.analysis.plots import write_plots
+
+    cfg = _cfg4(tmp_path / "s", flow_every=1)
+    assert sample(cfg, use_mpi=False) == EXIT_OK
+    paths = write_plots(str(tmp_path / "s"))
+    fe = tmp_path / "s" / "plots" / "flow_energy.png"
+    assert fe in paths and fe.stat().st_size > 20_000
+    with Image.open(fe) as im:
+        title = str(im.text.get("Title", ""))  # type: ignore[attr-defined]
+    assert title.startswith("Wilson flow t^2 E(t): su3 4x4x4x4, beta 6") and "chain 0" in title, title
