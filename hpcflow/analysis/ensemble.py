@@ -35,6 +35,7 @@ from hpcflow.analysis.gamma import FLAGS, GammaResult, gamma_method, gamma_metho
 from hpcflow.io.ensemble import Ensemble, EnsembleError, open_ensemble
 
 __all__ = [
+    "HistoryRecords",
     "BOOKKEEPING",
     "EnsembleSeries",
     "export_pyerrors",
@@ -122,7 +123,68 @@ def _check_int(name: str, v: Any, lo: int) -> int:
     return int(v)
 
 
-def load_series(root: str | os.PathLike | Ensemble, chain: int | None = None, skip: int = 0,
+class HistoryRecords:
+    """The measurement history of ``hpcflow run`` (``history.jsonl``, with ``config.yaml`` for
+    the labels) read as a one-chain ensemble: ``chains``, ``attrs``, ``records(0)`` and
+    ``root`` as :class:`~hpcflow.io.ensemble.Ensemble` has them, for :func:`load_series` and the
+    plots. ``null`` (a value not measured at that step) becomes NaN; a truncated last line (a
+    killed run) is left out; ``time`` is bookkeeping."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        import json
+
+        from hpcflow.yamlio import YAMLReadError, read_yaml
+
+        d = os.fspath(out_dir)
+        path = os.path.join(d, "history.jsonl")
+        rows: list[dict[str, Any]] = []
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError:
+                            break
+        except OSError as e:
+            raise EnsembleError(f"{path}: cannot read the history ({e.strerror})") from None
+        if len(rows) < 2:
+            raise EnsembleError(f"{path}: fewer than 2 measurements; nothing to plot")
+        try:
+            cfg = read_yaml(os.path.join(d, "config.yaml")) or {}
+        except YAMLReadError:
+            cfg = {}
+        cfg = cfg if isinstance(cfg, dict) else {}
+        self.root = d
+        self.chains = [0]
+        self.attrs: dict[str, Any] = {
+            "group": cfg.get("group"), "lattice": list((cfg.get("lattice") or {}).get("shape") or []),
+            "beta": (cfg.get("action") or {}).get("beta"), "algorithm": cfg.get("algorithm"),
+            "action": (cfg.get("action") or {}).get("name", "wilson")}
+        keys = [k for k in rows[0] if k != "time"]
+        rec: dict[str, np.ndarray] = {"step": np.asarray([r.get("step", i) for i, r in enumerate(rows)],
+                                                         dtype=np.int64)}
+        for k in keys:
+            if k == "step":
+                continue
+            vals = [r.get(k) for r in rows]
+            if k == KIND_COLUMN:
+                rec[k] = np.asarray([str(v or "").encode() for v in vals], dtype="S16")
+                continue
+            if any(isinstance(v, list) for v in vals):
+                width = max(len(v) for v in vals if isinstance(v, list))
+                rec[k] = np.asarray([[np.nan if x is None else x for x in v] if isinstance(v, list) and len(v) == width
+                                     else [np.nan] * width for v in vals], dtype=np.float64)
+                continue
+            if all(v is None or isinstance(v, (int, float, bool)) for v in vals):
+                rec[k] = np.asarray([np.nan if v is None else float(v) for v in vals], dtype=np.float64)
+        self._rec = rec
+
+    def records(self, chain: int | None = None) -> dict[str, np.ndarray]:
+        return self._rec
+
+
+def load_series(root: str | os.PathLike | Ensemble | HistoryRecords, chain: int | None = None, skip: int = 0,
                 bin_size: int = 1) -> EnsembleSeries:
     """Read the rows of an ensemble (verified, :func:`hpcflow.io.open_ensemble`) and cut and
     bin them: the first ``skip`` stored rows of each chain are dropped (thermalisation), then
@@ -131,7 +193,7 @@ def load_series(root: str | os.PathLike | Ensemble, chain: int | None = None, sk
     ``root`` may be an open :class:`~hpcflow.io.ensemble.Ensemble` (its verified rows are reused)."""
     skip = _check_int("skip", skip, 0)
     bin_size = _check_int("bin_size", bin_size, 1)
-    ens = root if isinstance(root, Ensemble) else open_ensemble(root)
+    ens = root if isinstance(root, (Ensemble, HistoryRecords)) else open_ensemble(root)
     chains = list(ens.chains) if chain is None else [int(chain)]
     attrs = ens.attrs
     recs = {c: ens.records(c) for c in chains}

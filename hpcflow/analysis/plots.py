@@ -14,6 +14,8 @@ lattice, beta, algorithm and chain(s):
   sector weights :func:`hpcflow.analysis.exact.u1_2d_charge_distribution`; ``Q`` from a ``Q``
   row column when stored, else (2D U(1) only) computed from the stored links of at most
   ``max_q_configs`` evenly spaced configurations per chain (said in the title);
+* for an ``hpcflow run`` directory (no ensemble): the same history, autocorrelation and
+  topology plots from ``history.jsonl`` (one chain);
 * ``training.png`` -- the training curves of ``train/metrics.jsonl`` with title and, for 2D
   U(1), the exact ``-log Z`` line (:func:`hpcflow.flows.train.plot_metrics`).
 
@@ -89,7 +91,7 @@ def resolve_plot_dirs(target: str | os.PathLike) -> tuple[Path, Path | None, Pat
         out = t
         ens = t / "ensemble" if _is_ensemble(t / "ensemble") else None
     metrics = out / "train" / "metrics.jsonl"
-    if ens is None and not metrics.is_file():
+    if ens is None and not metrics.is_file() and not (out / "history.jsonl").is_file():
         raise EnsembleError(f"{t}: neither an ensemble (chainNNN/ folders) nor an output directory with "
                             "ensemble/ or train/metrics.jsonl: nothing to plot")
     return out, ens, metrics if metrics.is_file() else None
@@ -437,6 +439,19 @@ def write_plots(target: str | os.PathLike, out: str | os.PathLike | None = None,
         fe = plot_flow_energy(ens, full, dest / "flow_energy.png", skip=skip)
         if fe is not None:
             written.append(fe)
+    elif (out_dir / "history.jsonl").is_file():  # hpcflow run: the measurement history
+        from hpcflow.analysis.ensemble import HistoryRecords
+
+        hist = HistoryRecords(out_dir)
+        full = load_series(hist, skip=0, bin_size=1)
+        ser = load_series(hist, skip=skip, bin_size=bin_size)
+        written.append(plot_history(full, 0, dest / "history_chain000.png", skip=skip))
+        written.append(plot_autocorrelation(ser, dest / "autocorrelation.png"))
+        if "Q" in full.raw:
+            got = _charges(str(out_dir), full, 0, say)
+            if got is not None:
+                written.append(plot_topology(full, got[0], got[1], got[2], dest / "topology.png",
+                                             max_chains=max_chains))
     if metrics is not None:
         p = plot_training(metrics, dest / "training.png", _training_meta(out_dir, ser))
         if p is not None:

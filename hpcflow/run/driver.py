@@ -342,6 +342,8 @@ def _finish(cfg: Config, comm: Any, records: list[dict], elapsed: float, n_updat
               f"beta={cfg.action.beta} ranks={comm.size}: {n_updates} updates in {elapsed:.1f} s")
         print(format_summary(obs))
         print(f"history: {os.path.join(out, 'history.jsonl')}  summary: {os.path.join(out, 'summary.json')}")
+        if cfg.run.plots and cfg.algorithm in ("hmc", "heatbath"):  # flow runs plot after their summary
+            write_plots_safely(out)
     return RunResult(0, summary)
 
 
@@ -574,8 +576,8 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
             line += (f"; reweighted proposals: plaquette {rw['plaquette']['mean']:.5f} +- "
                      f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
         print(line)
-        if cfg.run.plots and os.path.isfile(os.path.join(out, "train", "metrics.jsonl")):
-            write_plots_safely(out)  # the training plot (write_plots reads no history.jsonl)
+        if cfg.run.plots:
+            write_plots_safely(out)  # history, autocorrelation, topology and training plots
     return result
 
 

@@ -69,9 +69,8 @@ def _independent(cfg, root: str) -> dict[str, tuple[float, float]]:  # type: ign
     from hpcflow.flows.u1 import links_from_angles
     from hpcflow.lattice.action import wilson_action
     from hpcflow.lattice.geometry import Lattice
-    from hpcflow.run.sample import load_model
-
     from hpcflow.lattice.observables import polyakov_loop
+    from hpcflow.run.sample import load_model
 
     lat = Lattice(cfg.lattice.shape)
     model, _ = load_model(cfg, lat)

@@ -102,3 +102,22 @@ def test_no_topology_without_q_outside_2d_u1(tmp_path, group: str) -> None:
     got = write_plots(root, out=tmp_path / "f", log=notes.append)
     assert [p.name for p in got] == ["history_chain000.png", "autocorrelation.png"]
     assert any("no topological-charge plot" in n for n in notes)
+
+
+def test_run_of_a_baseline_writes_its_plots_from_the_history(tmp_path) -> None:
+    """Issue 19 item 4: plots are written at the end of `run` too (heat bath: history,
+    autocorrelation and topology from history.jsonl), titled like the ensemble's."""
+    import yaml
+
+    cfg = tmp_path / "hb.yaml"
+    cfg.write_text(yaml.safe_dump({"lattice": {"shape": [8, 8]}, "algorithm": "heatbath", "action": {"beta": 2.0},
+                                   "run": {"n_therm": 5, "n_steps": 120, "progress": False},
+                                   "output": {"dir": str(tmp_path / "o")}}))
+    assert main(["run", str(cfg)]) == EXIT_OK
+    plots = tmp_path / "o" / "plots"
+    for name in ("history_chain000.png", "autocorrelation.png", "topology.png"):
+        assert (plots / name).stat().st_size > MIN_BYTES, name
+    assert _title(plots / "history_chain000.png") == "Monte Carlo history: u1 8x8, beta 2, heatbath, chain 0"
+    assert _title(plots / "topology.png").startswith("Topological charge: u1 8x8, beta 2, heatbath")
+    # and by hpcflow plot on the run directory
+    assert main(["plot", str(tmp_path / "o")]) == EXIT_OK
