@@ -349,9 +349,9 @@ def plot_flow_energy(ens: Any, ser: EnsembleSeries, path: Path, skip: int = 0) -
         ax.plot(times, mean, color=colours[kind], label=f"{names[kind]} ({sum(r.shape[0] for r in reps)} configs)")
         ax.fill_between(times, mean - err, mean + err, color=colours[kind], alpha=0.3, lw=0)
         if t0s.get(kind):
-            t0 = float(np.mean(t0s[kind]))
-            ax.axvline(t0, color=colours[kind], ls=":", lw=1,
-                       label=f"t0/a^2 = {t0:.4g} ({names[kind]}, mean of {len(t0s[kind])})")
+            t0_mean = float(np.mean(t0s[kind]))
+            ax.axvline(t0_mean, color=colours[kind], ls=":", lw=1,
+                       label=f"t0/a^2 = {t0_mean:.4g} ({names[kind]}, mean of {len(t0s[kind])})")
     ax.axhline(0.3, color="k", ls="--", lw=0.8, label="0.3 (defines t0)")
     ax.set_xlabel("flow time t/a^2")
     ax.set_ylabel("t^2 E(t)")
