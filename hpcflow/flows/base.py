@@ -78,7 +78,19 @@ class Flow(Bijection):
             logdet = logdet + ld
         return self.after_layers(x, logdet)
 
+    def layer_hooks_trivial(self) -> bool:
+        """True when :meth:`before_layer` is the identity (no halo exchange between layers):
+        then the layers may run the whole forward on a layout of their own."""
+        return type(self).before_layer is Flow.before_layer
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a fused walk (SU(3) host kernels: one conversion to their layout at each end)
+        if self.layers and self.layer_hooks_trivial() and not (
+                self.checkpoint_layers and torch.is_grad_enabled()):
+            walk = getattr(self.layers[0], "fused_walk", None)
+            out = walk(self.layers, x) if walk is not None else None
+            if out is not None:
+                return self.after_layers(*out)
         return self._walk(x, inverse=False)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,6 +138,10 @@ class DistributedFlow(GaugeFlow):
     def before_layer(self, x: torch.Tensor, i: int) -> torch.Tensor:
         return self._exchange(x, self.widths[i])
 
+    def layer_hooks_trivial(self) -> bool:
+        # _exchange is the identity without halos (one rank, or no decomposed dimension)
+        return self.lat.halo == 0 or not self.lat.padded_dims
+
     def after_layers(self, x: torch.Tensor, logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # one collective for all layers' log-dets; a full exchange leaves valid halos
         return self._exchange(x), self.comm.sum(logdet)

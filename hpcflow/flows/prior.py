@@ -18,7 +18,7 @@ import torch
 
 from hpcflow.dtypes import complex_dtype, real_dtype
 from hpcflow.lattice.geometry import Lattice
-from hpcflow.lattice.groups import Group, get_group, random_field
+from hpcflow.lattice.groups import Group, batched_index, draw_normals, get_group, random_field
 
 __all__ = ["HaarPriorSUN", "HaarPriorU1"]
 
@@ -75,6 +75,12 @@ class HaarPriorSUN:
         batch = U.shape[: U.dim() - self.lat.nd - 3]
         return torch.zeros(batch, dtype=real_dtype(U.dtype), device=U.device)
 
+    def _host_haar(self, device: torch.device | str | None) -> bool:
+        """SU(3) on the CPU with ``backend: host``: Haar draws by the C++ Gram-Schmidt
+        (``kernels.flow_sun.haar_su3``, equal to the QR of ``SUN.haar`` to rounding)."""
+        return (self.group.name == "su3" and getattr(self.lat, "backend", "torch") == "host"
+                and torch.device(device or "cpu").type == "cpu")
+
     def sample(
         self, batch: int, generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.complex128, device: torch.device | str | None = None,
@@ -82,6 +88,12 @@ class HaarPriorSUN:
         """``batch`` Haar fields from a torch generator (training: a per-rank stream)."""
         gen = generator if generator is not None else torch.Generator().manual_seed(
             int(torch.randint(0, 2**62, ())))
+        if self._host_haar(device) and gen.device.type == "cpu":
+            from hpcflow.kernels.flow_sun import haar_su3
+
+            # the draws of lattice.groups.random_field, the matrices by the host kernel
+            index = batched_index(self.lat.global_link_index(device), self.n_links, (int(batch),))
+            return haar_su3(draw_normals(gen, index, 0, self.group.n_haar_normals), complex_dtype(dtype))
         return random_field(self.lat, self.group, gen, batch=(int(batch),),
                             dtype=complex_dtype(dtype), device=device)
 
@@ -92,5 +104,10 @@ class HaarPriorSUN:
         """Proposals ``first..first+batch-1``: link ``l`` of proposal ``p`` from the normals at
         Philox index ``p * n_links + l``, step 0 (module docstring)."""
         index = _counter_index(self.lat, self.n_links, first, batch, device)
+        if self._host_haar(device) and index.device.type == "cpu" and hasattr(rng, "key_site"):
+            from hpcflow.kernels.flow_sun import haar_su3_counter
+
+            # the Philox normals of rng.normal (philox.h) and the matrices in one host call
+            return haar_su3_counter(rng.key_site, index, complex_dtype(dtype))
         normals = rng.normal(index, 0, self.group.n_haar_normals, dtype=torch.float64)
         return self.group.haar(normals).to(complex_dtype(dtype))

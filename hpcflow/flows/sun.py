@@ -48,13 +48,18 @@ over all ordered planes: layer ``i`` has ``mu = i % Nd``,
 ``off = (i // Nd) % 4`` and ``nu`` the ``((i // (4 Nd)) % (Nd-1))``-th direction other than ``mu``
 (2D: ``nu = 1 - mu``, the U(1) order). ``4 Nd`` layers update every link once; ``4 Nd (Nd-1)``
 (48 in 4D) use every plane orientation.
+
+**Host kernels** (``backend: host``, 4D SU(3), NCP kernel, CPU): the forward of a flow runs as
+one autograd node of ``kernels/flow_sun.cpp`` (:meth:`SUNSpectralCoupling.fused_walk`; the same
+maps, equal to this module's torch code to rounding; docs/DESIGN.md "Host kernels of the 4D
+SU(3) flow"). The inverse, GPUs, 2D, SU(2) and spline kernels use the torch code here.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +332,8 @@ class SUNSpectralCoupling(Bijection):
         self.register_buffer("active_interior", lat.interior().flatten()[self.active_idx],
                              persistent=False)
         self._spectral = su2_spectral if self.group.name == "su2" else su3_spectral
+        self._period = mask_period(lat.global_shape[nu])
+        self._plan: Any = None  # kernels.flow_sun.LayerPlan, built at the first host call
 
     @property
     def halo(self) -> int:
@@ -370,11 +377,103 @@ class SUNSpectralCoupling(Bijection):
         return out, (-logdet if inverse else logdet)
 
     def forward(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.host_ready(U):
+            return self._forward_host(U)
         if self.checkpoint_activations and torch.is_grad_enabled():
             # keep only the layer's input for backward and recompute its insides (plaquettes,
             # context CNN, eigen-decompositions): memory per layer ~ one link field
             return checkpoint(self._couple, U, False, use_reentrant=False)
         return self._couple(U, False)
+
+    # ---- host kernels (backend: host; 4D SU(3), NCP kernel; kernels/flow_sun.cpp) --------
+    def host_ready(self, U: torch.Tensor) -> bool:
+        """True when the forward runs as the fused C++ layer: ``backend: host``, a CPU field,
+        4D SU(3), the NCP interval kernel, circular padding (one rank, or a decomposed local
+        array whose halos the flow has filled), parameters of the field's precision."""
+        if getattr(self.lat, "backend", "torch") != "host" or U.device.type != "cpu":
+            return False
+        if self.group.name != "su3" or self.lat.nd != 4 or self.net.pad_fn is not circular_pad_nd:
+            return False
+        if type(self.kernel) is not IntervalNCPKernel or self.kernel.n_components > 16:
+            return False
+        if U.dtype not in (torch.complex128, torch.complex64) or self.net.kernel_size > 15:
+            return False
+        return all(p.dtype == real_dtype(U.dtype) for p in self.net.parameters())
+
+    def _host_plan(self) -> Any:
+        if self._plan is None:
+            from hpcflow.kernels.flow_sun import layer_plan_of
+
+            self._plan = layer_plan_of(
+                self.lat.shape, cast(torch.Tensor, self.frozen).cpu(),
+                cast(torch.Tensor, self.active_idx).cpu(),
+                cast(torch.Tensor, self.active_interior).cpu().to(torch.float64), self.mu, self.nu,
+                len(self.net.convs), self.net.kernel_size, self._period)
+        return self._plan
+
+    def lanes_spec(self) -> Any:
+        """This layer for :func:`hpcflow.kernels.flow_sun.sun_flow`."""
+        from hpcflow.kernels.flow_sun import LayerSpec
+
+        return LayerSpec(self._host_plan(), self.kernel.n_components, self.kernel.s_max)
+
+    def conv_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Weights and biases of the context CNN's convolutions, in order."""
+        ws = [cast(torch.Tensor, c.weight) for c in self.net.convs]
+        bs = [cast(torch.Tensor, c.bias) for c in self.net.convs]
+        return ws, bs
+
+    def _lanes_apply(self, Ut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from hpcflow.kernels.flow_sun import sun_flow
+
+        ws, bs = self.conv_params()
+        return sun_flow(Ut, [self.lanes_spec()], [ws], [bs])
+
+    def forward_lanes(self, Ut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward on the host kernels' lanes layout (:func:`hpcflow.kernels.flow_sun.to_lanes`):
+        ``(Ut', logdet[nchunk, W])``."""
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            return checkpoint(self._lanes_apply, Ut, use_reentrant=False)
+        return self._lanes_apply(Ut)
+
+    def _forward_host(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = SUNSpectralCoupling.fused_walk([self], U)
+        assert out is not None
+        return out
+
+    @staticmethod
+    def fused_walk(layers: Sequence[Bijection], U: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Forward of ``layers`` in order on the lanes layout, converting ``U`` once at each
+        end: ``(U', sum of log-dets)``; ``None`` unless every layer is :meth:`host_ready`.
+        :meth:`hpcflow.flows.base.Flow.forward` calls it (when no hook runs between layers)."""
+        if not layers or not all(isinstance(la, SUNSpectralCoupling) and la.host_ready(U)
+                                 for la in layers):
+            return None
+        from hpcflow.kernels.flow_sun import from_lanes, lanes, to_lanes
+
+        sl = [la for la in layers if isinstance(la, SUNSpectralCoupling)]
+        lat = sl[0].lat
+        event = U.shape[U.dim() - (lat.nd + 3):]
+        batch = U.shape[: U.dim() - (lat.nd + 3)]
+        Ub = U.reshape(-1, *event)
+        n = Ub.shape[0]
+        Ut = to_lanes(Ub, lanes(real_dtype(U.dtype)))
+        total: torch.Tensor | None = None
+        if any(la.checkpoint_activations for la in sl) and torch.is_grad_enabled():
+            # activation checkpointing: one recomputed node per layer
+            for layer in sl:
+                Ut, ld = layer.forward_lanes(Ut)
+                total = ld if total is None else total + ld
+        else:  # one node for all layers, in place on one field
+            from hpcflow.kernels.flow_sun import sun_flow
+
+            params = [la.conv_params() for la in sl]
+            # Ut is this walk's temporary and from_lanes the only consumer of the output
+            Ut, total = sun_flow(Ut, [la.lanes_spec() for la in sl], [w for w, _ in params],
+                                 [b for _, b in params], own=True)
+        assert total is not None
+        return from_lanes(Ut, n, lat.shape).reshape(U.shape), total.reshape(-1)[:n].reshape(batch)
 
     def inverse(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # frozen loops are unchanged by the layer, so the context is recomputed exactly
@@ -395,18 +494,39 @@ class SUNTheory(GaugeTheory):
         return HaarPriorSUN(self.lat, self.group)
 
     def action(self, U: torch.Tensor, beta: float) -> torch.Tensor:
-        """Wilson action ``-(beta/N) sum Re tr P``, shape ``(*B)``."""
+        """Wilson action ``-(beta/N) sum Re tr P``, shape ``(*B)`` (4D SU(3), ``backend: host``,
+        local arrays below ``SIMD_MIN_SITES_4D`` sites: the plaquette sum on the flow's host
+        kernels, one node with an analytic backward, ~2x the harness plaquette kernel there;
+        larger arrays keep the SIMD plaquette/staple kernels, faster than a layout round trip)."""
+        from hpcflow.kernels.host import SIMD_MIN_SITES_4D
+
+        if self.host_observables(U) and math.prod(self.lat.shape) < SIMD_MIN_SITES_4D:
+            from hpcflow.kernels.flow_sun import plaquette_sum
+
+            return -(float(beta) / 3.0) * self.comm.sum(plaquette_sum(U, self.lat.interior()))
         return wilson_action(U, self.lat, beta, self.comm)
 
     def observables(self, U: torch.Tensor) -> dict[str, torch.Tensor]:
         """``plaquette`` ``(1/N) <Re tr P>`` and ``Q``: the unsmoothed clover charge in 4D; in 2D
         SU(N) has no topological sectors (pi_1(SU(N)) = 0), so ``Q = 0`` identically."""
         plaq = average_plaquette(U, self.lat, self.comm)
+        if self.host_observables(U):
+            from hpcflow.kernels.flow_sun import clover_charge
+
+            # the same charge on the host kernels (equal to rounding; one C++ call)
+            return {"plaquette": plaq,
+                    "Q": self.comm.sum(clover_charge(U, self.lat.interior()))}
         if self.lat.nd == 4:
             from hpcflow.lattice.observables import topological_charge_clover
 
             return {"plaquette": plaq, "Q": topological_charge_clover(U, self.lat, self.comm)}
         return {"plaquette": plaq, "Q": torch.zeros_like(plaq)}
+
+    def host_observables(self, U: torch.Tensor) -> bool:
+        """4D SU(3) on the CPU with ``backend: host``: the clover charge by the host kernel."""
+        return (self.lat.nd == 4 and self.group.name == "su3" and U.device.type == "cpu"
+                and U.dtype in (torch.complex128, torch.complex64)
+                and getattr(self.lat, "backend", "torch") == "host")
 
     def to_links(self, U: torch.Tensor) -> torch.Tensor:
         return U
