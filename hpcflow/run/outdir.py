@@ -71,7 +71,7 @@ def fresh_items(out: str, command: str, algorithm: str) -> list[str]:
     if command == "sample":
         items = sampled
     elif command == "run" and algorithm not in _FLOW:
-        items = run
+        items = run + ["plots"]  # plots: drawn from the old history
     else:  # train, or run of a flow: a new model; everything sampled with the old one goes too
         items = sampled + run + ["train", "plots"]  # plots: of the old model's training and chains
     return _exists(out, items)
