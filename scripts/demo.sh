@@ -9,4 +9,8 @@ cd "$here"
 bash scripts/bootstrap.sh
 # small tensors: one thread per process is fastest here, and robust on a shared node
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-"${HPCFLOW_VENV:-$here/.venv}/bin/hpcflow" run examples/demo.yaml "$@"
+# a second demo starts over: the earlier results move into runs/demo/previous-<time>/ (hpcflow
+# never overwrites results silently); --resume or --fresh given here are passed on unchanged
+fresh=()
+case " $* " in *" --resume "*|*" --fresh "*) ;; *) [ -e runs/demo/history.jsonl ] || [ -e runs/demo/train ] && fresh=(--fresh) ;; esac
+"${HPCFLOW_VENV:-$here/.venv}/bin/hpcflow" run examples/demo.yaml "${fresh[@]}" "$@"
