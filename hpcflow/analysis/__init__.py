@@ -29,9 +29,12 @@ from hpcflow.analysis.gamma import (
 )
 from hpcflow.analysis.resampling import ResamplingResult, bootstrap, jackknife
 from hpcflow.analysis.reweighting import (
+    ReweightedEstimate,
+    WeightStats,
     ess,
     logsumexp,
     normalized_weights,
+    reweighted_estimate,
     reweighted_gamma,
     reweighted_mean,
     reweighted_mean_error,
@@ -63,6 +66,9 @@ __all__ = [
     "jackknife",
     "logsumexp",
     "normalized_weights",
+    "ReweightedEstimate",
+    "WeightStats",
+    "reweighted_estimate",
     "reweighted_gamma",
     "reweighted_mean",
     "reweighted_mean_error",

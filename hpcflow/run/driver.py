@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -509,7 +510,7 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
     importance-reweighted plaquette and Q^2 (reweighting applies to the proposals only: the
     chain's states are already distributed as exp(-S)/Z).
     """
-    from hpcflow.analysis import ess, reweighted_gamma
+    from hpcflow.analysis import ess, reweighted_estimate
 
     dist = _distributed_setup(cfg)
     if dist is not None:
@@ -561,24 +562,58 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
     if sink.proposals:
         prop = np.asarray(sink.proposals, dtype=np.float64)
         lw = prop[:, 0]
-        extra["ess_per_proposal"] = float(ess(lw))
-        rw = {}
-        for name, x in (("plaquette", prop[:, 1]), ("Q2", prop[:, 2] ** 2)):
-            g = reweighted_gamma(x, lw)
-            rw[name] = {"mean": float(g.mean), "error": float(g.error)}
+        rw = {name: reweighted_estimate(x, lw).as_dict()
+              for name, x in (("plaquette", prop[:, 1]), ("Q2", prop[:, 2] ** 2))}
+        pl = rw["plaquette"]
+        extra.update(ess_per_proposal=float(ess(lw)), ess_lognormal=pl["ess_lognormal"], n_eff=pl["n_eff"],
+                     max_weight=pl["max_weight"], proposals=int(lw.size))
         extra["reweighted"] = rw
+    warnings = flow_chain_warnings(extra, summarize_history(records, {}))
+    extra["warnings"] = warnings
     result = _finish(cfg, comm, records, elapsed, chain.total - chain.first_step, out, extra=extra)
     if comm.is_root:
         line = f"flow-step acceptance {extra['acceptance']:.3f}"
         if "ess_per_proposal" in extra:
-            line += f", ESS per proposal {extra['ess_per_proposal']:.3f}"
+            line += (f", ESS per proposal {extra['ess_per_proposal']:.3g} ({extra['n_eff']:.1f} effective of "
+                     f"{extra['proposals']} proposals), largest normalised weight {extra['max_weight']:.3g}")
             rw = extra["reweighted"]
             line += (f"; reweighted proposals: plaquette {rw['plaquette']['mean']:.5f} +- "
                      f"{rw['plaquette']['error']:.5f}, Q2 {rw['Q2']['mean']:.4f} +- {rw['Q2']['error']:.4f}")
         print(line)
+        for w in warnings:
+            print(f"hpcflow: warning: {w}")
         if cfg.run.plots:
             write_plots_safely(out)  # history, autocorrelation, topology and training plots
     return result
+
+
+def flow_chain_warnings(extra: dict[str, Any], observables: dict[str, dict]) -> list[str]:
+    """What makes a flow chain's numbers untrustworthy, one line each: observables measured on
+    fewer than ``SHORT_CHAIN_TAUS`` tau_int states, a low flow-step acceptance, few effective
+    proposals or one dominant importance weight (:mod:`hpcflow.analysis.reweighting`)."""
+    from hpcflow.analysis.ensemble import LOW_FLOW_QUALITY, SHORT_CHAIN_TAUS
+    from hpcflow.analysis.reweighting import HEAVY_WEIGHT, MIN_EFFECTIVE
+
+    out = []
+    short = [f"{k} ({d['n']} < {SHORT_CHAIN_TAUS} x {d['tau_int']:.1f})" for k, d in observables.items()
+             if k not in ("accepted", "acceptance", "logw", "logq", "S") and d.get("tau_int") is not None
+             and math.isfinite(d["tau_int"]) and d["n"] < SHORT_CHAIN_TAUS * max(d["tau_int"], 0.5)]
+    if short:
+        out.append(f"the chain is shorter than {SHORT_CHAIN_TAUS} tau_int for " + ", ".join(short)
+                   + ": its errors and tau_int are unreliable (run more sample.n_steps)")
+    acc = extra.get("acceptance")
+    if acc is not None and math.isfinite(acc) and acc < LOW_FLOW_QUALITY:
+        out.append(f"flow-step acceptance {acc:.3g} < {LOW_FLOW_QUALITY}: the chain sticks and its importance "
+                   "weights are heavy-tailed (train the flow longer)")
+    if "n_eff" in extra:
+        if extra["n_eff"] < MIN_EFFECTIVE:
+            out.append(f"the reweighted estimates rest on {extra['n_eff']:.1f} effective proposals "
+                       f"(< {MIN_EFFECTIVE}; ESS per proposal {extra['ess_per_proposal']:.3g}, log-normal "
+                       f"estimate {extra['ess_lognormal']:.3g}): their errors are floors from the ESS, not precise")
+        if extra["max_weight"] > HEAVY_WEIGHT:
+            out.append(f"one proposal carries {extra['max_weight']:.0%} of the importance weight "
+                       f"(> {HEAVY_WEIGHT:.0%}): heavy-tailed weights")
+    return out
 
 
 def _shipped_steps(cfg: Config) -> int:

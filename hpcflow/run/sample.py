@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from hpcflow.analysis.reweighting import WeightStats
 from hpcflow.backend import run_backend
 from hpcflow.config import Config, ConfigError, config_to_dict, flow_fingerprint_part, to_yaml
 from hpcflow.dtypes import precision_dtypes
@@ -206,6 +207,7 @@ class EnsembleSink:
         self.columns: dict[str, Any] = {"kind": (KIND_DTYPE, ()), **self.measurer.columns()}
         self.measure_seconds = 0.0
         self.accepted = 0  # stored rows accepted (this process's run)
+        self.weights = WeightStats()  # this process's run's flow proposals' log w
         self.stored = 0
         self.root = ensemble_dir(cfg)
         self.ckpt = chain_checkpoint_path(cfg, chain)
@@ -336,7 +338,8 @@ class EnsembleSink:
 
     # -- the chain's calls ------------------------------------------------------------------
     def on_step(self, step: int, info: Any) -> None:
-        pass
+        if info.proposal is not None:  # this run's proposals: ESS and largest weight of the summary
+            self.weights.add(info.proposal["log_w"])
 
     def store(self, step: int, info: Any, update: Any) -> None:
         comm = self.comm
@@ -483,7 +486,8 @@ def sample(cfg: Config, resume: bool | None = None, stop: StopFlag | None = None
                 bar.close()
         sink = runner.sink
         assert isinstance(sink, EnsembleSink)
-        mine = (chain, sink.n_rows, sink.stored, sink.accepted, sink.measure_seconds) if comm.is_root else None
+        mine = ((chain, sink.n_rows, sink.stored, sink.accepted, sink.measure_seconds, sink.weights.as_dict())
+                if comm.is_root else None)
         gathered = world.allgather_object((code, mine))
         codes = [c for c, _ in gathered]
         say(_closing_line(cfg, [m for _, m in gathered if m is not None], max(codes), flag,
@@ -520,6 +524,31 @@ def _closing_line(cfg: Config, chains: list[Any], code: int, flag: Any, elapsed:
     line += f"); {time_split(elapsed, meas).removeprefix('hpcflow: ')}"
     if code != EXIT_OK:
         line += "; rerun the same command to resume"
+    ws = WeightStats()
+    for m in chains:
+        ws = ws.merge(WeightStats.from_dict(m[5]))
+    if ws.n:
+        line += "\n" + proposal_line(ws)
+    return line
+
+
+def proposal_line(ws: WeightStats) -> str:
+    """The flow proposals of this run (all chains: one flow): ESS per proposal, the effective
+    count, the largest normalised weight, and a warning when they are too few or one dominates
+    (``hpcflow measure`` then gives the chains' errors and their short-chain warnings)."""
+    from hpcflow.analysis.reweighting import HEAVY_WEIGHT, MIN_EFFECTIVE
+
+    n_eff = max(1.0, ws.n * min(ws.ess, ws.ess_lognormal if ws.n > 1 else 1.0))
+    line = (f"hpcflow sample: flow proposals this run: {ws.n}, ESS per proposal {ws.ess:.3g} (log-normal "
+            f"estimate {ws.ess_lognormal:.3g}; {n_eff:.1f} effective), largest normalised weight {ws.max_weight:.3g}")
+    bad = []
+    if n_eff < MIN_EFFECTIVE:
+        bad.append(f"fewer than {MIN_EFFECTIVE} effective proposals")
+    if ws.max_weight > HEAVY_WEIGHT:
+        bad.append(f"one proposal carries {ws.max_weight:.0%} of the weight")
+    if bad:
+        line += ("\nhpcflow: warning: " + " and ".join(bad) + ": heavy-tailed importance weights; the chain "
+                 "sticks and its errors need many tau_int (check `hpcflow measure`, train the flow longer)")
     return line
 
 
