@@ -207,7 +207,9 @@ class EnsembleSink:
         self.columns: dict[str, Any] = {"kind": (KIND_DTYPE, ()), **self.measurer.columns()}
         self.measure_seconds = 0.0
         self.accepted = 0  # stored rows accepted (this process's run)
-        self.weights = WeightStats()  # this process's run's flow proposals' log w
+        # the chain's flow proposals' log w (carried by the checkpoints: whole chain on resume)
+        self.weights = WeightStats()
+        self._counted = 0  # the last step whose proposal is in self.weights
         self.stored = 0
         self.root = ensemble_dir(cfg)
         self.ckpt = chain_checkpoint_path(cfg, chain)
@@ -286,6 +288,9 @@ class EnsembleSink:
             self.n_rows, self.n_seg = int(st["n_rows"]), int(st["n_segments"])
             self.rng.load_state_dict(st["rng"])
             self._ckpt_step = int(st["step"])
+            self._counted = int(st["step"])
+            if st.get("proposal_weights"):  # the chain's proposals up to the checkpoint
+                self.weights = WeightStats.from_dict(st["proposal_weights"])
         if comm.is_root:  # the resume point of every chain (one line per worker group)
             print(f"hpcflow sample: chain {self.chain}: " + (
                 "fresh start" if st is None else
@@ -297,7 +302,7 @@ class EnsembleSink:
     def fields(self) -> dict[str, Any]:
         return {"n_rows": self.n_rows, "n_segments": self.n_seg, "chain": self.chain,
                 "rng": self.rng.state_dict(), "algorithm": self.cfg.algorithm,
-                "model_sha256": self.model_sha256}
+                "model_sha256": self.model_sha256, "proposal_weights": self.weights.as_dict()}
 
     def _checkpoint(self, state: dict[str, Any], path: str) -> None:
         self._ckpt_step = state["step"]
@@ -338,11 +343,20 @@ class EnsembleSink:
 
     # -- the chain's calls ------------------------------------------------------------------
     def on_step(self, step: int, info: Any) -> None:
-        if info.proposal is not None:  # this run's proposals: ESS and largest weight of the summary
-            self.weights.add(info.proposal["log_w"])
+        self._count(step, info)
+
+    def _count(self, step: int, info: Any) -> None:
+        """The chain's proposals for the summary's ESS and largest weight, each step once: from
+        :meth:`store` (before a commit's checkpoint, which must hold this step's) or from
+        :meth:`on_step` (steps that are not stored)."""
+        if step > self._counted:
+            self._counted = step
+            if info.proposal is not None:
+                self.weights.add(info.proposal["log_w"])
 
     def store(self, step: int, info: Any, update: Any) -> None:
         comm = self.comm
+        self._count(step, info)
         if self.seg is None:
             cap = min(self.K, self.n_rows_total - self.n_rows)
             self.seg = SegmentWriter(self.root, self.chain, self.n_seg, self.lat, cap, self.dtype,
@@ -533,13 +547,14 @@ def _closing_line(cfg: Config, chains: list[Any], code: int, flag: Any, elapsed:
 
 
 def proposal_line(ws: WeightStats) -> str:
-    """The flow proposals of this run (all chains: one flow): ESS per proposal, the effective
+    """The flow proposals of the chains (all chains: one flow; a resumed chain's from its start,
+    as its checkpoints carry the summary): ESS per proposal, the effective
     count, the largest normalised weight, and a warning when they are too few or one dominates
     (``hpcflow measure`` then gives the chains' errors and their short-chain warnings)."""
     from hpcflow.analysis.reweighting import HEAVY_WEIGHT, MIN_EFFECTIVE
 
     n_eff = max(1.0, ws.n * min(ws.ess, ws.ess_lognormal if ws.n > 1 else 1.0))
-    line = (f"hpcflow sample: flow proposals this run: {ws.n}, ESS per proposal {ws.ess:.3g} (log-normal "
+    line = (f"hpcflow sample: flow proposals: {ws.n}, ESS per proposal {ws.ess:.3g} (log-normal "
             f"estimate {ws.ess_lognormal:.3g}; {n_eff:.1f} effective), largest normalised weight {ws.max_weight:.3g}")
     bad = []
     if n_eff < MIN_EFFECTIVE:

@@ -150,6 +150,58 @@ def test_sample_closing_summary_reports_the_weights(tmp_path, capsys):
     assert main(["train", *POOR, "--set", f"output.dir={out}"]) == 0
     assert main(["sample", *POOR, "--set", f"output.dir={out}", "--set", "sample.checkpoint_every=32"]) == 0
     text = capsys.readouterr().out
-    assert "hpcflow sample: flow proposals this run: 64, ESS per proposal" in text
+    assert "hpcflow sample: flow proposals: 64, ESS per proposal" in text
     assert "largest normalised weight" in text
     assert "hpcflow: warning: fewer than 100 effective proposals" in text
+
+
+class _StopAfter:
+    """A stop flag that asks to stop after ``n`` checks (as a signal would)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.signal_name = n, None
+
+    @property
+    def stop_requested(self) -> bool:
+        self.n -= 1
+        if self.n < 0:
+            self.signal_name = "SIGTERM"
+        return self.n < 0
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_sample_weights_survive_a_stop_and_resume(tmp_path, capsys):
+    """The checkpoints carry the proposals' summary: stopped at a step that is not a
+    checkpoint boundary, then resumed, the closing ESS and largest weight are those of the
+    uninterrupted chain (every proposal counted once)."""
+    from hpcflow.config import load_config
+    from hpcflow.exit_codes import EXIT_RESUMABLE
+    from hpcflow.run.sample import sample
+
+    model = tmp_path / "m"
+    assert main(["train", *POOR, "--set", f"output.dir={model}"]) == 0
+    texts = []
+    for name, stops in (("whole", []), ("stopped", [27, 5])):
+        out = tmp_path / name
+        out.mkdir()
+        shutil_copy(model, out)
+        sets = [x for x in POOR[1:] if x != "--set"] + [f"output.dir={out}", "sample.checkpoint_every=16"]
+        cfg = load_config(POOR[0], sets)
+        capsys.readouterr()
+        for n in stops:
+            assert sample(cfg, use_mpi=False, stop=_StopAfter(n)) == EXIT_RESUMABLE
+        assert sample(cfg, use_mpi=False) == 0
+        texts.append([ln for ln in capsys.readouterr().out.splitlines() if "flow proposals:" in ln])
+    assert len(texts[0]) == 1 and len(texts[1]) == 3  # one closing summary per sample call
+    assert texts[1][-1] == texts[0][0] and "flow proposals: 64," in texts[0][0]
+
+
+def shutil_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copytree(src / "train", dst / "train")
