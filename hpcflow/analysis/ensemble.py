@@ -352,6 +352,41 @@ def _ess_entry(per_chain_logw: dict[int, np.ndarray], S: float, bc: bool) -> dic
     return e
 
 
+def _proposal_weights(ser: EnsembleSeries) -> dict[str, Any] | None:
+    """The flow proposals' weight summary that ``hpcflow sample`` keeps in its chain
+    checkpoints (``<output.dir>/checkpoints/chainCCC.ckpt`` beside ``<output.dir>/ensemble``;
+    :class:`hpcflow.analysis.reweighting.WeightStats`): per chain and pooled ``{n, ess,
+    ess_lognormal, max_weight}``, from the proposals of every step up to the checkpoint. Only
+    chains whose checkpoint matches the committed rows are used; None when there are none."""
+    from hpcflow.analysis.reweighting import WeightStats
+    from hpcflow.io.checkpoint import CheckpointError, load_checkpoint
+
+    ckdir = os.path.join(os.path.dirname(os.path.abspath(ser.root)), "checkpoints")
+    per: dict[str, Any] = {}
+    pooled = WeightStats()
+    for c in ser.chains:
+        path = os.path.join(ckdir, f"chain{c:03d}.ckpt")
+        if not os.path.exists(path):
+            continue
+        try:
+            st = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        d = st.get("proposal_weights")
+        if not d or int(st.get("n_rows", -1)) != ser.rows.get(c):
+            continue
+        ws = WeightStats.from_dict(d)
+        if ws.n == 0:
+            continue
+        pooled = pooled.merge(ws)
+        per[str(c)] = {"n": ws.n, "ess": ws.ess, "ess_lognormal": ws.ess_lognormal, "max_weight": ws.max_weight}
+    if not per:
+        return None
+    return {"n": pooled.n, "ess": pooled.ess, "ess_lognormal": pooled.ess_lognormal,
+            "max_weight": pooled.max_weight, "chains": per,
+            "method": "every flow proposal of the chains (the sampler's running sums of w, w^2 and log w)"}
+
+
 def measure_ensemble(root: str | os.PathLike, chain: int | None = None, skip: int = 0, bin_size: int = 1,
                      S: float = 1.5, bias_correction: bool = True,
                      series: EnsembleSeries | None = None) -> dict[str, Any]:
@@ -360,7 +395,9 @@ def measure_ensemble(root: str | os.PathLike, chain: int | None = None, skip: in
     ``{"ensemble": {path, group, lattice, beta, action, algorithm, chains, rows},
     "analysis": {method, S, bias_correction, skip, bin, units},
     "observables": {name: entry}, "acceptance_by_kind": {kind: entry} (with a ``kind`` column),
-    "proposal_ess": entry (rows with finite log w), "omitted": {column: reason},
+    "proposal_ess": entry (rows with finite log w), "proposal_weights": {n, ess, ess_lognormal,
+    max_weight, chains} (the sampler's summary of every proposal, when its chain checkpoints are
+    beside the ensemble), "omitted": {column: reason},
     "warnings": [line], "notes": [line]}``. An entry is ``{mean, error, tau_int, tau_int_error,
     window, n, flags, [note], chains: {chain: entry}, [chain_consistency: {chi2, dof, p}]}``,
     combined over the chains as replicas; ``n`` counts the analysed values (bins). Gamma method
@@ -402,6 +439,9 @@ def measure_ensemble(root: str | os.PathLike, chain: int | None = None, skip: in
         ess = _ess_entry({c: x for c, x in lw.items() if x.size >= 2}, S, bias_correction)
         if ess is not None:
             report["proposal_ess"] = ess
+        pw = _proposal_weights(ser)
+        if pw is not None:
+            report["proposal_weights"] = pw
     report["omitted"] = dict(ser.omitted)
     report["warnings"] = _warnings(report, ser)
     report["notes"] = list(ser.notes) + _notes(report, ser)
@@ -455,6 +495,15 @@ def _warnings(report: dict[str, Any], ser: EnsembleSeries) -> list[str]:
         if "acceptance_by_kind" not in report and acc is not None:
             out.append("mixed chain without a 'kind' column: 'acceptance' averages the flow steps with the "
                        "always-accepted local steps and is not the flow acceptance")
+    pw = report.get("proposal_weights")
+    if pw is not None:
+        from hpcflow.analysis.reweighting import HEAVY_WEIGHT, MIN_EFFECTIVE
+
+        n_eff = pw["n"] * min(pw["ess"], pw["ess_lognormal"])
+        if n_eff < MIN_EFFECTIVE or pw["max_weight"] > HEAVY_WEIGHT:
+            out.append(f"flow proposals: {n_eff:.1f} effective of {pw['n']} (ESS per proposal {pw['ess']:.3g}, "
+                       f"log-normal estimate {pw['ess_lognormal']:.3g}), largest normalised weight "
+                       f"{pw['max_weight']:.3g}: heavy-tailed importance weights")
     ess = report.get("proposal_ess")
     if ess is not None and ess["mean"] < LOW_FLOW_QUALITY:
         out.append(f"ESS per proposal {ess['mean']:.3g} < {LOW_FLOW_QUALITY} (estimated from the chain states): "
@@ -465,9 +514,16 @@ def _warnings(report: dict[str, Any], ser: EnsembleSeries) -> list[str]:
 def _notes(report: dict[str, Any], ser: EnsembleSeries) -> list[str]:
     out = []
     if "proposal_ess" in report:
-        out.append("ESS/proposal: estimated from the chain states' log w as 1/(<w> <1/w>) = (E_q w)^2 / E_q w^2; "
-                   "too high when the flow puts weight where the chain never goes; the largest normalised "
-                   "proposal weight is not known (proposals are not stored)")
+        out.append("ESS/proposal (est.): estimated from the chain states' log w as 1/(<w> <1/w>) = "
+                   "(E_q w)^2 / E_q w^2; too high when the flow puts weight where the chain never goes"
+                   + ("" if "proposal_weights" in report else
+                      "; the largest normalised proposal weight is not known (no chain checkpoints beside "
+                      "the ensemble)"))
+    pw = report.get("proposal_weights")
+    if pw is not None:
+        out.append(f"flow proposals (every proposal, from the chain checkpoints): {pw['n']}, ESS per proposal "
+                   f"{pw['ess']:.3g} (log-normal estimate {pw['ess_lognormal']:.3g}), largest normalised weight "
+                   f"{pw['max_weight']:.3g}")
     for name, why in report["omitted"].items():
         out.append(f"{name}: {why}")
     return out

@@ -205,3 +205,23 @@ def shutil_copy(src: Path, dst: Path) -> None:
     import shutil
 
     shutil.copytree(src / "train", dst / "train")
+
+
+def test_measure_reports_the_proposals_weights(tmp_path, capsys):
+    """`hpcflow measure` of a flow ensemble reads the proposals' summary from the chain
+    checkpoints beside it: the same numbers as the sampler's closing line, and a warning."""
+    from hpcflow.analysis.ensemble import measure_ensemble
+
+    out = tmp_path / "s"
+    assert main(["train", *POOR, "--set", f"output.dir={out}"]) == 0
+    assert main(["sample", *POOR, "--set", f"output.dir={out}", "--set", "sample.checkpoint_every=16"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "flow proposals:" in ln][0]
+    rep = measure_ensemble(out / "ensemble")
+    pw = rep["proposal_weights"]
+    assert pw["n"] == 64 and f"ESS per proposal {pw['ess']:.3g}" in line
+    assert f"largest normalised weight {pw['max_weight']:.3g}" in line
+    assert any(w.startswith("flow proposals:") and "heavy-tailed" in w for w in rep["warnings"])
+    # without the checkpoints (an ensemble copied elsewhere): not reported, and the note says so
+    (out / "checkpoints" / "chain000.ckpt").unlink()
+    rep = measure_ensemble(out / "ensemble")
+    assert "proposal_weights" not in rep and any("not known" in n for n in rep["notes"])
