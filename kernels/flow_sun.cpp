@@ -8,6 +8,9 @@
 //             its eigen-decomposition, the NCP maps of the Weyl-alcove coordinates, the new
 //             loop P' = V diag(e^{i theta'}) V^dag, the link U_mu(x) <- P' M^dag (= P' P^dag U_mu
 //             on SU(3)) and the log-det (with the Weyl factor).
+// For inference (log q of a given field) the spectral map also has an inverse, spec_inv (the
+// NCP maps inverted by bracketed Newton on the forward's formulas; no backward); the features
+// and the context are the forward's, since the layer leaves its frozen loops unchanged.
 //
 // Layout ("lanes"): the batch is the innermost axis, W = 64 / sizeof(T) entries (8 doubles,
 // 16 floats) per vector, so every per-site formula runs on one SIMD vector of batch entries
@@ -1017,6 +1020,23 @@ inline int64_t slab_of(const Geo4& g, int64_t s) {
     return s / g.stride[0];
 }
 
+// the new active links `fresh` written into U; ld[c] = the sum of the per-loop log-dets ldsite
+template <typename T>
+void spec_commit(T* U, const Geo4& g, const int64_t* act, int64_t nact, int mu, int64_t nchunk,
+                 const T* fresh, const T* ldsite, T* ld) {
+    using V = typename VT<T>::v;
+    constexpr int W = VT<T>::W;
+    for (int64_t c = 0; c < nchunk; ++c) {
+        V acc = V{};
+        for (int64_t i = 0; i < nact; ++i) {
+            acc += vload<V>(ldsite + (c * nact + i) * W);
+            std::memcpy(link_ptr(U, g.V, c, mu, act[i]), fresh + ((c * nact + i) * 18) * W,
+                        sizeof(T) * 18 * W);
+        }
+        vstore(ld + c * W, acc);
+    }
+}
+
 // In place on the field U: the new active links are computed into `fresh` first (a link may
 // be read by another active loop on a halo-padded array) and then written; `save` (if given)
 // receives the old ones, which the backward writes back.
@@ -1049,15 +1069,7 @@ void spec_fwd(T* U, const T* prm, int64_t np, const int64_t* act, int64_t nact, 
             if (save) mstore<T, V>(save + ((c * nact + i) * 18) * W, A);
             vstore(ldsite + (c * nact + i) * W, S.logdet * wts[i]);
         }
-    for (int64_t c = 0; c < nchunk; ++c) {
-        V acc = V{};
-        for (int64_t i = 0; i < nact; ++i) {
-            acc += vload<V>(ldsite + (c * nact + i) * W);
-            std::memcpy(link_ptr(U, g.V, c, mu, act[i]), fresh + ((c * nact + i) * 18) * W,
-                        sizeof(T) * 18 * W);
-        }
-        vstore(ld + c * W, acc);
-    }
+    spec_commit<T>(U, g, act, nact, mu, nchunk, fresh, ldsite, ld);
 }
 
 template <typename T>
@@ -1193,6 +1205,183 @@ void spec_bwd(T* U, const T* save, const T* prm, int64_t np, const int64_t* act,
                                  gld, gU, gprm, eig);
             }
     }
+}
+
+// ================================================================================================
+// inverse of the spectral map (inference: log q of a given field; no backward)
+// ================================================================================================
+// The active loop P' of U is an output of the forward; its pre-image P has the same
+// eigenvectors and the alcove point (a, b) with g_1(u) = u', g_2(v | u) = v' (u = a/2pi,
+// v = b/(2pi - a)): u first, then g_2's parameters at u, then v. Each 1D inverse is a
+// bracketed, safeguarded Newton iteration on the forward's own formulas (ncp_eval).
+
+// the constants of one NCP mixture, as ncp_fwd computes them: weights and e^{+-s_k}
+template <typename V>
+struct NCPc {
+    V w[kMaxK], es[kMaxK], ies[kMaxK];
+};
+
+template <typename T, typename V>
+inline void ncp_consts(const V* p, int K, T smax, NCPc<V>& c) {
+    V amax = p[K];
+    for (int k = 1; k < K; ++k) amax = p[K + k] > amax ? p[K + k] : amax;
+    V esum = V{};
+    for (int k = 0; k < K; ++k) esum += vexp(p[K + k] - amax);
+    const V lse = vlog(esum);
+    for (int k = 0; k < K; ++k) {
+        c.w[k] = vexp((p[K + k] - amax) - lse);
+        const V s = smax * vtanh(p[k] / smax);
+        c.es[k] = vexp(s);
+        c.ies[k] = vexp(-s);
+    }
+}
+
+// g(x) (ncp_fwd's sum, term by term) and g'(x)
+template <typename T, typename V>
+inline void ncp_eval(const NCPc<V>& c, int K, const V& x, V& g, V& gp) {
+    const T hpi = T(kPi / 2), tpi_inv = T(2.0 / kPi);
+    const V z = hpi * x;
+    const V cz = vcos(z);
+    const V tz = vtan(z);
+    const V c2 = cz * cz;
+    g = V{};
+    gp = V{};
+    for (int k = 0; k < K; ++k) {
+        g += c.w[k] * (tpi_inv * vatan(c.es[k] * tz));
+        gp += c.w[k] / (c.ies[k] * c2 + c.es[k] * (T(1) - c2));
+    }
+}
+
+// x in [0, 1] with g(x) = y: from the mixture of the components' inverses (exact for one
+// component), Newton steps, a step that leaves the bracket [lo, hi] (g(lo) < y <= g(hi))
+// replaced by its midpoint, so every lane converges. A lane stops after its first Newton step
+// below the rounding level of the root, 16 eps (x + y / g') (g is known to a few eps of y, which
+// moves the root by y / g' per eps): 3-6 steps typically (quadratic convergence), at most
+// kNewtonMax; its x is then frozen, so a lane's result does not depend on the others.
+constexpr int kNewtonMax = 60;
+
+template <typename T, typename V>
+inline V ncp_inverse(const NCPc<V>& c, int K, const V& y) {
+    typedef typename VT<T>::mi MI;
+    const T hpi = T(kPi / 2), tpi_inv = T(2.0 / kPi);
+    const T tol = T(16) * std::numeric_limits<T>::epsilon();
+    const V one = splat<V>(T(1));
+    const V ty = vtan(hpi * y);
+    V x = V{};
+    for (int k = 0; k < K; ++k) x += c.w[k] * (tpi_inv * vatan(c.ies[k] * ty));
+    x = x < T(0) ? V{} : (x > T(1) ? one : x);
+    V lo = V{}, hi = one;
+    MI done = MI{};
+    for (int it = 0; it < kNewtonMax; ++it) {
+        V g, gp;
+        ncp_eval<T, V>(c, K, x, g, gp);
+        const MI below = g < y;
+        lo = below ? x : lo;
+        hi = below ? hi : x;
+        const V dx = (g - y) / gp;
+        const V xn = x - dx;
+        const MI inside = (xn >= lo) & (xn <= hi);
+        const V adx = dx < T(0) ? -dx : dx;
+        const MI conv = inside & (adx <= tol * (x + y / gp));
+        x = done ? x : (inside ? xn : T(0.5) * (lo + hi));
+        done = done | conv;
+        bool all = true;
+        for (int l = 0; l < VT<T>::W; ++l) all = all && done[l];
+        if (all) break;
+    }
+    return x;
+}
+
+// pre-image P of the loop P2 (an output of spec_core) and the forward's log-det at P
+template <typename T, typename V>
+inline void spec_inv_core(const M3<V>& P2, const V* prm, int K, T smax, M3<V>& P, V& logdet) {
+    const T tpi = T(kTwoPi), pi = T(kPi);
+    M3<V> E;
+    V phi[3], th2[3], rank[3], a2, b2;
+    su3_eig<T, V>(P2, E, phi);
+    su3_alcove<T, V>(phi, th2, rank, a2, b2);
+    const V u2 = a2 / tpi, v2 = b2 / (tpi - a2);
+    NCPc<V> cs;
+    ncp_consts<T, V>(prm, K, smax, cs);
+    const V u = ncp_inverse<T, V>(cs, K, u2);
+    // g_2's parameters at u (spec_core)
+    const V x = pi * u;
+    const V feat[5] = {splat<V>(T(1)), vcos(x), vsin(x), vcos(T(2) * x), vsin(T(2) * x)};
+    const int k2 = 2 * K;
+    V p2[kMaxK * 2];
+    for (int j = 0; j < k2; ++j) {
+        V acc = V{};
+        for (int f = 0; f < 5; ++f) acc += prm[k2 + f * k2 + j] * feat[f];
+        p2[j] = acc;
+    }
+    ncp_consts<T, V>(p2, K, smax, cs);
+    const V v = ncp_inverse<T, V>(cs, K, v2);
+    const V a = tpi * u, b = (tpi - a) * v;
+    const V tn[3] = {(T(2) * a + b) / T(3), (b - a) / T(3), -(a + T(2) * b) / T(3)};
+    Cx<V> ev[3];
+    for (int m = 0; m < 3; ++m) {
+        const V t = pick<T, V>(rank[m], tn);
+        ev[m] = {vcos(t), vsin(t)};
+    }
+    // P = E diag(ev) E^dag
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+            Cx<V> acc = {V{}, V{}};
+            for (int m = 0; m < 3; ++m) acc = cadd(acc, cmul(ev[m], cmulc(E.m[3 * i + m], E.m[3 * j + m])));
+            P.m[3 * i + j] = acc;
+        }
+    NCP<V> n1, n2;
+    ncp_fwd<T, V>(u, prm, K, smax, n1);
+    ncp_fwd<T, V>(v, p2, K, smax, n2);
+    // The Weyl factors as 2 sum log|sin(y'/2) / sin(y/2)| over the gaps y = a, b, c (log_weyl's
+    // difference). sin(c/2) = sin((a + b)/2) is taken from the smaller of the two angles: near
+    // the identity (a, b -> 0, c -> 2 pi) c = 2 pi - a - b has lost the digits that a + b keeps.
+    // At a closed gap the ratio is its limit dy'/dy along the alcove's coordinate lines (g_1'
+    // for a; (2 pi - a')/(2 pi - a) g_2' for b and c, spec_bwd_site's ratios), so an exactly
+    // degenerate loop (a cold field) has a finite log-det where log_weyl's is log 0 - log 0
+    // (at the identity the limit depends on the direction of approach: there is no unique one).
+    const V ab = a + b, ab2 = a2 + b2, c1 = tpi - ab, c2 = tpi - ab2;
+    const V sa = vsin(T(0.5) * a), sb = vsin(T(0.5) * b);
+    const V sc = vsin(T(0.5) * (c1 < ab ? c1 : ab)), sc2 = vsin(T(0.5) * (c2 < ab2 ? c2 : ab2));
+    const V lim_bc = (tpi - a2) / (tpi - a) * n2.Gp;
+    const V ra = sa != T(0) ? vsin(T(0.5) * a2) / sa : n1.Gp;
+    const V rb = sb != T(0) ? vsin(T(0.5) * b2) / sb : lim_bc;
+    const V rc = sc != T(0) ? sc2 / sc : lim_bc;
+    const V r = ra * rb * rc;
+    logdet = n1.l + n2.l + vlog1p(-u2) - vlog1p(-u) + T(2) * vlog(r < T(0) ? -r : r);
+}
+
+// Inverse of spec_fwd, in place on U: each active loop P' of U is mapped to its pre-image P and
+// U_mu(x) <- P M^dag (through `fresh`, as spec_fwd); ld receives the forward's log-dets at the
+// pre-images, weighted and summed as spec_fwd's (the inverse's log-det is minus it).
+template <typename T>
+void spec_inv(T* U, const T* prm, int64_t np, const int64_t* act, int64_t nact, const T* wts,
+              int mu, int nu, int K, T smax, const int* L, int64_t nchunk, T* fresh, T* ldsite,
+              T* ld, int threads) {
+    using V = typename VT<T>::v;
+    constexpr int W = VT<T>::W;
+    const Geo4 g = make_geo(L);
+#pragma omp parallel for schedule(static) num_threads(threads) collapse(2)
+    for (int64_t c = 0; c < nchunk; ++c)
+        for (int64_t i = 0; i < nact; ++i) {
+            const int64_t s = act[i];
+            int x[4];
+            coords(g, s, x);
+            const M3<V> A = mload<T, V>(link_ptr(U, g.V, c, mu, s));
+            const M3<V> B = mload<T, V>(link_ptr(U, g.V, c, nu, hop(g, s, x, mu, 1)));
+            const M3<V> C = mload<T, V>(link_ptr(U, g.V, c, mu, hop(g, s, x, nu, 1)));
+            const M3<V> D = mload<T, V>(link_ptr(U, g.V, c, nu, s));
+            const M3<V> M = mul_nd(mul_nd(B, C), D);
+            V p[kMaxK * 12];
+            const T* pp = prm + ((c * nact + i) * np) * W;
+            for (int e = 0; e < np; ++e) p[e] = vload<V>(pp + e * W);
+            M3<V> P;
+            V logdet;
+            spec_inv_core<T, V>(mul_nn(A, M), p, K, smax, P, logdet);
+            mstore<T, V>(fresh + ((c * nact + i) * 18) * W, mul_nd(P, M));
+            vstore(ldsite + (c * nact + i) * W, logdet * wts[i]);
+        }
+    spec_commit<T>(U, g, act, nact, mu, nchunk, fresh, ldsite, ld);
 }
 
 // ================================================================================================
@@ -1515,6 +1704,12 @@ void hpcflow_sun_haar_counter(uint32_t k0, uint32_t k1, const int64_t* index, in
                                   const T* gld, T* gU, T* gprm, T* eig, int threads) {               \
         spec_bwd<T>(U, save, prm, np, act, nact, wts, mu, nu, K, T(smax), L, nchunk, gnew, gld, gU, \
                     gprm, eig, threads);                                                             \
+    }                                                                                                \
+    void hpcflow_sun_spec_inv_##S(T* U, const T* prm, int64_t np, const int64_t* act, int64_t nact, \
+                                  const T* wts, int mu, int nu, int K, double smax, const int* L,   \
+                                  int64_t nchunk, T* fresh, T* ldsite, T* ld, int threads) {         \
+        spec_inv<T>(U, prm, np, act, nact, wts, mu, nu, K, T(smax), L, nchunk, fresh, ldsite, ld,   \
+                    threads);                                                                        \
     }
 
 HPCFLOW_SUN_API(double, d)

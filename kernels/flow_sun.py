@@ -9,6 +9,8 @@ W]`` real, ``W`` = :func:`lanes` batch entries per SIMD vector (8 in float64, 16
 The forward works in place on one copy of the field and keeps, per layer, the links it
 overwrites, the CNN's activations and the eigen-decompositions; the backward (analytic, see
 ``flow_sun.cpp``) walks the layers in reverse, writing the saved links back.
+:func:`sun_flow_inverse` is the inverse map for inference (``log q`` of a given field): the
+layers in reverse, the same features and CNN, the NCP maps inverted by Newton in C++.
 
 :class:`LayerPlan` holds what depends only on the lattice and the layer's masks: the frozen
 masks, the active sites and their interior weights, and for every convolution the sites it is
@@ -42,6 +44,7 @@ __all__ = [
     "plaquette_sum",
     "sun_coupling",
     "sun_flow",
+    "sun_flow_inverse",
     "sun_library",
     "to_lanes",
 ]
@@ -94,6 +97,9 @@ def sun_library() -> ctypes.CDLL:
         f.restype = None
         f = getattr(lib, f"hpcflow_sun_spec_bwd_{s}")
         f.argtypes = [vp, vp, vp, i64, vp, i64, vp, ci, ci, ci, cd, vp, i64, vp, vp, vp, vp, vp, ci]
+        f.restype = None
+        f = getattr(lib, f"hpcflow_sun_spec_inv_{s}")
+        f.argtypes = [vp, vp, i64, vp, i64, vp, ci, ci, ci, cd, vp, i64, vp, vp, vp, ci]
         f.restype = None
     return lib
 
@@ -571,6 +577,15 @@ class _SUNFlow(torch.autograd.Function):
         return (gU if need_u else None, None, None, *grads)
 
 
+def _check_specs(Ut: torch.Tensor, specs: Sequence[LayerSpec]) -> None:
+    if Ut.device.type != "cpu" or Ut.dtype not in _SUFFIX:
+        raise ValueError(f"host SU(3) kernels need a CPU float32/float64 field, got {Ut.dtype} on {Ut.device}")
+    kmax = sun_library().hpcflow_sun_max_components()
+    for spec in specs:
+        if not 1 <= int(spec.n_components) <= kmax:
+            raise ValueError(f"host SU(3) kernels support 1..{kmax} NCP components, got {spec.n_components}")
+
+
 def sun_flow(Ut: torch.Tensor, specs: Sequence[LayerSpec], weights: Sequence[Sequence[torch.Tensor]],
              biases: Sequence[Sequence[torch.Tensor]], own: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,15 +596,62 @@ def sun_flow(Ut: torch.Tensor, specs: Sequence[LayerSpec], weights: Sequence[Seq
     over ``Ut`` (a temporary, returned transformed as ``Ut'``) and guarantees that nothing else
     consumes the gradient of ``Ut'`` (the fused walk: ``to_lanes`` -> flow -> ``from_lanes``);
     the graph can then be walked back once."""
-    if Ut.device.type != "cpu" or Ut.dtype not in _SUFFIX:
-        raise ValueError(f"host SU(3) kernels need a CPU float32/float64 field, got {Ut.dtype} on {Ut.device}")
-    kmax = sun_library().hpcflow_sun_max_components()
-    for spec in specs:
-        if not 1 <= int(spec.n_components) <= kmax:
-            raise ValueError(f"host SU(3) kernels support 1..{kmax} NCP components, got {spec.n_components}")
+    _check_specs(Ut, specs)
     wb = [t for ws, bs in zip(weights, biases, strict=True) for pair in zip(ws, bs, strict=True)
           for t in pair]
     return _SUNFlow.apply(Ut, tuple(specs), bool(own), *wb)
+
+
+def sun_flow_inverse(Ut: torch.Tensor, specs: Sequence[LayerSpec],
+                     weights: Sequence[Sequence[torch.Tensor]],
+                     biases: Sequence[Sequence[torch.Tensor]], own: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`sun_flow` (same arguments, ``specs`` in the forward's order): the layers
+    walked in reverse on the lanes layout, ``(Ut_in, logdet[nchunk, W])`` with ``logdet`` the
+    log-det of the inverse (minus the forward's at the pre-image), as
+    :meth:`hpcflow.flows.sun.SUNSpectralCoupling.inverse` returns it.
+
+    Per layer: the features of the frozen plaquettes and the context CNN exactly as the
+    forward (frozen loops are unchanged by the layer, so the context is the forward's), then
+    the inverse spectral map (``spec_inv`` of ``flow_sun.cpp``: the NCP maps inverted by
+    bracketed Newton on the forward's formulas). Inference only (``log q`` of given fields,
+    e.g. a mixed chain's state): the result carries no gradient, and a call that would need
+    one raises (the torch path, :meth:`SUNSpectralCoupling._couple`, differentiates the
+    inverse). ``own``: ``Ut`` is the caller's temporary and is transformed in place."""
+    _check_specs(Ut, specs)
+    wb = [t for ws, bs in zip(weights, biases, strict=True) for pair in zip(ws, bs, strict=True)
+          for t in pair]
+    if torch.is_grad_enabled() and (Ut.requires_grad or any(t.requires_grad for t in wb)):
+        raise RuntimeError("sun_flow_inverse has no backward: call it under torch.no_grad() "
+                           "(the torch path differentiates the inverse)")
+    lib = sun_library()
+    dt = Ut.dtype
+    s = _SUFFIX[dt]
+    threads = torch.get_num_threads()
+    nchunk, _, v, _, width = Ut.shape
+    field = Ut if own and Ut.is_contiguous() else _clone(Ut.contiguous())
+    ld = torch.zeros(nchunk, width, dtype=dt)
+    feats = _fresh(nchunk, v, 24, width, dtype=dt)
+    ldl = torch.empty(nchunk, width, dtype=dt)
+    offs = [0]
+    for spec in specs:
+        offs.append(offs[-1] + 2 * len(spec.plan.convs))
+    for li in reversed(range(len(specs))):
+        spec, plan = specs[li], specs[li].plan
+        getattr(lib, f"hpcflow_sun_feat_fwd_{s}")(field.data_ptr(), plan.frozen.data_ptr(),
+                                                  plan.dims.data_ptr(), nchunk, feats.data_ptr(),
+                                                  threads)
+        prm = _conv_forward(lib, s, plan, feats, wb[offs[li] : offs[li + 1]], spec.slope, threads)[-1]
+        n_act = plan.active.numel()
+        fresh = _fresh(nchunk, n_act, 18, width, dtype=dt)
+        ldsite = _fresh(nchunk, n_act, width, dtype=dt)
+        getattr(lib, f"hpcflow_sun_spec_inv_{s}")(
+            field.data_ptr(), prm.data_ptr(), prm.shape[2], plan.active.data_ptr(), n_act,
+            plan.weights_of(dt).data_ptr(), plan.mu, plan.nu, spec.n_components, spec.s_max,
+            plan.dims.data_ptr(), nchunk, fresh.data_ptr(), ldsite.data_ptr(), ldl.data_ptr(),
+            threads)
+        ld -= ldl
+    return field, ld
 
 
 def sun_coupling(Ut: torch.Tensor, plan: LayerPlan, weights: Sequence[torch.Tensor],

@@ -94,6 +94,12 @@ class Flow(Bijection):
         return self._walk(x, inverse=False)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the fused inverse walk (SU(3) host kernels, when no gradient is needed)
+        if self.layers and self.layer_hooks_trivial():
+            walk = getattr(self.layers[0], "fused_inverse_walk", None)
+            out = walk(self.layers, y) if walk is not None else None
+            if out is not None:
+                return self.after_layers(*out)
         return self._walk(y, inverse=True)
 
 

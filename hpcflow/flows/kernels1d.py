@@ -47,6 +47,7 @@ __all__ = [
     "make_interval_kernel",
     "make_kernel",
     "ncp_half_angle",
+    "ncp_half_angle_exp",
     "newton_step",
     "rq_forward",
     "rq_inverse",
@@ -65,8 +66,15 @@ def ncp_half_angle(z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torc
     ``log g_s' = -log(e^-s cos^2 z + e^s sin^2 z)``; the caller scales the first term to its
     domain (circle: ``2 atan``; interval: ``(2/pi) atan``).
     """
+    return ncp_half_angle_exp(z, torch.exp(s), torch.exp(-s))
+
+
+def ncp_half_angle_exp(z: torch.Tensor, es: torch.Tensor, ies: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ncp_half_angle` from ``es = e^s`` and ``ies = e^-s`` (computed once by a caller
+    that evaluates the same NCPs many times: an inverse)."""
     c2 = torch.cos(z) ** 2
-    return torch.atan(torch.exp(s) * torch.tan(z)), -torch.log(torch.exp(-s) * c2 + torch.exp(s) * (1.0 - c2))
+    return torch.atan(es * torch.tan(z)), -torch.log(ies * c2 + es * (1.0 - c2))
 
 
 def invert_monotone(f: Eval, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n_newton: int) -> torch.Tensor:
@@ -75,6 +83,9 @@ def invert_monotone(f: Eval, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
     Bracketing bisection to ~1e-3, then safeguarded Newton (quadratic convergence; a step
     leaving the bracket falls back to its midpoint), so it always converges; no autograd. The
     caller adds one Newton step with autograd on (:func:`newton_step`) for the implicit gradient.
+    Newton stops early once every step is a Newton step below the rounding level of the root,
+    ``16 eps (|x| + |y| / f')`` (``f`` is known to a few eps of ``y``, which moves the root by
+    ``|y| / f'`` per eps): further steps would only move ``x`` within that level.
     """
     with torch.no_grad():
         for _ in range(12):
@@ -83,13 +94,22 @@ def invert_monotone(f: Eval, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
             lo = torch.where(below, mid, lo)
             hi = torch.where(below, hi, mid)
         x = 0.5 * (lo + hi)
+        tol = 16.0 * torch.finfo(y.dtype).eps
         for _ in range(n_newton):
             ym, logj = f(x)
             below = ym < y
             lo = torch.where(below, x, lo)
             hi = torch.where(below, hi, x)
-            xn = x - (ym - y) * torch.exp(-logj)
-            x = torch.where((xn > lo) & (xn < hi), xn, 0.5 * (lo + hi))
+            inv = torch.exp(-logj)
+            step = (ym - y) * inv
+            xn = x - step
+            # closed bracket: at an exact root (ym == y, so hi == x) the step 0 is kept
+            inside = (xn >= lo) & (xn <= hi)
+            x_next = torch.where(inside, xn, 0.5 * (lo + hi))
+            done = bool((inside & (step.abs() <= tol * (x.abs() + y.abs() * inv))).all())
+            x = x_next
+            if done:
+                break
     return x
 
 
@@ -315,22 +335,30 @@ class IntervalNCPKernel(IntervalKernel):
         self.n_components = int(n_components)
         self.n_params = 2 * self.n_components
 
-    def _eval(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _consts(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(e^s, e^-s, w, log w)`` of the raw parameters ``p``."""
         k = self.n_components
         # soft bound |s| < s_max: g' stays in [e^-s_max, e^s_max], so no loop is squeezed onto
         # a face of the cell (log-det -inf) by an overshooting optimiser step
         s = self.s_max * torch.tanh(p[..., :k] / self.s_max)
         logw = torch.log_softmax(p[..., k:], dim=-1)
-        a, logj = ncp_half_angle(0.5 * math.pi * x.unsqueeze(-1), s)
+        return torch.exp(s), torch.exp(-s), logw.exp(), logw
+
+    @staticmethod
+    def _mixture(x: torch.Tensor, c: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        es, ies, w, logw = c
+        a, logj = ncp_half_angle_exp(0.5 * math.pi * x.unsqueeze(-1), es, ies)
         y = (2.0 / math.pi) * a
-        return (logw.exp() * y).sum(-1), torch.logsumexp(logw + logj, -1)
+        return (w * y).sum(-1), torch.logsumexp(logw + logj, -1)
 
     def forward(self, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._eval(x, p)
+        return self._mixture(x, self._consts(p))
 
     def inverse(self, y: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._consts(p)  # once for the ~40 evaluations of the root search
+
         def f(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._eval(x, p)
+            return self._mixture(x, c)
 
         x = invert_monotone(f, y, torch.zeros_like(y), torch.ones_like(y), 30)
         x = newton_step(f, x, y).clamp(0.0, 1.0)

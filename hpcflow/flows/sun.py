@@ -52,13 +52,16 @@ over all ordered planes: layer ``i`` has ``mu = i % Nd``,
 **Host kernels** (``backend: host``, 4D SU(3), NCP kernel, CPU): the forward of a flow runs as
 one autograd node of ``kernels/flow_sun.cpp`` (:meth:`SUNSpectralCoupling.fused_walk`; the same
 maps, equal to this module's torch code to rounding; docs/DESIGN.md "Host kernels of the 4D
-SU(3) flow"). The inverse, GPUs, 2D, SU(2) and spline kernels use the torch code here.
+SU(3) flow"). So does the inverse when no gradient is needed (``log q`` of given fields, e.g.
+a mixed chain's states: :meth:`SUNSpectralCoupling.fused_inverse_walk`, the NCP maps inverted
+by Newton in C++). The differentiated inverse, GPUs, 2D, SU(2) and spline kernels use the
+torch code here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -442,6 +445,22 @@ class SUNSpectralCoupling(Bijection):
         return out
 
     @staticmethod
+    def _on_lanes(layers: Sequence[SUNSpectralCoupling], U: torch.Tensor,
+                  walk: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``walk`` (lanes field -> ``(field', logdet[nchunk, W])``) on ``U[*B, 4, *shape, 3, 3]``,
+        converting it once at each end: ``(U', logdet[*B])``."""
+        from hpcflow.kernels.flow_sun import from_lanes, lanes, to_lanes
+
+        lat = layers[0].lat
+        event = U.shape[U.dim() - (lat.nd + 3):]
+        batch = U.shape[: U.dim() - (lat.nd + 3)]
+        Ub = U.reshape(-1, *event)
+        n = Ub.shape[0]
+        Ut, total = walk(to_lanes(Ub, lanes(real_dtype(U.dtype))))
+        return from_lanes(Ut, n, lat.shape).reshape(U.shape), total.reshape(-1)[:n].reshape(batch)
+
+    @staticmethod
     def fused_walk(layers: Sequence[Bijection], U: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Forward of ``layers`` in order on the lanes layout, converting ``U`` once at each
@@ -450,32 +469,60 @@ class SUNSpectralCoupling(Bijection):
         if not layers or not all(isinstance(la, SUNSpectralCoupling) and la.host_ready(U)
                                  for la in layers):
             return None
-        from hpcflow.kernels.flow_sun import from_lanes, lanes, to_lanes
-
         sl = [la for la in layers if isinstance(la, SUNSpectralCoupling)]
-        lat = sl[0].lat
-        event = U.shape[U.dim() - (lat.nd + 3):]
-        batch = U.shape[: U.dim() - (lat.nd + 3)]
-        Ub = U.reshape(-1, *event)
-        n = Ub.shape[0]
-        Ut = to_lanes(Ub, lanes(real_dtype(U.dtype)))
-        total: torch.Tensor | None = None
-        if any(la.checkpoint_activations for la in sl) and torch.is_grad_enabled():
-            # activation checkpointing: one recomputed node per layer
-            for layer in sl:
-                Ut, ld = layer.forward_lanes(Ut)
-                total = ld if total is None else total + ld
-        else:  # one node for all layers, in place on one field
+
+        def walk(Ut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if any(la.checkpoint_activations for la in sl) and torch.is_grad_enabled():
+                # activation checkpointing: one recomputed node per layer
+                total: torch.Tensor | None = None
+                for layer in sl:
+                    Ut, ld = layer.forward_lanes(Ut)
+                    total = ld if total is None else total + ld
+                assert total is not None
+                return Ut, total
+            # one node for all layers, in place on one field
             from hpcflow.kernels.flow_sun import sun_flow
 
             params = [la.conv_params() for la in sl]
             # Ut is this walk's temporary and from_lanes the only consumer of the output
-            Ut, total = sun_flow(Ut, [la.lanes_spec() for la in sl], [w for w, _ in params],
-                                 [b for _, b in params], own=True)
-        assert total is not None
-        return from_lanes(Ut, n, lat.shape).reshape(U.shape), total.reshape(-1)[:n].reshape(batch)
+            return sun_flow(Ut, [la.lanes_spec() for la in sl], [w for w, _ in params],
+                            [b for _, b in params], own=True)
+
+        return SUNSpectralCoupling._on_lanes(sl, U, walk)
+
+    def host_inverse_ready(self, U: torch.Tensor) -> bool:
+        """True when the inverse runs on the host kernels: :meth:`host_ready` and no gradient
+        to build (the host inverse has no backward; path gradients take the torch path)."""
+        if not self.host_ready(U):
+            return False
+        return not (torch.is_grad_enabled()
+                    and (U.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    @staticmethod
+    def fused_inverse_walk(layers: Sequence[Bijection], U: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Inverse of :meth:`fused_walk`: ``layers`` (in the flow's order) walked back on the
+        lanes layout, ``(U_in, sum of the inverses' log-dets)``; ``None`` unless every layer is
+        :meth:`host_inverse_ready`. :meth:`hpcflow.flows.base.Flow.inverse` calls it (when no
+        hook runs between layers): ``log q`` of a given field for about a forward's cost."""
+        if not layers or not all(isinstance(la, SUNSpectralCoupling) and la.host_inverse_ready(U)
+                                 for la in layers):
+            return None
+        from hpcflow.kernels.flow_sun import sun_flow_inverse
+
+        sl = [la for la in layers if isinstance(la, SUNSpectralCoupling)]
+        params = [la.conv_params() for la in sl]
+        with torch.no_grad():
+            return SUNSpectralCoupling._on_lanes(
+                sl, U, lambda Ut: sun_flow_inverse(Ut, [la.lanes_spec() for la in sl],
+                                                   [w for w, _ in params], [b for _, b in params],
+                                                   own=True))
 
     def inverse(self, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.host_inverse_ready(U):
+            out = SUNSpectralCoupling.fused_inverse_walk([self], U)
+            assert out is not None
+            return out
         # frozen loops are unchanged by the layer, so the context is recomputed exactly
         return self._couple(U, True)
 
