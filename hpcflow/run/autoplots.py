@@ -1,17 +1,28 @@
-"""Plots at the end of ``hpcflow sample`` (and of a flow ``hpcflow run``): ``run.plots``."""
+"""Plots at the end of ``hpcflow run`` and ``hpcflow sample``: ``run.plots``, and the
+environment variable ``HPCFLOW_PLOTS=off`` (``0``, ``false``, ``no``) that skips them for every
+run of a session (many short jobs, a campaign's workers, the test suite: matplotlib's import
+and the drawing cost 2-6 s per run). ``hpcflow plot`` draws them later either way."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-__all__ = ["write_plots_safely"]
+__all__ = ["PLOTS_ENV", "plots_disabled", "write_plots_safely"]
+
+PLOTS_ENV = "HPCFLOW_PLOTS"
+
+
+def plots_disabled() -> bool:
+    """True when ``HPCFLOW_PLOTS`` says off (``off``, ``0``, ``false``, ``no``; any case)."""
+    return os.environ.get(PLOTS_ENV, "").strip().lower() in ("off", "0", "false", "no")
 
 
 def write_plots_safely(out_dir: str, say: Any = print) -> None:
     """``hpcflow.analysis.plots.write_plots(out_dir)``; a failure is one warning line, never an
-    error (the run it follows succeeded)."""
-    import os
-
+    error (the run it follows succeeded). Nothing when :func:`plots_disabled`."""
+    if plots_disabled():
+        return
     try:
         from hpcflow.analysis.plots import write_plots
 

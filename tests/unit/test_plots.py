@@ -104,10 +104,13 @@ def test_no_topology_without_q_outside_2d_u1(tmp_path, group: str) -> None:
     assert any("no topological-charge plot" in n for n in notes)
 
 
-def test_run_of_a_baseline_writes_its_plots_from_the_history(tmp_path) -> None:
+def test_run_of_a_baseline_writes_its_plots_from_the_history(tmp_path, monkeypatch) -> None:
     """Issue 19 item 4: plots are written at the end of `run` too (heat bath: history,
-    autocorrelation and topology from history.jsonl), titled like the ensemble's."""
+    autocorrelation and topology from history.jsonl), titled like the ensemble's; HPCFLOW_PLOTS=off
+    (the test suite's setting) skips them."""
     import yaml
+
+    monkeypatch.delenv("HPCFLOW_PLOTS", raising=False)
 
     cfg = tmp_path / "hb.yaml"
     cfg.write_text(yaml.safe_dump({"lattice": {"shape": [8, 8]}, "algorithm": "heatbath", "action": {"beta": 2.0},
@@ -121,3 +124,17 @@ def test_run_of_a_baseline_writes_its_plots_from_the_history(tmp_path) -> None:
     assert _title(plots / "topology.png").startswith("Topological charge: u1 8x8, beta 2, heatbath")
     # and by hpcflow plot on the run directory
     assert main(["plot", str(tmp_path / "o")]) == EXIT_OK
+
+
+def test_hpcflow_plots_off_skips_the_end_of_run_plots(tmp_path, monkeypatch) -> None:
+    import yaml
+
+    monkeypatch.setenv("HPCFLOW_PLOTS", "OFF")
+    cfg = tmp_path / "hb.yaml"
+    cfg.write_text(yaml.safe_dump({"lattice": {"shape": [4, 4]}, "algorithm": "heatbath", "action": {"beta": 2.0},
+                                   "run": {"n_therm": 2, "n_steps": 20, "progress": False},
+                                   "output": {"dir": str(tmp_path / "o")}}))
+    assert main(["run", str(cfg)]) == EXIT_OK
+    assert not (tmp_path / "o" / "plots").exists()
+    assert main(["plot", str(tmp_path / "o")]) == EXIT_OK  # the command draws them regardless
+    assert (tmp_path / "o" / "plots" / "history_chain000.png").exists()
