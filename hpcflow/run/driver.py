@@ -101,7 +101,12 @@ def exact_values(cfg: Config) -> dict[str, dict]:
 
 
 def summarize_history(records: list[dict], exact: dict[str, dict]) -> dict:
-    """Gamma-method summary of every numeric observable in a measurement history."""
+    """Gamma-method summary of every numeric observable in a measurement history; what went
+    wrong in the Gamma method (a window search at its limit, a negative autocorrelation sum) is
+    in ``flags`` (:data:`hpcflow.analysis.gamma.FLAGS`), marked ``!`` by :func:`format_summary`
+    (not printed as Python warnings)."""
+    import warnings
+
     from hpcflow.analysis import gamma_method
 
     keys = [k for k in (records[0] if records else {}) if k not in ("step", "time")]
@@ -110,9 +115,11 @@ def summarize_history(records: list[dict], exact: dict[str, dict]) -> dict:
         xs = [r[k] for r in records if isinstance(r.get(k), (int, float))]
         if len(xs) < 2:
             continue
-        g = gamma_method(torch.tensor(xs, dtype=torch.float64).numpy())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            g = gamma_method(torch.tensor(xs, dtype=torch.float64).numpy())
         d = {"mean": g.mean, "error": g.error, "tau_int": g.tau_int,
-             "tau_int_error": g.tau_int_error, "n": len(xs)}
+             "tau_int_error": g.tau_int_error, "n": len(xs), "flags": list(g.flags)}
         if k in exact:
             e = exact[k]
             d["exact"] = e["value"]
@@ -123,14 +130,20 @@ def summarize_history(records: list[dict], exact: dict[str, dict]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
+    from hpcflow.analysis.gamma import FLAGS
+
     lines = [f"{'observable':<14} {'mean':>12} {'error':>10} {'tau_int':>9} {'n':>6}   exact"]
+    seen: list[str] = []
     for k, d in summary.items():
         ex = ""
         if "exact" in d:
             dev = d.get("deviation_sigma")
             ex = f"{d['exact']:.6g} ({d['exact_kind']}" + (f", {dev:+.1f} sigma)" if dev is not None else ")")
-        lines.append(f"{k:<14} {d['mean']:>12.6g} {d['error']:>10.2g} {d['tau_int']:>9.2f} "
+        flags = [f for f in d.get("flags", []) if f in ("window_limit", "nonpositive_sum")]
+        seen += [f for f in flags if f not in seen]
+        lines.append(f"{k:<14} {d['mean']:>12.6g} {d['error']:>10.2g} {d['tau_int']:>9.2f}{'!' if flags else ' '}"
                      f"{d['n']:>6d}   {ex}")
+    lines += [f"! {FLAGS[f]}" for f in seen]
     return "\n".join(lines)
 
 
