@@ -483,6 +483,13 @@ def _warnings(report: dict[str, Any], ser: EnsembleSeries) -> list[str]:
     algo = report["ensemble"]["algorithm"]
     acc = report["observables"].get("acceptance")
     if algo == "flow" and acc is not None:
+        from hpcflow.analysis.reweighting import MIN_EFFECTIVE
+
+        n_acc = int(round(sum(float(np.nansum(x)) for x in ser.raw.get("acceptance", {}).values())))
+        if "acceptance" in ser.raw and n_acc < MIN_EFFECTIVE:
+            out.append(f"only {n_acc} accepted proposals in the analysed rows: the chains visited at most "
+                       f"{n_acc + len(ser.chains)} distinct configurations (< {MIN_EFFECTIVE}); every estimate "
+                       "rests on them whatever its error (a stuck chain also hides its autocorrelation)")
         if acc["mean"] < LOW_FLOW_QUALITY:
             out.append(f"flow acceptance {acc['mean']:.3g} < {LOW_FLOW_QUALITY}: the importance weights are "
                        "heavy-tailed and the chain sticks; errors and tau_int of every observable cannot be "

@@ -569,7 +569,10 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
     records = sink.records
     flow_steps = [r["accepted"] for r in records if r.get("kind") == "flow"]
     extra: dict[str, Any] = {"acceptance": float(np.mean(flow_steps)) if flow_steps else float("nan"),
+                             "accepted_flow_steps": int(np.sum(flow_steps)) if flow_steps else None,
                              "training_steps": training_steps}
+    if cfg.algorithm == "mixed":  # local updates move the chain too: the count bounds nothing
+        extra["accepted_flow_steps"] = None
     if cfg.flow.model is not None:
         extra["model"] = cfg.flow.model
     if sink.proposals:
@@ -602,8 +605,10 @@ def run_flow(cfg: Config, resume: bool = False, stop: Any = None) -> RunResult:
 
 def flow_chain_warnings(extra: dict[str, Any], observables: dict[str, dict]) -> list[str]:
     """What makes a flow chain's numbers untrustworthy, one line each: observables measured on
-    fewer than ``SHORT_CHAIN_TAUS`` tau_int states, a low flow-step acceptance, few effective
-    proposals or one dominant importance weight (:mod:`hpcflow.analysis.reweighting`)."""
+    fewer than ``SHORT_CHAIN_TAUS`` tau_int states, fewer than ``MIN_EFFECTIVE`` accepted
+    proposals (an independence chain's distinct states; not for mixed chains), a low flow-step
+    acceptance, few effective proposals or one dominant importance weight
+    (:mod:`hpcflow.analysis.reweighting`)."""
     from hpcflow.analysis.ensemble import LOW_FLOW_QUALITY, SHORT_CHAIN_TAUS
     from hpcflow.analysis.reweighting import HEAVY_WEIGHT, MIN_EFFECTIVE
 
@@ -614,6 +619,11 @@ def flow_chain_warnings(extra: dict[str, Any], observables: dict[str, dict]) -> 
     if short:
         out.append(f"the chain is shorter than {SHORT_CHAIN_TAUS} tau_int for " + ", ".join(short)
                    + ": its errors and tau_int are unreliable (run more sample.n_steps)")
+    n_acc = extra.get("accepted_flow_steps")
+    if n_acc is not None and n_acc < MIN_EFFECTIVE:
+        out.append(f"only {n_acc} flow proposals were accepted: the chain visited at most {n_acc + 1} distinct "
+                   f"configurations (< {MIN_EFFECTIVE}) and every estimate rests on them, whatever its printed "
+                   "error (a stuck chain also hides its autocorrelation)")
     acc = extra.get("acceptance")
     if acc is not None and math.isfinite(acc) and acc < LOW_FLOW_QUALITY:
         out.append(f"flow-step acceptance {acc:.3g} < {LOW_FLOW_QUALITY}: the chain sticks and its importance "

@@ -225,3 +225,23 @@ def test_measure_reports_the_proposals_weights(tmp_path, capsys):
     (out / "checkpoints" / "chain000.ckpt").unlink()
     rep = measure_ensemble(out / "ensemble")
     assert "proposal_weights" not in rep and any("not known" in n for n in rep["notes"])
+
+
+def test_a_stuck_flow_chain_is_named(tmp_path, capsys):
+    """The 4D SU(3) ladder's beta-1 chain (13 of 20000 proposals accepted) printed a plaquette
+    152 sigma from the heat bath's, and its tau_int estimate (260) made even the short-chain
+    check pass: the chain's distinct states are counted and named when fewer than 100."""
+    from hpcflow.analysis.ensemble import measure_ensemble
+
+    out = tmp_path / "run"
+    assert main(["run", *POOR, "--set", f"output.dir={out}"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    n = s["accepted_flow_steps"]
+    assert n == round(s["acceptance"] * 64) and n < 100
+    assert any(w.startswith(f"only {n} flow proposals were accepted") for w in s["warnings"])
+    assert f"hpcflow: warning: only {n} flow proposals were accepted" in capsys.readouterr().out
+    out2 = tmp_path / "sample"
+    assert main(["train", *POOR, "--set", f"output.dir={out2}"]) == 0
+    assert main(["sample", *POOR, "--set", f"output.dir={out2}"]) == 0
+    rep = measure_ensemble(out2 / "ensemble")
+    assert any(w.startswith("only ") and "accepted proposals" in w for w in rep["warnings"])
