@@ -222,6 +222,59 @@ def test_checkpointing_per_layer_walk_and_distributed_flow() -> None:
             assert _rel(a, b) < 1e-11
 
 
+def _sun_nodes(t: torch.Tensor) -> list:
+    """The fused SU(3) autograd nodes in the graph of ``t``."""
+    out, todo, seen = [], [t.grad_fn], set()
+    while todo:
+        n = todo.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if "SUNFlow" in type(n).__name__:
+            out.append(n)
+        todo.extend(f for f, _ in n.next_functions)
+    return out
+
+
+def test_backward_releases_the_layer_buffers() -> None:
+    """The defect: the fused node kept its final field (one of its outputs) and every layer's
+    saved buffers as ctx attributes, a cycle output -> grad_fn -> ctx that only Python's cyclic
+    collector could free; the per-layer walk of a decomposed training grew ~90 MB per rank and
+    step at 8x4^3 (0.5-0.8 GB at 8^4, OOM-killed at 12 GB per rank). After the backward the
+    nodes hold nothing and the fields are freed without a collection; a second backward is
+    refused clearly."""
+    import gc
+    import weakref
+
+    shape = (4, 4, 4, 4)
+    host, _ = _pair(shape, _cfg(2), scale=0.2)
+    gc.disable()
+    try:
+        for walk in ("per layer", "fused"):
+            x = _field(shape, 2, seed=4)
+            total = torch.zeros(2, dtype=torch.float64)
+            if walk == "per layer":  # the path of a DistributedFlow with halo exchanges
+                for layer in host.layers:
+                    x, ld = layer(x)
+                    total = total + ld
+            else:
+                x, logq = host.push(x)
+                total = -logq
+            loss = total.sum() + x.real.sum()
+            nodes = _sun_nodes(loss)
+            assert len(nodes) == (len(host.layers) if walk == "per layer" else 1)
+            probes = [weakref.ref(n.final) for n in nodes]
+            loss.backward(retain_graph=True)
+            assert all(n.final is None and n.saved_layers is None for n in nodes)
+            with pytest.raises(RuntimeError, match="already walked back"):
+                loss.backward()
+            del x, loss, total, nodes
+            if walk == "per layer":  # the fused walk's final field is its output's storage
+                assert all(p() is None for p in probes)  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
 def test_float32_close_to_float64() -> None:
     shape = (4, 4, 4, 4)
     host32, _ = _pair(shape, _cfg(4), dtype=torch.float32, scale=0.05)
