@@ -22,11 +22,10 @@ the heat bath's plaquette with errors, and their difference in sigma.
     OMP_NUM_THREADS=1 python bench/sun_ladder.py --out runs/sun_ladder --betas 0.5 1 2 3 4
 
 ``--transfer-beta B`` (after the ladder has a stage at ``B``): the volume transfer to
-``--transfer-L`` (8): ``<out>/b<B>/L<L>/flow`` is ``hpcflow train`` on one rank with
-``train.init_from`` the 4^4 stage's checkpoint (``--transfer-steps`` fine-tuning steps, batch
-``--transfer-batch``), then ``mpirun -n ranks hpcflow run --resume`` decomposed on ``--ranks``
-(2) MPI ranks (``grid [ranks, 1, 1, 1]``: the chain of ``--transfer-chain`` proposals; training
-is complete, so not repeated), ``<out>/b<B>/L<L>/hb`` a one-rank heat-bath
+``--transfer-L`` (8), decomposed on ``--ranks`` (2) MPI ranks (``grid [ranks, 1, 1, 1]``):
+``<out>/b<B>/L<L>/flow`` is ``mpirun -n ranks hpcflow run`` with ``train.init_from`` the 4^4
+stage's checkpoint (``--transfer-steps`` fine-tuning steps with batch ``--transfer-batch``, then
+a chain of ``--transfer-chain`` proposals, both decomposed), ``<out>/b<B>/L<L>/hb`` a one-rank heat-bath
 run at the same beta; the report row (``<out>/transfer.json``) is the ladder's for that pair,
 plus the transferred model's loss and ESS before any fine-tuning (its first training row).
 """
@@ -138,11 +137,7 @@ def transfer(args: argparse.Namespace, beta: float) -> dict | None:
     cfg["train"]["init_from"] = str(src / "flow" / "train" / "checkpoint.pt")
     cfg["train"]["checkpoint_every"] = 20
     cfg["sample"]["batch"] = 16
-    # fine-tuning on one rank: decomposed 4D SU(3) training grows by ~0.5-0.8 GB per rank and
-    # step at 8^4 (OOM-killed at 12 GB per rank on this 24 GB machine; noted on the issue), then
-    # the chain on the decomposed worker group
-    hpcflow_run(cfg, d / "flow_train.yaml", command="train")
-    cfg["grid"] = [args.ranks, 1, 1, 1]
+    cfg["grid"] = [args.ranks, 1, 1, 1]  # fine-tuning and chain on the decomposed worker group
     hpcflow_run(cfg, d / "flow.yaml", ranks=args.ranks)
     hpcflow_run(hb_config(small, beta, d / "hb"), d / "hb.yaml")
     rep = stage_report(small, beta, d)
@@ -204,7 +199,7 @@ def main() -> None:
     ap.add_argument("--transfer-steps", type=int, default=200)
     ap.add_argument("--transfer-chain", type=int, default=2000)
     ap.add_argument("--transfer-batch", type=int, default=4,
-                    help="training batch at the transfer size (8^4 on 2 ranks: ~1 GB per rank and batch entry)")
+                    help="training batch at the transfer size")
     ap.add_argument("--transfer-hb-steps", type=int, default=4000)
     ap.add_argument("--ranks", type=int, default=2)
     args = ap.parse_args()
